@@ -1,0 +1,3 @@
+"""ldm: a latent-diffusion training pipeline for text-to-image models."""
+
+__version__ = "0.1.0"
