@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make train` (the built-in default run) and `make test`.
+# Both install the locked environment first (uv installs torch + torchvision from PyPI together).
+SHELL := /bin/bash
+UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+PY := $(UV) run --frozen python
+DATA := data
+
+.PHONY: train test test-all install shapes text-encoder vae clean-default
+
+$(UV):
+	python3 -m pip install --user --quiet uv || pip install --quiet uv
+
+.venv/.installed: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen
+	touch $@
+
+install: .venv/.installed
+
+# --- the built-in default: data, frozen parts, then latent diffusion (each skipped when it exists) ---
+$(DATA)/shapes/train/manifest.json: | .venv/.installed
+	$(PY) -m ldm.data.shapes --out $(DATA)/shapes
+
+$(DATA)/models/clip-tiny/text_encoder/config.json: | .venv/.installed
+	$(PY) -c "from ldm.models.text_encoders import save_random_hf_clip as s; s('$(DATA)/models/clip-tiny')"
+
+$(DATA)/models/vae-shapes/config.json: $(DATA)/shapes/train/manifest.json
+	$(PY) -m ldm.train experiment=shapes_vae
+
+shapes: $(DATA)/shapes/train/manifest.json
+text-encoder: $(DATA)/models/clip-tiny/text_encoder/config.json
+vae: $(DATA)/models/vae-shapes/config.json
+
+train: shapes text-encoder vae
+	$(PY) -m ldm.train experiment=shapes $(ARGS)
+
+test: .venv/.installed
+	$(UV) run --frozen pytest -q $(ARGS)
+
+test-all: .venv/.installed
+	$(UV) run --frozen pytest -q -m "" $(ARGS)
+
+clean-default:
+	rm -rf $(DATA)/shapes $(DATA)/models/clip-tiny $(DATA)/models/vae-shapes

@@ -1,0 +1,250 @@
+"""The latent-diffusion LightningModule: encode, drop captions, noise, predict, loss. Nothing else.
+
+The VAE and the text encoder are frozen (eval, no grad, no optimizer state) and left out of training
+checkpoints: they are reloaded from where they came from (their `from_pretrained` path). Only the
+U-Net (and its EMA copy) trains and is saved.
+
+    module = LatentDiffusion(unet, vae, text_encoder, diffusion=dict(prediction_type="epsilon"),
+                             optimizer=functools.partial(torch.optim.AdamW, lr=1e-4))
+    trainer.fit(module, datamodule)
+    images = module.generate(["a red circle"], seed=0)     # (1, 3, H, W) in [0, 1]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from torch import Tensor
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from ldm.diffusion import (
+    add_noise,
+    diffusion_loss,
+    make_scheduler,
+    min_snr_weight,
+    offset_noise,
+    sample_latents,
+    sample_timesteps,
+    target,
+)
+from ldm.diffusion import alpha_bar as alpha_bar_of
+from ldm.diffusion import betas as make_betas
+from ldm.diffusion import rescale_zero_terminal_snr, snr
+from ldm.models.vae import downsample_factor
+
+FROZEN_PREFIXES = ("vae.", "text_encoder.")
+
+
+def train_scheduler_config(
+    schedule: str = "scaled_linear",
+    num_train_timesteps: int = 1000,
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
+    prediction_type: str = "epsilon",
+    zero_terminal_snr: bool = False,
+    **_: Any,
+) -> dict[str, Any]:
+    """The training noise schedule as a diffusers scheduler config (what samplers and exports share)."""
+    return {
+        "num_train_timesteps": num_train_timesteps,
+        "beta_start": beta_start,
+        "beta_end": beta_end,
+        "beta_schedule": schedule,
+        "prediction_type": prediction_type,
+        "rescale_betas_zero_snr": zero_terminal_snr,
+        # Stable Diffusion's sampler settings: no x0 clipping, "leading" spacing with offset 1,
+        # unless zero terminal SNR asks for "trailing" (Lin et al. 2023, sec. 3.3).
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        "timestep_spacing": "trailing" if zero_terminal_snr else "leading",
+    }
+
+
+def drop_mask(batch_size: int, p: float, device: torch.device | str | None = None) -> Tensor:
+    """Which captions classifier-free-guidance training replaces by the empty caption: Bernoulli(p), (B,) bool."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"diffusion.cfg_dropout must be in [0, 1], got {p}")
+    return torch.rand(batch_size, device=device) < p
+
+
+class LatentDiffusion(pl.LightningModule):
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        text_encoder: torch.nn.Module,
+        diffusion: Mapping[str, Any] | None = None,
+        sampling: Mapping[str, Any] | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        lr_scheduler: Callable[..., Any] | None = None,
+        ema_decay: float | None = None,
+        checkpoint_frozen: bool = False,
+    ):
+        super().__init__()
+        self.unet = unet
+        self.vae = vae
+        self.text_encoder = text_encoder
+        diffusion = dict(diffusion or {})
+        self.prediction_type = diffusion.get("prediction_type", "epsilon")
+        self.cfg_dropout = float(diffusion.get("cfg_dropout", 0.1))
+        self.min_snr_gamma = diffusion.get("min_snr_gamma")
+        self.offset_noise = float(diffusion.get("offset_noise", 0.0))
+        self.scheduler_config = train_scheduler_config(**diffusion)
+        self.sampling = {"sampler": "dpm++", "num_inference_steps": 25, "guidance_scale": 5.0, **(sampling or {})}
+        self.optimizer_factory = optimizer or torch.optim.AdamW
+        self.lr_scheduler_factory = lr_scheduler
+        self.checkpoint_frozen = checkpoint_frozen
+        self.run_config: dict | None = None  # the resolved Hydra config, saved into checkpoints
+
+        c = self.scheduler_config
+        b = make_betas(c["beta_schedule"], c["num_train_timesteps"], c["beta_start"], c["beta_end"])
+        if c["rescale_betas_zero_snr"]:
+            b = rescale_zero_terminal_snr(b)
+        self.register_buffer("alpha_bar", alpha_bar_of(b).float(), persistent=False)  # (T,)
+
+        # EMA of the U-Net weights (torch's AveragedModel); sampling uses it when present.
+        self.ema = (
+            AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+            if ema_decay
+            else None
+        )
+        if self.ema is not None:
+            self.ema.requires_grad_(False)
+        self._empty_hidden: Tensor | None = None
+
+        if unet.config.cross_attention_dim != text_encoder.hidden_size:
+            raise ValueError(
+                f"model.unet.cross_attention_dim={unet.config.cross_attention_dim} does not match the text "
+                f"encoder's hidden size {text_encoder.hidden_size}"
+            )
+
+    # --- frozen encoders -------------------------------------------------------------------
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        s = self.unet.config.sample_size
+        return (self.unet.config.in_channels, s, s)
+
+    @property
+    def resolution(self) -> int:
+        return self.unet.config.sample_size * downsample_factor(self.vae)
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f), sampled from the posterior."""
+        posterior = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
+        latents = posterior.sample()
+        shift = self.vae.config.shift_factor or 0.0
+        return ((latents - shift) * self.vae.config.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Scaled latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1]."""
+        shift = self.vae.config.shift_factor or 0.0
+        z = latents / self.vae.config.scaling_factor + shift
+        images = self.vae.decode(z.to(self.vae.dtype)).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_captions(self, captions: Sequence[str]) -> Tensor:
+        """Captions -> text hidden states (B, L, D)."""
+        return self.text_encoder.encode(list(captions))
+
+    def empty_hidden(self) -> Tensor:
+        """The empty caption's hidden states (1, L, D), encoded once by the same frozen text encoder."""
+        if self._empty_hidden is None or self._empty_hidden.device != self.device:
+            self._empty_hidden = self.encode_captions([""])
+        return self._empty_hidden
+
+    def condition(self, captions: Sequence[str], drop: Tensor | None = None) -> Tensor:
+        """Text conditioning (B, L, D); rows where ``drop`` is set get the empty caption instead."""
+        hidden = self.encode_captions(captions)
+        if drop is not None:
+            hidden = torch.where(drop[:, None, None], self.empty_hidden().to(hidden.dtype), hidden)
+        return hidden
+
+    # --- training --------------------------------------------------------------------------
+    def diffusion_step(self, latents: Tensor, cond: Tensor) -> Tensor:
+        """One denoising loss on latents (B, C, h, w) with conditioning (B, L, D)."""
+        b = latents.shape[0]
+        noise = offset_noise(torch.randn_like(latents), self.offset_noise)
+        t = sample_timesteps(b, self.scheduler_config["num_train_timesteps"], device=latents.device)
+        ab = self.alpha_bar[t]  # (B,)
+        x_t = add_noise(latents, noise, ab)
+        model_output = self.unet(x_t, t, encoder_hidden_states=cond).sample
+        weight = min_snr_weight(snr(ab), self.min_snr_gamma, self.prediction_type)
+        return diffusion_loss(model_output, target(self.prediction_type, latents, noise, ab), weight)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        latents = self.encode_images(batch["pixel_values"])  # (B, C, h, w)
+        drop = drop_mask(latents.shape[0], self.cfg_dropout, latents.device)
+        cond = self.condition(batch["caption"], drop)  # (B, L, D)
+        loss = self.diffusion_step(latents, cond)
+        self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.unet)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.unet.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- frozen parts stay out of checkpoints -------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if not self.checkpoint_frozen:
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
+                del state[key]
+        if self.run_config is not None:
+            checkpoint["config"] = self.run_config
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Frozen weights come from their source, not from the checkpoint: put the loaded ones back.
+        state = checkpoint["state_dict"]
+        for key, value in self.state_dict().items():
+            if key.startswith(FROZEN_PREFIXES) and key not in state:
+                state[key] = value
+
+    # --- sampling ----------------------------------------------------------------------------
+    def sampling_unet(self, use_ema: bool = True) -> UNet2DConditionModel:
+        return self.ema.module if (use_ema and self.ema is not None) else self.unet
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seed: int = 0,
+        guidance_scale: float | None = None,
+        num_inference_steps: int | None = None,
+        sampler: str | None = None,
+        use_ema: bool = True,
+    ) -> Tensor:
+        """Images (B, 3, H, W) in [0, 1] for ``prompts``; the same seed gives the same images."""
+        opts = self.sampling
+        unet = self.sampling_unet(use_ema)
+        was_training = unet.training
+        unet.eval()
+        scheduler = make_scheduler(sampler or opts["sampler"], self.scheduler_config)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        cond = self.encode_captions(prompts)
+        latents = sample_latents(
+            unet,
+            scheduler,
+            cond,
+            self.empty_hidden(),
+            guidance_scale=opts["guidance_scale"] if guidance_scale is None else guidance_scale,
+            num_inference_steps=num_inference_steps or opts["num_inference_steps"],
+            latent_shape=self.latent_shape,
+            generator=generator,
+        )
+        unet.train(was_training)
+        return self.decode_latents(latents)

@@ -1,0 +1,56 @@
+"""Export a trained latent-diffusion model as a diffusers `StableDiffusionPipeline` directory.
+
+    export_pipeline(module, "runs/x/pipeline")
+    pipe = StableDiffusionPipeline.from_pretrained("runs/x/pipeline")   # loads and runs as is
+
+Weights are written as safetensors; the U-Net is the EMA copy when EMA is on. An open_clip text
+encoder is converted to the `CLIPTextModel` layout diffusers uses for Stable Diffusion 2.x.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from diffusers import StableDiffusionPipeline
+
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ldm.diffusion import make_scheduler
+from ldm.models.clip_convert import open_clip_to_hf
+from ldm.models.text_encoders import HFCLIPTextEncoder, OpenCLIPTextEncoder
+
+
+def to_hf_text_encoder(text_encoder) -> tuple[CLIPTextModel, CLIPTokenizer]:
+    """(CLIPTextModel, CLIPTokenizer) for an ldm text encoder: HF CLIP as is, open_clip converted."""
+    if isinstance(text_encoder, HFCLIPTextEncoder):
+        if text_encoder.clip_skip:
+            raise ValueError("export: a CLIP text encoder with clip_skip > 0 has no StableDiffusionPipeline layout")
+        return text_encoder.text_encoder, text_encoder.tokenizer
+    if isinstance(text_encoder, OpenCLIPTextEncoder):
+        return open_clip_to_hf(text_encoder)
+    raise TypeError(f"export: no diffusers layout for text encoder {type(text_encoder).__name__}")
+
+
+def build_pipeline(module, sampler: str | None = None, use_ema: bool = True) -> StableDiffusionPipeline:
+    """A `StableDiffusionPipeline` around the module's parts (no safety checker: research weights)."""
+    hf_text_encoder, tokenizer = to_hf_text_encoder(module.text_encoder)
+    scheduler = make_scheduler(sampler or module.sampling["sampler"], module.scheduler_config)
+    unet = copy.deepcopy(module.sampling_unet(use_ema)).eval()
+    return StableDiffusionPipeline(
+        vae=module.vae,
+        text_encoder=hf_text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def export_pipeline(module, out_dir: str | Path, sampler: str | None = None, use_ema: bool = True) -> Path:
+    """Write the pipeline directory (`model_index.json` + one subfolder per part, safetensors)."""
+    pipe = build_pipeline(module, sampler, use_ema)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)

@@ -1,0 +1,23 @@
+"""The denoiser: a diffusers `UNet2DConditionModel`, built from a config or loaded pretrained.
+
+    unet = build_unet(sample_size=8, in_channels=4, block_out_channels=[64, 128], cross_attention_dim=64)
+    unet = load_unet("runwayml/stable-diffusion-v1-5")   # hub id or local diffusers directory
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import UNet2DConditionModel
+
+
+def build_unet(seed: int | None = 0, **config) -> UNet2DConditionModel:
+    """A fresh U-Net; `config` is `UNet2DConditionModel`'s own keyword arguments (lists become tuples)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    return UNet2DConditionModel(**config)
+
+
+def load_unet(path: str, subfolder: str | None = "unet", **kwargs) -> UNet2DConditionModel:
+    """`UNet2DConditionModel.from_pretrained(path, subfolder=...)`, trainable (fine-tuning)."""
+    return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, **kwargs)

@@ -1,0 +1,56 @@
+"""Generate images for prompts from a training checkpoint.
+
+    python -m ldm.sample runs/shapes/.../checkpoints/last.ckpt --prompt "a large red circle in the center" \
+        --seed 0 --steps 25 --guidance-scale 5 --out samples.png
+
+Writes a captioned grid (`--out`) and, with `--out-dir`, one PNG per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ldm.diffusion import SCHEDULERS
+from ldm.lightning.checkpoint import load_module
+from ldm.utils.images import captioned_grid, to_pil
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ldm.sample", description=__doc__.split("\n")[0])
+    p.add_argument("checkpoint", help="a .ckpt written by ldm.train")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's sampling config)")
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--sampler", choices=sorted(SCHEDULERS), default=None)
+    p.add_argument("--no-ema", action="store_true", help="sample with the raw weights, not the EMA")
+    p.add_argument("--out", default="samples.png", help="captioned grid PNG")
+    p.add_argument("--out-dir", default=None, help="also write one PNG per image here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    module = load_module(args.checkpoint)
+    images = module.generate(
+        args.prompt,
+        seed=args.seed,
+        guidance_scale=args.guidance_scale,
+        num_inference_steps=args.steps,
+        sampler=args.sampler,
+        use_ema=not args.no_ema,
+    )  # (B, 3, H, W) in [0, 1]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    captioned_grid(images, args.prompt).save(out)
+    if args.out_dir:
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(to_pil(images)):
+            image.save(Path(args.out_dir) / f"{i:04d}.png")
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

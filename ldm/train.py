@@ -1,0 +1,38 @@
+"""Train a stage (latent diffusion, or the VAE) from a Hydra config.
+
+    python -m ldm.train experiment=shapes                      # the built-in default (see `make train`)
+    python -m ldm.train experiment=shapes trainer.max_steps=50 logger=csv
+    python -m ldm.train experiment=shapes ckpt_path=runs/.../checkpoints/last.ckpt   # resume
+
+Every run writes its checkpoints, samples and resolved config under its own Hydra run directory.
+"""
+
+from __future__ import annotations
+
+import hydra
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data, _convert_="all")
+    module = instantiate(cfg.model, _convert_="all")
+    module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    callbacks = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c]
+    logger = instantiate(cfg.logger, _convert_="all") if cfg.get("logger") else False
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    if logger:
+        logger.log_hyperparams(module.run_config)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

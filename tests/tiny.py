@@ -1,0 +1,56 @@
+"""Tiny real components for integration tests: shapes shards, a random CLIP and a VAE, saved in the
+real formats under one root, plus the real Hydra config composed and shrunk to run on a CPU in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from ldm.data.shapes import write_shapes_dataset
+from ldm.models.text_encoders import save_random_hf_clip
+from ldm.models.vae import build_vae
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+TINY = [
+    "data.resolution=16",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "data.shuffle_buffer=8",
+    "model.unet.sample_size=8",
+    "model.unet.block_out_channels=[16,32]",
+    "model.unet.norm_num_groups=8",
+    "model.unet.attention_head_dim=4",
+    "model.unet.cross_attention_dim=32",
+    "sampling.num_inference_steps=3",
+    "trainer.accelerator=cpu",
+    "trainer.max_steps=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "optim.warmup_steps=1",
+    "callbacks.sample_grid.every_n_steps=0",
+    "callbacks.checkpoint.every_n_train_steps=1",
+    "prompts=[a large red circle in the center,a small blue square at the top left]",
+]
+
+
+def make_tiny_root(root: Path) -> Path:
+    """root/shapes/{train,val}/*.tar, root/models/clip-tiny/{text_encoder,tokenizer}, root/models/vae-shapes."""
+    write_shapes_dataset(root / "shapes", n_train=48, n_val=8, size=16, seed=0, samples_per_shard=16)
+    save_random_hf_clip(root / "models" / "clip-tiny", hidden_size=32, num_layers=1, num_heads=2)
+    build_vae(block_out_channels=[8, 16], norm_num_groups=4, sample_size=16).save_pretrained(
+        root / "models" / "vae-shapes"
+    )
+    return root
+
+
+def compose_config(root: Path, run_dir: Path, overrides: list[str] = (), experiment: str = "shapes"):
+    """The real `train.yaml` with `experiment=...`, pointed at ``root`` and shrunk by TINY."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(
+            config_name="train",
+            overrides=[f"experiment={experiment}", f"paths.data_dir={root}", f"paths.output_dir={run_dir}",
+                       *TINY, *overrides],
+        )
