@@ -1,0 +1,121 @@
+"""Text-to-latent sampling with classifier-free guidance, using diffusers' schedulers as they are.
+
+``sample_latents`` follows ``StableDiffusionPipeline.__call__`` step for step (same noise draw, same
+timesteps, one batched U-Net call per step with the unconditional half first), so the same seed gives
+the same latents as the pipeline.
+
+    >>> scheduler = make_scheduler("dpm++", ddpm.config)   # ddpm: the training DDPMScheduler
+    >>> latents = sample_latents(unet, scheduler, cond, uncond, guidance_scale=7.5,
+    ...                          num_inference_steps=25, latent_shape=(4, 64, 64),
+    ...                          generator=torch.Generator().manual_seed(0))   # (B, 4, 64, 64)
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+from torch import Tensor
+
+# name -> (scheduler class, config overrides applied on top of the training config)
+SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
+    "ddim": (DDIMScheduler, {}),
+    "ddpm": (DDPMScheduler, {}),
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    # PLMS only, as Stable Diffusion ships it: the Runge-Kutta warm-up would cost 3 extra U-Net calls per step.
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
+}
+
+
+def make_scheduler(name: str, train_config: Mapping[str, Any], **overrides: Any) -> SchedulerMixin:
+    """A diffusers sampler sharing the training schedule (betas, prediction_type, ...).
+
+    ``train_config`` is the training ``DDPMScheduler``'s ``config``; ``overrides`` win over both it and
+    the registry defaults (e.g. ``timestep_spacing="trailing"`` for a zero-terminal-SNR model).
+    """
+    try:
+        cls, defaults = SCHEDULERS[name]
+    except KeyError:
+        raise ValueError(f"unknown sampler {name!r}; expected one of {sorted(SCHEDULERS)}") from None
+    return cls.from_config(dict(train_config), **{**defaults, **overrides})
+
+
+def guided(eps_uncond: Tensor, eps_cond: Tensor, guidance_scale: float) -> Tensor:
+    """Classifier-free guidance, eps_uncond + w (eps_cond - eps_uncond) (Ho & Salimans 2022,
+    "Classifier-Free Diffusion Guidance", eq. 6 with w = 1 + their w). Works for v-predictions too."""
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+def _step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator | None, eta: float) -> dict[str, Any]:
+    # As StableDiffusionPipeline.prepare_extra_step_kwargs: only pass what this scheduler's step accepts.
+    params = inspect.signature(scheduler.step).parameters
+    kwargs: dict[str, Any] = {}
+    if "eta" in params:
+        kwargs["eta"] = eta
+    if "generator" in params:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+@torch.no_grad()
+def sample_latents(
+    unet: torch.nn.Module,
+    scheduler: SchedulerMixin,
+    cond: Tensor,
+    uncond: Tensor | None,
+    *,
+    guidance_scale: float,
+    num_inference_steps: int,
+    latent_shape: tuple[int, int, int],
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    latents: Tensor | None = None,
+    eta: float = 0.0,
+) -> Tensor:
+    """Denoise from noise to latents (B, C, H, W), B = cond.shape[0], guided by text hidden states.
+
+    cond: (B, L, D); uncond: (B, L, D) or (1, L, D), unused (may be None) when guidance_scale <= 1, in which
+    case only the conditional pass runs. ``eta`` is DDIM's and ignored by the other schedulers.
+    ``scheduler`` is stateful: ``set_timesteps`` is called on it here.
+    """
+    device, batch_size = cond.device, cond.shape[0]
+    do_cfg = guidance_scale > 1
+    if do_cfg:
+        # Unconditional half first, as the pipeline concatenates [negative_prompt_embeds, prompt_embeds].
+        encoder_hidden_states = torch.cat([uncond.expand(batch_size, -1, -1), cond])  # (2B, L, D)
+    else:
+        encoder_hidden_states = cond
+
+    # Timesteps before the noise: init_noise_sigma of the Euler schedulers depends on them.
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    if latents is None:
+        # randn_tensor draws on a CPU generator's device and moves, exactly as the pipeline does.
+        latents = randn_tensor((batch_size, *latent_shape), generator=generator, device=device, dtype=cond.dtype)
+    else:
+        latents = latents.to(device)
+    latents = latents * scheduler.init_noise_sigma  # (B, C, H, W)
+    step_kwargs = _step_kwargs(scheduler, generator, eta)
+
+    for t in scheduler.timesteps:
+        x_in = torch.cat([latents] * 2) if do_cfg else latents  # (2B or B, C, H, W)
+        x_in = scheduler.scale_model_input(x_in, t)
+        out = unet(x_in, t, encoder_hidden_states=encoder_hidden_states).sample
+        if do_cfg:
+            out_uncond, out_cond = out.chunk(2)
+            out = guided(out_uncond, out_cond, guidance_scale)
+        latents = scheduler.step(out, t, latents, **step_kwargs).prev_sample
+    return latents
