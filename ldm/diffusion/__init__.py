@@ -1,0 +1,25 @@
+"""Diffusion math as small pure tensor functions: schedules, parameterisations, loss, sampling."""
+
+from ldm.diffusion.loss import diffusion_loss, min_snr_weight, offset_noise, sample_timesteps
+from ldm.diffusion.parameterization import add_noise, predict_x0, target, velocity
+from ldm.diffusion.sampling import SCHEDULERS, guided, make_scheduler, sample_latents
+from ldm.diffusion.schedules import alpha_bar, betas, rescale_zero_terminal_snr, snr
+
+__all__ = [
+    "SCHEDULERS",
+    "add_noise",
+    "alpha_bar",
+    "betas",
+    "diffusion_loss",
+    "guided",
+    "make_scheduler",
+    "min_snr_weight",
+    "offset_noise",
+    "predict_x0",
+    "rescale_zero_terminal_snr",
+    "sample_latents",
+    "sample_timesteps",
+    "snr",
+    "target",
+    "velocity",
+]
