@@ -1,0 +1,1 @@
+"""Model building blocks: text encoders, VAE, U-Net, freezing and export helpers."""
