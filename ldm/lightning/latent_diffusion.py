@@ -179,10 +179,15 @@ class LatentDiffusion(pl.LightningModule):
         weight = min_snr_weight(snr(ab), self.min_snr_gamma, self.prediction_type)
         return diffusion_loss(model_output, target(self.prediction_type, latents, noise, ab), weight)
 
+    def training_condition(self, captions: Sequence[str]) -> Tensor:
+        """Conditioning for training: each caption is replaced by the empty one with probability
+        `diffusion.cfg_dropout` (classifier-free guidance training, Ho & Salimans 2022). The one place
+        where caption dropout happens."""
+        return self.condition(captions, drop_mask(len(captions), self.cfg_dropout, self.device))
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         latents = self.encode_images(batch["pixel_values"])  # (B, C, h, w)
-        drop = drop_mask(latents.shape[0], self.cfg_dropout, latents.device)
-        cond = self.condition(batch["caption"], drop)  # (B, L, D)
+        cond = self.training_condition(batch["caption"])  # (B, L, D)
         loss = self.diffusion_step(latents, cond)
         self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
         return loss

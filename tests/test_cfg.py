@@ -1,0 +1,67 @@
+"""Classifier-free guidance: the caption-dropout rate is the configured one, dropped rows carry the
+empty caption's encoding by the same text encoder, and guidance scale 1 is the plain conditional model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from ldm.diffusion import guided
+from ldm.lightning.latent_diffusion import drop_mask
+from tiny import compose_config, make_tiny_root
+
+
+@pytest.fixture(scope="module")
+def module_factory(tmp_path_factory):
+    root = make_tiny_root(tmp_path_factory.mktemp("tiny"))
+
+    def build(*overrides):
+        cfg = compose_config(root, tmp_path_factory.mktemp("run"), list(overrides))
+        return instantiate(cfg.model, _convert_="all")
+
+    return build
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 1.0])
+def test_drop_mask_rate(p):
+    torch.manual_seed(0)
+    n = 200_000
+    rate = drop_mask(n, p).float().mean().item()
+    assert abs(rate - p) < 4.5 * (p * (1 - p) / n) ** 0.5 + 1e-9
+
+
+def test_drop_mask_rejects_bad_rate():
+    with pytest.raises(ValueError, match="cfg_dropout"):
+        drop_mask(4, 1.5)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_training_condition_drops_at_configured_rate(module_factory, p):
+    module = module_factory(f"diffusion.cfg_dropout={p}")
+    assert module.cfg_dropout == p
+    captions = ["a large red circle in the center", "a small blue square at the top left"] * 1000
+    torch.manual_seed(1)
+    cond = module.training_condition(captions)  # (B, L, D)
+    empty = module.encode_captions([""])[0]
+    full = module.encode_captions(captions[:2])
+    is_empty = (cond == empty).flatten(1).all(1)
+    is_caption = torch.stack([(c == full[i % 2]).all() for i, c in enumerate(cond)])
+    assert torch.all(is_empty ^ is_caption)  # every row is exactly one of the two
+    n = len(captions)
+    assert abs(is_empty.float().mean().item() - p) < 4.5 * (p * (1 - p) / n) ** 0.5
+
+
+def test_guidance_scale_one_is_the_conditional_prediction(module_factory):
+    module = module_factory()
+    unet = module.unet.eval()
+    cond = module.encode_captions(["a large red circle in the center", "a small blue square at the top left"])
+    uncond = module.empty_hidden().expand_as(cond)
+    x = torch.randn(2, *module.latent_shape)
+    t = torch.tensor([500, 500])
+    with torch.no_grad():
+        batched = unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])).sample
+        plain = unet(x, t, encoder_hidden_states=cond).sample
+    out_uncond, out_cond = batched.chunk(2)
+    torch.testing.assert_close(guided(out_uncond, out_cond, 1.0), plain, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(guided(out_uncond, out_cond, 3.0), plain, atol=1e-3)
