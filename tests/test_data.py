@@ -255,15 +255,18 @@ def shapes_root(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_datamodule_batches(shapes_root, num_workers):
     dm = ShardDataModule(
-        str(shapes_root / "train"), str(shapes_root / "val"), resolution=16, batch_size=6,
+        str(shapes_root / "train"), str(shapes_root / "val"), resolution=16, batch_size=8,
         num_workers=num_workers, shuffle_buffer=8,
     )  # fmt: skip
-    for _ in range(2):  # two epochs, each exactly 40 // 6 full batches
-        batches = list(dm.train_dataloader())
-        assert len(batches) == 40 // 6
+    # two epochs of exactly 40 // 8 full batches; with 2 workers a single pass would give only
+    # 2 x (20 // 8) = 4, so this also checks that the stream repeats to fill the epoch
+    loader = dm.train_dataloader()
+    for _ in range(2):
+        batches = list(loader)
+        assert len(batches) == 40 // 8
         for batch in batches:
-            assert batch["pixel_values"].shape == (6, 3, 16, 16)
-            assert len(batch["caption"]) == 6 and all(isinstance(c, str) for c in batch["caption"])
+            assert batch["pixel_values"].shape == (8, 3, 16, 16)
+            assert len(batch["caption"]) == 8 and all(isinstance(c, str) for c in batch["caption"])
 
     val = [s for batch in dm.val_dataloader() for s in zip(batch["key"], batch["caption"])]
     assert sorted(key for key, _ in val) == [f"{i:09d}" for i in range(10)]

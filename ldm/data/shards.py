@@ -101,12 +101,13 @@ def encode_image(image: ImageLike, image_format: str = "jpg", quality: int = 95)
             raise ValueError(f"cannot keep image of format {pil_format}; use one of jpg, png, webp")
         return _EXTENSION_OF_PIL_FORMAT[pil_format], data
     if isinstance(image, Image.Image):
-        pil_image = image
+        rgb = to_rgb(image)
     else:
-        pil_image = Image.open(io.BytesIO(image) if isinstance(image, bytes) else image)
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
+            rgb = to_rgb(opened)
     extension = "png" if image_format == "keep" else image_format
     buffer = io.BytesIO()
-    to_rgb(pil_image).save(buffer, format=_PIL_FORMAT[extension], quality=quality)
+    rgb.save(buffer, format=_PIL_FORMAT[extension], quality=quality)
     return extension, buffer.getvalue()
 
 
