@@ -13,6 +13,7 @@ import hydra
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import WandbLogger
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -25,7 +26,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     if logger:
         logger.log_hyperparams(module.run_config)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    finally:
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+            logger.experiment.finish()  # close this run: a later run in the process (a sweep) gets its own
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 

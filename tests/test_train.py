@@ -80,3 +80,24 @@ def test_export_loads_in_diffusers_and_matches_ldm_sample(trained, tmp_path):
 
     out = sample_main([str(ckpt), "--prompt", prompts[0], "--steps", "2", "--out", str(tmp_path / "s.png")])
     assert out.is_file()
+
+
+def test_wandb_offline_run_holds_config_metrics_and_samples(tiny_root, tmp_path, monkeypatch):
+    from ldm.utils.wandb_offline import config, history, run_files
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cfg = compose_config(tiny_root, tmp_path, ["logger=wandb", "callbacks.sample_grid.every_n_steps=1"])
+    train(cfg)
+    (run_file,) = run_files(tmp_path / "wandb")
+    logged = config(run_file)
+    assert logged["model"]["_target_"] == "ldm.lightning.latent_diffusion.LatentDiffusion"
+    assert logged["diffusion"]["cfg_dropout"] == 0.1
+    rows = history(run_file)
+    metrics = {k for row in rows for k in row}
+    assert {"train/loss", "train/lr", "train/images_per_sec", "train/images_seen", "samples/captions"} <= metrics
+    samples = [row for row in rows if "samples/captions" in row]
+    assert len(samples) == 3  # steps 1, 2 and the end of training
+    assert samples[-1]["samples/captions"] == list(cfg.prompts)
+    assert samples[-1]["samples/count"] == len(cfg.prompts)

@@ -32,6 +32,7 @@ TINY = [
     "optim.warmup_steps=1",
     "callbacks.sample_grid.every_n_steps=0",
     "callbacks.checkpoint.every_n_train_steps=1",
+    "+callbacks.throughput.log_every_n_steps=1",
     "prompts=[a large red circle in the center,a small blue square at the top left]",
 ]
 

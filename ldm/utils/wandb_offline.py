@@ -26,7 +26,8 @@ _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 
 def run_files(root: str | Path) -> list[Path]:
     """Every `run-*.wandb` under ``root`` (a run directory, or a folder of runs), oldest first."""
-    return sorted(Path(p) for p in glob.glob(str(Path(root) / "**" / "run-*.wandb"), recursive=True))
+    paths = glob.glob(str(Path(root) / "**" / "run-*.wandb"), recursive=True)
+    return sorted(Path(p) for p in paths if "latest-run" not in Path(p).parts)  # a symlink to the newest
 
 
 def _payloads(data: bytes):
