@@ -1,8 +1,10 @@
 """Write image-caption pairs as WebDataset shards in the img2dataset layout.
 
 Each shard `000000.tar, 000001.tar, ...` holds `<key>.<jpg|png|webp>` + `<key>.txt`;
-`manifest.json` next to them lists shard names and sample counts. Shards are written
-as `*.tar.tmp` and renamed when complete, so a crash never leaves a truncated `.tar`.
+`manifest.json` next to them lists every shard's name, sample count, size in bytes and
+sha256. Shards are written as `*.tar.tmp` and renamed when complete, so a crash never
+leaves a truncated `.tar`; `resume=True` keeps the complete shards and writes only the
+samples they lack.
 
     >>> import tempfile
     >>> from PIL import Image
@@ -10,11 +12,21 @@ as `*.tar.tmp` and renamed when complete, so a crash never leaves a truncated `.
     >>> samples = [(f"{i:09d}", Image.new("RGB", (8, 8), "red"), "a red square") for i in range(3)]
     >>> [p.name for p in write_shards(samples, tempfile.mkdtemp(), samples_per_shard=2, progress=False)]
     ['000000.tar', '000001.tar']
+
+Sources of (key, image, caption) samples:
+    samples_from_folder          images + sidecar .txt, or a metadata.jsonl / metadata.csv
+    samples_from_class_folders   `<root>/<label>/*.jpg` with a template "a photo of a {label}"
+    samples_from_shards          existing shards (img2dataset output), to re-shard or re-encode
+An img2dataset folder is also read as is: `write_manifest(folder)` adds the manifest.
 """
 
+import csv
+import hashlib
 import io
 import json
 import os
+import re
+import tarfile
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -30,6 +42,7 @@ IMAGE_FORMATS = ("jpg", "png", "webp", "keep")
 MANIFEST = "manifest.json"
 _PIL_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 _EXTENSION_OF_PIL_FORMAT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+_SHARD_NAME = re.compile(r"^(\d{6})\.tar$")
 
 ImageLike = str | os.PathLike | Image.Image | bytes
 
@@ -37,21 +50,21 @@ ImageLike = str | os.PathLike | Image.Image | bytes
 def samples_from_folder(root: str | os.PathLike) -> Iterator[tuple[str, Path, str]]:
     """Yield (key, image_path, caption) from a folder of images.
 
-    Captions come from `metadata.jsonl` (Hugging Face imagefolder: one
-    `{"file_name": ..., "text"|"caption": ...}` per line) when present, else from a
-    sidecar `.txt` next to each image (`cat.png` + `cat.txt`), searched recursively.
+    Captions come from `metadata.jsonl` or `metadata.csv` (Hugging Face imagefolder: a
+    `file_name` and a `text` or `caption` per row) when present, else from a sidecar
+    `.txt` next to each image (`cat.png` + `cat.txt`), searched recursively.
     Keys are the image paths relative to `root`, without suffix, with `/` and `.` -> `_`.
     """
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"{root}: not a directory")
-    metadata = root / "metadata.jsonl"
-    if metadata.exists():
-        yield from _samples_from_metadata(root, metadata)
-        return
+    for metadata, reader in ((root / "metadata.jsonl", _jsonl_records), (root / "metadata.csv", _csv_records)):
+        if metadata.exists():
+            yield from _samples_from_metadata(root, metadata, reader(metadata))
+            return
     images = sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
     if not images:
-        raise ValueError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) and no metadata.jsonl")
+        raise ValueError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) and no metadata.jsonl or metadata.csv")
     for image_path in images:
         caption_path = image_path.with_suffix(".txt")
         if not caption_path.exists():
@@ -59,25 +72,82 @@ def samples_from_folder(root: str | os.PathLike) -> Iterator[tuple[str, Path, st
         yield _key_of(image_path, root), image_path, caption_path.read_text(encoding="utf-8").strip()
 
 
-def _samples_from_metadata(root: Path, metadata: Path) -> Iterator[tuple[str, Path, str]]:
+def _jsonl_records(metadata: Path) -> Iterator[tuple[str, dict]]:
     with metadata.open(encoding="utf-8") as lines:
         for line_number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            where = f"{metadata}:{line_number}"
             try:
-                record = json.loads(line)
+                yield f"{metadata}:{line_number}", json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not valid JSON ({error})") from None
-            if "file_name" not in record:
-                raise ValueError(f"{where}: missing 'file_name'")
-            caption = record.get("text", record.get("caption"))
-            if not isinstance(caption, str):
-                raise ValueError(f"{where}: image {record['file_name']} has no 'text' or 'caption' string")
-            image_path = root / record["file_name"]
-            if not image_path.exists():
-                raise ValueError(f"{where}: image {image_path} does not exist")
-            yield _key_of(image_path, root), image_path, caption.strip()
+                raise ValueError(f"{metadata}:{line_number}: not valid JSON ({error})") from None
+
+
+def _csv_records(metadata: Path) -> Iterator[tuple[str, dict]]:
+    with metadata.open(encoding="utf-8", newline="") as rows:
+        for row_number, row in enumerate(csv.DictReader(rows), start=2):  # row 1 is the header
+            yield f"{metadata}:{row_number}", row
+
+
+def _samples_from_metadata(root: Path, metadata: Path, records) -> Iterator[tuple[str, Path, str]]:
+    for where, record in records:
+        if "file_name" not in record:
+            raise ValueError(f"{where}: missing 'file_name'")
+        caption = record.get("text") or record.get("caption")
+        if not isinstance(caption, str):
+            raise ValueError(f"{where}: image {record['file_name']} has no 'text' or 'caption' string")
+        image_path = root / record["file_name"]
+        if not image_path.exists():
+            raise ValueError(f"{where}: image {image_path} does not exist")
+        yield _key_of(image_path, root), image_path, caption.strip()
+
+
+def samples_from_class_folders(
+    root: str | os.PathLike, template: str = "a photo of a {label}"
+) -> Iterator[tuple[str, Path, str]]:
+    """Yield (key, image_path, caption) from `root/<label>/<image>`, captioned by `template`.
+
+    Underscores in folder names become spaces in the label (`sports_car` -> "sports car").
+    Keys are `<label>_<stem>`, sorted by label then file name.
+    """
+    root = Path(root)
+    if "{label}" not in template:
+        raise ValueError(f"caption template {template!r} must contain '{{label}}'")
+    labels = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not labels:
+        raise ValueError(f"{root}: no class sub-folders")
+    for label_dir in labels:
+        caption = template.format(label=label_dir.name.replace("_", " "))
+        for image_path in sorted(label_dir.iterdir()):
+            if image_path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS:
+                yield _key_of(image_path, root), image_path, caption
+
+
+def samples_from_shards(urls) -> Iterator[tuple[str, bytes, str]]:
+    """Yield (key, image bytes, caption) from existing shards, e.g. img2dataset output.
+
+    Samples without an image or caption (img2dataset keeps failed downloads out of the
+    tars, but other writers may not) are skipped with a warning naming shard and key.
+    """
+    from ldm.data.webdataset import caption_choices, expand_urls  # the reader imports this module
+
+    for url in expand_urls(urls):
+        for sample in wds.WebDataset(url, shardshuffle=False, nodesplitter=None, workersplitter=None,
+                                     empty_check=False, handler=wds.warn_and_continue):  # fmt: skip
+            image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+            try:
+                if image is None:
+                    raise ValueError("no image")
+                caption = caption_choices({k: _text(v) for k, v in sample.items() if k in ("txt", "json")})[0]
+            except (ValueError, UnicodeDecodeError, json.JSONDecodeError) as error:
+                warnings.warn(f"shard {url}, key {sample['__key__']}: not copied ({error})", stacklevel=2)
+                continue
+            yield sample["__key__"].replace(".", "_"), image, caption
+
+
+def _text(data: bytes):
+    text = data.decode("utf-8")
+    return text if text.lstrip()[:1] not in ("{", "[") else json.loads(text)
 
 
 def _key_of(image_path: Path, root: Path) -> str:
@@ -85,14 +155,27 @@ def _key_of(image_path: Path, root: Path) -> str:
     return image_path.relative_to(root).with_suffix("").as_posix().replace("/", "_").replace(".", "_")
 
 
-def encode_image(image: ImageLike, image_format: str = "jpg", quality: int = 95) -> tuple[str, bytes]:
+def _resize_long_side(image: Image.Image, max_size: int | None) -> Image.Image:
+    if max_size is None or max(image.size) <= max_size:
+        return image
+    scale = max_size / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
+def encode_image(
+    image: ImageLike, image_format: str = "jpg", quality: int = 95, max_size: int | None = None
+) -> tuple[str, bytes]:
     """Return (extension, encoded bytes) for an image given as a path, PIL image or bytes.
 
     `image_format="keep"` stores file/bytes content untouched (PIL images become PNG);
-    otherwise the image is converted to RGB (see `to_rgb`) and re-encoded.
+    otherwise the image is converted to RGB (see `to_rgb`), its long side shrunk to
+    `max_size` if larger, and re-encoded.
     """
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+    if image_format == "keep" and max_size is not None:
+        raise ValueError("image_format='keep' stores images untouched: it cannot resize (max_size)")
     if image_format == "keep" and not isinstance(image, Image.Image):
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
         with Image.open(io.BytesIO(data)) as probe:
@@ -105,10 +188,49 @@ def encode_image(image: ImageLike, image_format: str = "jpg", quality: int = 95)
     else:
         with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
             rgb = to_rgb(opened)
+    rgb = _resize_long_side(rgb, max_size)
     extension = "png" if image_format == "keep" else image_format
     buffer = io.BytesIO()
     rgb.save(buffer, format=_PIL_FORMAT[extension], quality=quality)
     return extension, buffer.getvalue()
+
+
+def shard_record(path: str | os.PathLike) -> dict:
+    """{"name", "count", "bytes", "sha256"} of a finished shard (count = distinct keys)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    with tarfile.open(path) as tar:  # random access: reads headers only
+        keys = {name.split("/")[-1].split(".", 1)[0] for name in tar.getnames() if "." in name}
+    return {"name": path.name, "count": len(keys), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _write_manifest_file(out_dir: Path, manifest: dict) -> None:
+    tmp = out_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out_dir / MANIFEST)
+
+
+def write_manifest(shard_dir: str | os.PathLike) -> dict:
+    """Write manifest.json for a folder of existing shards (img2dataset output, read as is)."""
+    shard_dir = Path(shard_dir)
+    shards = [shard_record(p) for p in sorted(shard_dir.glob("*.tar"))]
+    if not shards:
+        raise ValueError(f"{shard_dir}: no .tar shards")
+    manifest = {"shards": shards, "total": sum(s["count"] for s in shards)}
+    _write_manifest_file(shard_dir, manifest)
+    return manifest
+
+
+def _complete_shards(out_dir: Path) -> list[Path]:
+    """The leading run 000000.tar, 000001.tar, ... of a folder (what a previous run finished)."""
+    numbered = {int(m.group(1)): p for p in out_dir.glob("*.tar") if (m := _SHARD_NAME.match(p.name))}
+    done = []
+    while len(done) in numbered:
+        done.append(numbered[len(done)])
+    return done
 
 
 def write_shards(
@@ -118,50 +240,91 @@ def write_shards(
     image_format: str = "jpg",
     quality: int = 95,
     progress: bool = True,
+    max_shard_bytes: int | None = None,
+    max_size: int | None = None,
+    resume: bool = False,
+    total: int | None = None,
 ) -> list[Path]:
-    """Write (key, image, caption) samples as tar shards + manifest.json; return shard paths."""
+    """Write (key, image, caption) samples as tar shards + manifest.json; return shard paths.
+
+    A shard is closed after `samples_per_shard` samples or once it holds `max_shard_bytes`
+    (so it may pass that size by one sample). `max_size` shrinks the long side of larger
+    images. A sample whose image cannot be read or encoded is skipped with a warning and
+    counted as "skipped" in the manifest. With `resume=True`, complete shards already in
+    `out_dir` are kept and samples whose key they hold are not written again.
+    """
     if samples_per_shard <= 0:
         raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
+    if max_shard_bytes is not None and max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+    if image_format == "keep" and max_size is not None:
+        raise ValueError("image_format='keep' stores images untouched: it cannot resize (max_size)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in out_dir.glob("*.tar.tmp"):  # a crashed run's unfinished shard
+        leftover.unlink()
+
     shards: list[dict] = []
+    done_keys: set[str] = set()
+    if resume:
+        for path in _complete_shards(out_dir):
+            shards.append(shard_record(path))
+            with tarfile.open(path) as tar:
+                done_keys.update(name.split(".", 1)[0] for name in tar.getnames())
+    if total is None and hasattr(samples, "__len__"):
+        total = len(samples)
 
-    def finish_shard(tmp_name: str) -> None:
-        if writer.count == 0:  # ShardWriter opens its first shard before any sample arrives
-            os.remove(tmp_name)
-            return
-        final = Path(tmp_name).with_suffix("")  # 000000.tar.tmp -> 000000.tar
-        os.replace(tmp_name, final)
-        shards.append({"name": final.name, "count": writer.count})
-
-    # maxsize=inf: shards are cut by sample count only, so counts are predictable.
-    writer = wds.ShardWriter(
-        str(out_dir / "%06d.tar.tmp"), maxcount=samples_per_shard, maxsize=float("inf"), verbose=0
-    )
-    writer.post = finish_shard
     seen: set[str] = set()
+    skipped = 0
+    writer, tmp_path, count, size = None, None, 0, 0
+
+    def finish_shard() -> None:
+        nonlocal writer, count, size
+        writer.close()
+        final = tmp_path.with_suffix("")  # 000000.tar.tmp -> 000000.tar
+        os.replace(tmp_path, final)
+        shards.append(shard_record(final))
+        writer, count, size = None, 0, 0
+
+    bar = tqdm(samples, total=total, desc=f"writing {out_dir}", unit="img", disable=not progress)
     try:
-        for key, image, caption in tqdm(samples, desc=f"writing {out_dir}", unit="img", disable=not progress):
+        for key, image, caption in bar:
             if not key or "." in key or key.startswith("_") or key in seen:
                 raise ValueError(f"bad sample key {key!r}: must be unique, non-empty, no '.', not start with '_'")
             seen.add(key)
-            extension, data = encode_image(image, image_format, quality)
-            writer.write({"__key__": key, extension: data, "txt": caption})
+            if key in done_keys:
+                continue
+            try:
+                extension, data = encode_image(image, image_format, quality, max_size)
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                warnings.warn(f"{out_dir}: skipping sample {key} ({error!r})", stacklevel=2)
+                skipped += 1
+                continue
+            if writer is None:
+                tmp_path = out_dir / f"{len(shards):06d}.tar.tmp"
+                writer = wds.TarWriter(str(tmp_path), encoder=False)
+            size += writer.write({"__key__": key, extension: data, "txt": caption.encode("utf-8")})
+            count += 1
+            if count >= samples_per_shard or (max_shard_bytes is not None and size >= max_shard_bytes):
+                finish_shard()
+            bar.set_postfix(shards=len(shards), skipped=skipped, refresh=False)
     except BaseException:
-        writer.post = None  # don't publish the half-written shard
-        writer.close()
-        Path(writer.fname).unlink(missing_ok=True)
+        if writer is not None:  # don't publish the half-written shard
+            writer.close()
+            tmp_path.unlink(missing_ok=True)
         raise
-    writer.close()
-    if not seen:
+    finally:
+        bar.close()
+    if writer is not None:
+        finish_shard()
+    if not shards:
         raise ValueError(f"{out_dir}: no samples to write")
 
-    manifest = {"shards": shards, "total": len(seen), "image_format": image_format}
-    tmp_manifest = out_dir / (MANIFEST + ".tmp")
-    tmp_manifest.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp_manifest, out_dir / MANIFEST)
+    manifest = {"shards": shards, "total": sum(s["count"] for s in shards), "image_format": image_format,
+                "skipped": skipped}  # fmt: skip
+    _write_manifest_file(out_dir, manifest)
 
     written = {shard["name"] for shard in shards}
     stale = sorted(p.name for p in out_dir.glob("*.tar") if p.name not in written)
