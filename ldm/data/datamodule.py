@@ -6,17 +6,118 @@
     >>> batch["pixel_values"].shape, len(batch["caption"])  # doctest: +SKIP
     (torch.Size([4, 3, 32, 32]), 4)
 
-With a manifest.json beside the train shards (written by `write_shards`), the train
-stream repeats and every DDP rank gets exactly total // (batch_size * world_size) batches
-per epoch, so ranks never wait on each other at the end of an epoch. Validation is not
-split across ranks: every rank sees all of the (small) val set.
+Two ways to cut the train stream into epochs:
+  exact (default)  an epoch is one pass: every sample is seen exactly once across all ranks
+                   and workers (the last batch may be short). With several ranks, every rank
+                   yields the same number of batches, so none waits at the end of an epoch: a
+                   rank with fewer samples (counts from manifest.json, else tar headers) tops up
+                   from the start of a new pass of its own shards, like DistributedSampler's padding.
+  resampled        `samples_per_epoch=N`: shards drawn with replacement forever, each rank
+                   yielding N // (batch_size * world_size) full batches per epoch. For large corpora.
+Validation is not split across ranks: every rank sees all of the (small) val set.
+
+Fewer train shards than ranks is an error; fewer than ranks x num_workers lowers num_workers
+(with a warning) so that no worker idles. Skipped samples are counted in `train_health`
+(logged by `ldm.data.health.DataHealthMonitor`); more than `max_bad_fraction` bad, or a pass
+with nothing valid, stops training with `DataError`.
 """
+
+import math
+import os
+import tarfile
+import warnings
 
 import pytorch_lightning as pl
 import torch
 import webdataset as wds
 
-from ldm.data.webdataset import collate, count_samples, expand_urls, make_shard_dataset, read_captions
+from ldm.data.health import DataHealth
+from ldm.data.webdataset import (
+    _is_remote,
+    collate,
+    expand_urls,
+    make_shard_dataset,
+    rank_and_world_size,
+    read_captions,
+    shard_counts,
+)
+
+
+def _cat(batches: list[dict]) -> dict:
+    """Concatenate collated batches."""
+    if len(batches) == 1:
+        return batches[0]
+    return {
+        "pixel_values": torch.cat([b["pixel_values"] for b in batches]),
+        "caption": [c for b in batches for c in b["caption"]],
+        "key": [k for b in batches for k in b["key"]],
+    }
+
+
+def _split(batch: dict, n: int) -> tuple[dict, dict]:
+    head = {name: value[:n] for name, value in batch.items()}
+    tail = {name: value[n:] for name, value in batch.items()}
+    return head, tail
+
+
+class EpochLoader:
+    """Main-process view of a loader of per-worker batches: batches of exactly `batch_size`
+    (the last of an epoch may be short) and `samples` samples per epoch.
+
+    samples=None: an epoch is one pass of `loader`. Otherwise an epoch holds exactly
+    `samples` samples: from one pass, topped up from further passes if it falls short
+    (`restart=True`, exact mode), or from a stream that goes on across epochs (`restart=False`).
+    After every batch `health.check` may stop training; a pass with nothing valid always does.
+    """
+
+    def __init__(self, loader, batch_size: int, samples: int | None, health: DataHealth, restart: bool = True,
+                 where: str = ""):  # fmt: skip
+        self.loader, self.batch_size, self.samples = loader, batch_size, samples
+        self.health, self.restart, self.where = health, restart, where
+        self._stream = None
+
+    def __len__(self) -> int:
+        if self.samples is None:
+            raise TypeError("an exact single-rank epoch has no length known ahead")
+        return math.ceil(self.samples / self.batch_size)
+
+    def _pass(self):
+        """One pass of the loader; DataError if it gives nothing."""
+        got = 0
+        for batch in self.loader:
+            got += len(batch["caption"])
+            self.health.check(where=self.where)
+            yield batch
+        self.health.check(end_of_pass=True, where=self.where)
+        if got == 0:
+            raise RuntimeError(f"{self.where}: a pass gave no samples")  # unreachable when health counts
+
+    def _forever(self):
+        while True:
+            yield from self._pass()
+
+    def __iter__(self):
+        if self.restart or self._stream is None:
+            self._stream = self._pass() if self.samples is None else self._forever()
+        stream, left = self._stream, self.samples
+        pending, n_pending = [], 0
+        for batch in stream:
+            if left is not None:
+                batch = _split(batch, left)[0] if len(batch["caption"]) > left else batch
+                left -= len(batch["caption"])
+            pending.append(batch)
+            n_pending += len(batch["caption"])
+            while n_pending >= self.batch_size:
+                full, rest = _split(_cat(pending), self.batch_size)
+                yield full
+                n_pending -= self.batch_size
+                pending = [rest] if n_pending else []
+            if left == 0:
+                break
+        if n_pending:
+            yield _cat(pending)
+        if self.restart:
+            self._stream = None  # exact mode: the next epoch starts a new pass
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -31,6 +132,10 @@ class ShardDataModule(pl.LightningDataModule):
         random_flip: bool = True,
         shuffle_buffer: int = 1000,
         seed: int = 0,
+        samples_per_epoch: int | None = None,
+        small_images: str = "upscale",
+        max_bad_fraction: float = 0.05,
+        jpeg_draft: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -43,30 +148,54 @@ class ShardDataModule(pl.LightningDataModule):
         self.random_flip = random_flip
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
+        self.samples_per_epoch = samples_per_epoch
+        self.small_images = small_images
+        self.max_bad_fraction = max_bad_fraction
+        self.jpeg_draft = jpeg_draft
+        self.train_health = DataHealth(max_bad_fraction)
+        self.val_health = DataHealth(max_bad_fraction)
 
-    def _world_size(self) -> int:
+    def _rank_and_world_size(self) -> tuple[int, int]:
         if self.trainer is not None:
-            return self.trainer.world_size
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_world_size()
-        return 1
+            return self.trainer.global_rank, self.trainer.world_size
+        return rank_and_world_size()
 
-    def _loader(self, dataset, drop_last: bool) -> wds.WebLoader:
+    def _loader(self, dataset, num_workers: int) -> wds.WebLoader:
+        """Workers collate their own batches (the last of a pass may be short); EpochLoader re-cuts them."""
         return wds.WebLoader(
-            dataset,
-            batch_size=self.batch_size,
-            collate_fn=collate,
-            drop_last=drop_last,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            dataset.compose(wds.batched(self.batch_size, collation_fn=collate, partial=True)),
+            batch_size=None,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
 
-    def train_dataloader(self) -> wds.WebLoader:
+    def _rank_samples(self, urls: list[str], world_size: int) -> list[int]:
+        """Samples each rank reads in one exact pass (shard i -> rank i % world_size)."""
+        counts = shard_counts(urls)
+        for url in urls:
+            if url not in counts:
+                if _is_remote(url):
+                    raise ValueError(f"{url}: no manifest.json gives its sample count; exact epochs over "
+                                     f"{world_size} ranks need one, or set data.samples_per_epoch")  # fmt: skip
+                with tarfile.open(url) as tar:  # headers only
+                    counts[url] = len({os.path.basename(n).split(".", 1)[0] for n in tar.getnames() if "." in n})
+        return [sum(counts[url] for url in urls[rank::world_size]) for rank in range(world_size)]
+
+    def train_dataloader(self) -> EpochLoader:
         urls = expand_urls(self.train_shards)
-        world_size = self._world_size()
-        if len(urls) < world_size:
-            raise ValueError(f"{self.train_shards}: {len(urls)} shards cannot feed {world_size} ranks; write more shards")
+        rank, world_size = self._rank_and_world_size()
+        resampled = self.samples_per_epoch is not None
+        num_workers = self.num_workers
+        if not resampled:
+            if len(urls) < world_size:
+                raise ValueError(f"{self.train_shards}: {len(urls)} shards cannot feed {world_size} ranks; "
+                                 f"write more (smaller) shards or set data.samples_per_epoch")  # fmt: skip
+            fewest = len(urls) // world_size  # shards of the rank with the fewest
+            if num_workers > fewest:
+                warnings.warn(f"{self.train_shards}: {len(urls)} shards over {world_size} ranks leave some of "
+                              f"{num_workers} workers without a shard; using {fewest} workers")  # fmt: skip
+                num_workers = fewest
         dataset = make_shard_dataset(
             urls,
             self.resolution,
@@ -74,17 +203,25 @@ class ShardDataModule(pl.LightningDataModule):
             random_flip=self.random_flip,
             shuffle_buffer=self.shuffle_buffer,
             seed=self.seed,
+            resampled=resampled,
+            small_images=self.small_images,
+            jpeg_draft=self.jpeg_draft,
+            health=self.train_health,
+            rank=rank,
+            world_size=world_size,
         )
-        loader = self._loader(dataset, drop_last=True)
-        total = count_samples(urls)
-        if total is not None:
-            batches = total // (self.batch_size * world_size)
+        if resampled:
+            batches = self.samples_per_epoch // (self.batch_size * world_size)
             if batches == 0:
-                raise ValueError(f"{self.train_shards}: {total} samples < batch_size {self.batch_size} x {world_size} ranks")
-            loader = loader.with_epoch(batches)  # repeat the stream, cut every epoch at `batches`
-        return loader
+                raise ValueError(f"samples_per_epoch {self.samples_per_epoch} < batch_size {self.batch_size} "
+                                 f"x {world_size} ranks")  # fmt: skip
+            samples = batches * self.batch_size
+        else:
+            samples = max(self._rank_samples(urls, world_size)) if world_size > 1 else None
+        return EpochLoader(self._loader(dataset, num_workers), self.batch_size, samples, self.train_health,
+                           restart=not resampled, where=str(self.train_shards))  # fmt: skip
 
-    def val_dataloader(self) -> wds.WebLoader | list:
+    def val_dataloader(self) -> EpochLoader | list:
         if self.val_shards is None:
             return []
         dataset = make_shard_dataset(
@@ -95,8 +232,12 @@ class ShardDataModule(pl.LightningDataModule):
             shuffle_buffer=0,
             shardshuffle=False,
             split_by_node=False,
+            small_images=self.small_images,
+            health=self.val_health,
         )
-        return self._loader(dataset, drop_last=False)
+        num_workers = min(self.num_workers, len(expand_urls(self.val_shards)))
+        return EpochLoader(self._loader(dataset, num_workers), self.batch_size, None, self.val_health,
+                           where=str(self.val_shards))  # fmt: skip
 
     def val_captions(self, n: int) -> list[str]:
         """The first n captions of the val shards, in shard order (fewer if the set is smaller)."""

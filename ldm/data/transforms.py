@@ -13,6 +13,11 @@ from PIL import Image, ImageOps
 # Modes that carry 16-bit greyscale (PNG/TIFF); PIL's own convert("L") clips them at 255.
 _SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+SMALL_IMAGE_POLICIES = ("upscale", "skip")
+
+
+class ImageTooSmall(ValueError):
+    """An image whose short side is below the training resolution, under `small_images="skip"`."""
 
 
 def to_rgb(image: Image.Image, background=(255, 255, 255)) -> Image.Image:
@@ -37,12 +42,18 @@ class ImageTransform:
     """PIL image -> FloatTensor (3, resolution, resolution) in [-1, 1].
 
     Shorter side resized to `resolution` (bilinear, antialiased), then a centre or
-    random square crop, then an optional random horizontal flip.
+    random square crop, then an optional random horizontal flip. An image whose shorter
+    side is below `resolution` is upscaled (`small_images="upscale"`) or refused with
+    `ImageTooSmall` (`"skip"`; the reader counts it as too small, not as bad).
     """
 
-    def __init__(self, resolution: int, center_crop: bool = True, random_flip: bool = True):
+    def __init__(self, resolution: int, center_crop: bool = True, random_flip: bool = True,
+                 small_images: str = "upscale"):  # fmt: skip
         if resolution <= 0:
             raise ValueError(f"resolution must be positive, got {resolution}")
+        if small_images not in SMALL_IMAGE_POLICIES:
+            raise ValueError(f"small_images must be one of {SMALL_IMAGE_POLICIES}, got {small_images!r}")
+        self.small_images = small_images
         # imported here: torchvision takes seconds to import and shard writing needs only to_rgb
         from torchvision.transforms import v2
 
@@ -62,6 +73,8 @@ class ImageTransform:
         )
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        if self.small_images == "skip" and min(image.size) < self.resolution:
+            raise ImageTooSmall(f"image {image.size[0]}x{image.size[1]} is smaller than {self.resolution}")
         return self.pipeline(to_rgb(image))
 
     def __repr__(self) -> str:

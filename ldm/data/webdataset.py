@@ -7,7 +7,20 @@
     torch.Size([1, 3, 32, 32])
 
 Each sample is `{"pixel_values": (3, R, R) float in [-1, 1], "caption": str, "key": str}`.
-Corrupt samples are skipped with a warning naming shard and key.
+
+Shards: a brace pattern, glob, folder, list file (`shards.txt`, one url per line), or a
+list of these; local paths, `pipe:` and http(s) urls through webdataset, any other
+`scheme://` (s3, gs, memory, ...) through fsspec.
+
+Splitting: shard i goes to DDP rank i % world_size, and a rank's shards are dealt to its
+dataloader workers; so one pass reads every sample exactly once across all ranks and
+workers. A worker left without a shard (fewer shards than ranks x workers) warns and yields
+nothing; `ShardDataModule` lowers num_workers instead. `resampled=True` draws shards with
+replacement forever, seeded per (seed, rank, worker): for large corpora, cut into epochs
+by the loader.
+
+Bad input never stops a worker: a corrupt image, unreadable caption, truncated tar or
+empty shard is skipped with a warning naming shard and key, and counted in `DataHealth`.
 """
 
 import glob
@@ -15,18 +28,25 @@ import io
 import json
 import os
 import random
+import tarfile
 import warnings
-from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import webdataset as wds
 from PIL import Image
 
+from ldm.data.health import DataHealth
 from ldm.data.shards import IMAGE_EXTENSIONS, read_manifest
-from ldm.data.transforms import ImageTransform
+from ldm.data.transforms import ImageTooSmall, ImageTransform
 
 CAPTION_EXTENSIONS = ("txt", "json")
 _READ_EXTENSIONS = frozenset(IMAGE_EXTENSIONS + CAPTION_EXTENSIONS)
+_WDS_SCHEMES = {"pipe", "file", "http", "https"}  # what wds.gopen opens itself; fsspec opens the rest
+
+
+class DataWarning(UserWarning):
+    """A sample or shard skipped by the reader."""
 
 
 class SampleError(Exception):
@@ -38,14 +58,14 @@ class SampleError(Exception):
 
 
 def warn_and_skip(error: Exception) -> bool:
-    """WebDataset exception handler: warn naming shard and key, then go on (no sleep)."""
+    """Exception handler: warn naming shard and key, then go on."""
     url, key = getattr(error, "url", None), getattr(error, "key", None)
     if url is not None or key is not None:
         cause = error.__cause__ if error.__cause__ is not None else error
         message = f"skipping sample {key!r} of shard {url}: {cause!r}"
     else:  # errors while opening or reading a tar carry the shard in their args
         message = f"skipping unreadable shard data: {error!r}"
-    warnings.warn(message, stacklevel=2)
+    warnings.warn(message, DataWarning, stacklevel=2)
     return True
 
 
@@ -53,12 +73,24 @@ def _is_remote(url: str) -> bool:
     return "://" in url or url.startswith("pipe:")
 
 
-def expand_urls(urls: str | os.PathLike | list | tuple) -> list[str]:
+def _read_list_file(path: str) -> list[str]:
+    """Urls of a list file, one per line; `#` comments; relative paths are relative to the file."""
+    folder = os.path.dirname(path)
+    urls = []
+    with open(path, encoding="utf-8") as lines:
+        for line in lines:
+            line = line.split("#", 1)[0].strip()
+            if line:
+                urls.append(line if _is_remote(line) or os.path.isabs(line) else os.path.join(folder, line))
+    return urls
+
+
+def expand_urls(urls) -> list[str]:
     """Expand shard specs to a list of urls.
 
     Accepts a brace pattern (`dir/{000000..000009}.tar`), a glob (`dir/*.tar`), a folder
-    (all `*.tar` inside, sorted), `::`-joined specs, or a list of any of these.
-    Local files must exist.
+    (all `*.tar` inside, sorted), a list file (`*.txt`, one spec per line), `::`-joined
+    specs, or a list of any of these. Local files must exist.
     """
     if isinstance(urls, (list, tuple)):
         return [url for spec in urls for url in expand_urls(spec)]
@@ -71,6 +103,9 @@ def expand_urls(urls: str | os.PathLike | list | tuple) -> list[str]:
             expanded.extend(sorted(glob.glob(os.path.join(url, "*.tar"))))
         elif glob.has_magic(url):
             expanded.extend(sorted(glob.glob(url)))
+        elif url.endswith(".txt") and os.path.isfile(url):
+            listed = _read_list_file(url)
+            expanded.extend(expand_urls(listed) if listed else [])
         elif os.path.exists(url):
             expanded.append(url)
         else:
@@ -80,15 +115,19 @@ def expand_urls(urls: str | os.PathLike | list | tuple) -> list[str]:
     return expanded
 
 
-def count_samples(urls: list[str]) -> int | None:
-    """Total samples in local shards according to their folders' manifest.json, else None."""
+def shard_counts(urls: list[str]) -> dict[str, int]:
+    """Samples per local shard according to its folder's manifest.json (shards not listed are left out)."""
     counts: dict[str, int] = {}
     for folder in {os.path.dirname(url) for url in urls if not _is_remote(url)}:
         manifest = read_manifest(folder) or {"shards": []}
         counts.update({os.path.join(folder, s["name"]): s["count"] for s in manifest["shards"]})
-    if not all(url in counts for url in urls):
-        return None
-    return sum(counts[url] for url in urls)
+    return {url: counts[url] for url in urls if url in counts}
+
+
+def count_samples(urls: list[str]) -> int | None:
+    """Total samples in local shards according to their folders' manifest.json, else None."""
+    counts = shard_counts(urls)
+    return sum(counts.values()) if len(counts) == len(urls) else None
 
 
 def caption_choices(sample: dict) -> list[str]:
@@ -100,7 +139,7 @@ def caption_choices(sample: dict) -> list[str]:
     if captions is None:
         raise ValueError("no caption (.txt, or .json with 'caption')")
     captions = [captions] if isinstance(captions, str) else captions
-    if not captions or not all(isinstance(c, str) for c in captions):
+    if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
         raise ValueError(f"caption must be a string or a non-empty list of strings, got {captions!r}")
     return [c.strip() for c in captions]
 
@@ -113,45 +152,203 @@ def _is_caption_file(name: str) -> bool:
     return name.rsplit(".", 1)[-1].lower() in CAPTION_EXTENSIONS
 
 
-def _decode_image(key: str, data: bytes):
-    """WebDataset decoder: image bytes -> PIL image in its own mode (converted later by to_rgb)."""
-    if key.rsplit(".", 1)[-1].lower() not in IMAGE_EXTENSIONS:
-        return None
-    image = Image.open(io.BytesIO(data))
-    image.load()  # raises now on truncated files, not later inside a transform
-    return image
+def rank_and_world_size() -> tuple[int, int]:
+    """DDP rank and world size: env RANK/WORLD_SIZE, else torch.distributed, else (0, 1)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+class ShardList(torch.utils.data.IterableDataset):
+    """The shard urls one dataloader worker of one rank reads, as {"url": ...} dicts.
+
+    Exact mode: shard i belongs to rank i % world_size; a rank's shards are shuffled per pass
+    (seeded by seed, pass, rank: the same order in all its workers) and dealt to its workers.
+    Resampled mode: shards drawn with replacement forever, seeded by (seed, pass, rank, worker).
+    """
+
+    def __init__(self, urls: list[str], rank: int, world_size: int, shuffle: bool, seed: int, resampled: bool):
+        super().__init__()
+        self.urls, self.rank, self.world_size = list(urls), rank, world_size
+        self.shuffle, self.seed, self.resampled = shuffle, seed, resampled
+        self.passes = 0  # per worker copy; workers of a rank start and end passes together
+
+    def __iter__(self):
+        worker, num_workers = _worker()
+        epoch, self.passes = self.passes, self.passes + 1
+        if self.resampled:
+            rng = random.Random(f"{self.seed}-{epoch}-{self.rank}-{worker}")
+            while True:
+                yield {"url": rng.choice(self.urls)}
+        urls = self.urls[self.rank :: self.world_size]
+        if self.shuffle:
+            random.Random(f"{self.seed}-{epoch}-{self.rank}").shuffle(urls)
+        mine = urls[worker::num_workers]
+        if not mine:
+            warnings.warn(
+                f"rank {self.rank} worker {worker} has no shard ({len(self.urls)} shards for {self.world_size} "
+                f"ranks x {num_workers} workers): it stays idle; write more shards or use fewer workers",
+                DataWarning, stacklevel=2,
+            )  # fmt: skip
+        for url in mine:
+            yield {"url": url}
+
+
+def open_url(url: str):
+    """A binary stream for a local path, a wds url (pipe:, http) or any fsspec url."""
+    scheme = urlparse(url).scheme if "://" in url else ""
+    if url.startswith("pipe:") or scheme in ("", *_WDS_SCHEMES):
+        return wds.gopen(url)
+    import fsspec
+
+    return fsspec.open(url, "rb").open()
+
+
+def _tar_members(stream, select):
+    """(member name, bytes) of a tar stream, in order, regular files only."""
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            if member.isreg() and select(member.name):
+                yield member.name, tar.extractfile(member).read()
+
+
+class ReadShards:
+    """Pipeline stage: {"url"} dicts -> raw samples {"__key__", "__url__", ext: bytes, ...}.
+
+    A shard that cannot be opened, is truncated, or holds no sample is warned about (naming
+    shard and the last key read) and counted; its good samples before the damage are kept.
+    With a manifest, a shard that ends early (truncated on a member boundary) is caught too.
+    """
+
+    def __init__(self, health: DataHealth, expected_counts: dict[str, int] | None = None, select=_is_read_file):
+        self.health, self.expected_counts, self.select = health, expected_counts or {}, select
+
+    def __call__(self, sources):
+        for source in sources:
+            yield from self.read(source["url"])
+
+    def read(self, url: str):
+        n, current = 0, None
+        try:
+            stream = open_url(url)
+            try:
+                for name, data in _tar_members(stream, self.select):
+                    base = os.path.basename(name)
+                    if "." not in base:
+                        continue
+                    key, extension = base.split(".", 1)
+                    if current is None or key != current["__key__"]:
+                        if current is not None:
+                            n += 1
+                            yield current
+                        current = {"__key__": key, "__url__": url}
+                    current[extension.lower()] = data
+            finally:
+                stream.close()
+        except Exception as error:  # noqa: BLE001: every read error of a shard is handled the same way
+            key = current["__key__"] if current is not None else None
+            # the sample being read is lost; with a manifest, so is everything after it
+            lost = max(0, self.expected_counts[url] - n) if url in self.expected_counts else int(key is not None)
+            self.health.add("shard_errors")
+            self.health.add("skipped", lost)
+            warnings.warn(f"shard {url}: unreadable after {n} samples (at key {key!r}): {error!r}; "
+                          f"skipping the rest of the shard", DataWarning, stacklevel=2)  # fmt: skip
+            return
+        if current is not None:
+            n += 1
+            yield current
+        expected = self.expected_counts.get(url)
+        if n == 0:
+            self.health.add("shard_errors")
+            self.health.add("skipped", expected or 0)
+            warnings.warn(f"shard {url}: empty, no samples", DataWarning, stacklevel=2)
+        elif expected is not None and n < expected:
+            self.health.add("shard_errors")
+            self.health.add("skipped", expected - n)
+            warnings.warn(f"shard {url}: {n} of {expected} samples (truncated?), last key {current['__key__']!r}",
+                          DataWarning, stacklevel=2)  # fmt: skip
+
+
+def _decode_text(data: bytes):
+    return data.decode("utf-8")
 
 
 class ToTrainingSample:
-    """Decoded wds sample -> {"pixel_values", "caption", "key"}.
+    """Raw sample (bytes) -> {"pixel_values", "caption", "key"}; raises SampleError naming shard and key.
 
     A JSON caption list yields one random caption per visit, from an RNG seeded by
-    (seed, rank, dataloader worker) so workers differ but runs repeat.
+    (seed, rank, dataloader worker) so workers differ but runs repeat. `jpeg_draft` lets
+    libjpeg decode large JPEGs at 1/2, 1/4 or 1/8 scale when that still covers the resolution.
     """
 
-    def __init__(self, transform: ImageTransform, seed: int = 0):
+    def __init__(self, transform: ImageTransform, seed: int = 0, jpeg_draft: bool = False):
         self.transform = transform
         self.seed = seed
+        self.jpeg_draft = jpeg_draft
         self._rng = None
 
     def rng(self) -> random.Random:
         if self._rng is None:  # created lazily, inside the worker process
-            rank, _, worker, _ = wds.utils.pytorch_worker_info()
-            self._rng = random.Random(f"{self.seed}-{rank}-{worker}")
+            rank, _ = rank_and_world_size()
+            self._rng = random.Random(f"{self.seed}-{rank}-{_worker()[0]}")
         return self._rng
 
     def caption(self, sample: dict) -> str:
         return self.rng().choice(caption_choices(sample))
 
+    def image(self, data: bytes) -> Image.Image:
+        image = Image.open(io.BytesIO(data))
+        if self.jpeg_draft and image.format == "JPEG":
+            side = self.transform.resolution
+            image.draft("RGB", (side, side))  # keeps both sides >= resolution
+        image.load()  # raises now on truncated files, not later inside a transform
+        return image
+
     def __call__(self, sample: dict) -> dict:
         url, key = sample.get("__url__"), sample.get("__key__")
         try:
-            image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
-            if image is None:
+            data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+            if data is None:
                 raise ValueError(f"no image ({', '.join(IMAGE_EXTENSIONS)})")
-            return {"pixel_values": self.transform(image), "caption": self.caption(sample), "key": key}
+            texts = {}
+            if "txt" in sample:
+                texts["txt"] = _decode_text(sample["txt"])
+            if "json" in sample:
+                texts["json"] = json.loads(_decode_text(sample["json"]))
+            caption = self.caption(texts)
+            return {"pixel_values": self.transform(self.image(data)), "caption": caption, "key": key}
+        except ImageTooSmall:
+            raise
         except Exception as error:
             raise SampleError(url, key, repr(error)) from error
+
+
+class ToTrainingSamples:
+    """Pipeline stage around ToTrainingSample: skips and counts bad or too-small samples."""
+
+    def __init__(self, convert: ToTrainingSample, health: DataHealth):
+        self.convert, self.health = convert, health
+
+    def __call__(self, samples):
+        for sample in samples:
+            try:
+                out = self.convert(sample)
+            except ImageTooSmall:
+                self.health.add("too_small")  # a policy, not damage: counted, no warning
+                continue
+            except SampleError as error:
+                self.health.add("skipped")
+                warn_and_skip(error)
+                continue
+            self.health.add("ok")
+            yield out
 
 
 def make_shard_dataset(
@@ -163,49 +360,55 @@ def make_shard_dataset(
     seed: int = 0,
     shardshuffle: bool = True,
     split_by_node: bool = True,
-) -> wds.WebDataset:
-    """A WebDataset pipeline yielding {"pixel_values": (3, R, R), "caption", "key"} dicts.
+    resampled: bool = False,
+    small_images: str = "upscale",
+    jpeg_draft: bool = False,
+    health: DataHealth | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> wds.DataPipeline:
+    """A pipeline yielding {"pixel_values": (3, R, R), "caption", "key"} dicts.
 
-    Shards are split over DDP ranks (`split_by_node`) and then dataloader workers; a rank or
-    worker with no shard yields nothing. `shuffle_buffer=0` keeps the order within shards.
-    Shuffles are seeded by `seed` and change every pass.
+    One pass reads every sample once, split over DDP ranks (`split_by_node`; rank and world
+    size from env RANK/WORLD_SIZE or torch.distributed, read now, unless given) and dataloader
+    workers. `resampled=True` streams forever instead. `shuffle_buffer=0` keeps the order
+    within shards; shuffles are seeded by `seed` and change every pass. Skips are counted in
+    `health` (a new DataHealth if None, as `.health` of the result).
     """
     shard_urls = expand_urls(urls)
-    dataset = wds.WebDataset(
-        shard_urls,
-        handler=warn_and_skip,
-        shardshuffle=len(shard_urls) if shardshuffle else False,
-        detshuffle=True,
-        seed=seed,
-        nodesplitter=wds.split_by_node if split_by_node else None,
-        workersplitter=wds.split_by_worker,
-        select_files=_is_read_file,
-        empty_check=False,  # fewer shards than workers is fine: idle workers yield nothing
-    )
+    if rank is None or world_size is None:
+        rank, world_size = rank_and_world_size() if split_by_node else (0, 1)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    if not resampled and len(shard_urls) < world_size:
+        raise ValueError(f"{len(shard_urls)} shards cannot feed {world_size} ranks; write more (smaller) shards")
+    health = health if health is not None else DataHealth()
+    transform = ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip, small_images=small_images)
+    stages = [
+        ShardList(shard_urls, rank, world_size, shuffle=shardshuffle, seed=seed, resampled=resampled),
+        ReadShards(health, expected_counts=shard_counts(shard_urls)),
+    ]
     if shuffle_buffer > 0:
-        dataset = dataset.compose(wds.detshuffle(shuffle_buffer, initial=min(100, shuffle_buffer), seed=seed))
-    dataset = dataset.decode(_decode_image, only=_READ_EXTENSIONS, handler=warn_and_skip)
-    transform = ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip)
-    return dataset.map(ToTrainingSample(transform, seed=seed), handler=warn_and_skip)
+        stages.append(wds.detshuffle(shuffle_buffer, initial=min(100, shuffle_buffer), seed=seed))
+    stages.append(ToTrainingSamples(ToTrainingSample(transform, seed=seed, jpeg_draft=jpeg_draft), health))
+    dataset = wds.DataPipeline(*stages)
+    dataset.health = health
+    return dataset
 
 
 def read_captions(urls, n: int) -> list[str]:
     """The first n captions of the shards, in shard order (first caption of a JSON list)."""
     captions = []
-    dataset = wds.WebDataset(
-        expand_urls(urls),
-        shardshuffle=False,
-        nodesplitter=None,
-        workersplitter=None,
-        select_files=_is_caption_file,
-        empty_check=False,
-    ).decode(only=CAPTION_EXTENSIONS)
-    for sample in dataset:
+    reader = ReadShards(DataHealth(), select=_is_caption_file)
+    for sample in reader({"url": url} for url in expand_urls(urls)):
         if len(captions) >= n:
             break
         try:
-            captions.append(caption_choices(sample)[0])
-        except ValueError as error:
+            texts = {ext: _decode_text(sample[ext]) for ext in CAPTION_EXTENSIONS if ext in sample}
+            if "json" in texts:
+                texts["json"] = json.loads(texts["json"])
+            captions.append(caption_choices(texts)[0])
+        except (ValueError, UnicodeDecodeError) as error:
             warn_and_skip(SampleError(sample.get("__url__"), sample.get("__key__"), error))
     return captions
 

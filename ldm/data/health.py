@@ -1,0 +1,81 @@
+"""Counts of good and skipped samples, shared by the dataloader workers, and the callback that logs them.
+
+Workers cannot log, so each one adds to its own row of a shared-memory tensor; the main
+process sums the rows. `DataHealth.check` stops training with a clear error when more than
+`max_bad_fraction` of the samples read were bad; `DataHealthMonitor` logs the counts as
+`data/skipped`, `data/too_small`, `data/shard_errors`, `data/bad_fraction` (all ranks summed).
+
+    >>> from ldm.data.health import DataHealth
+    >>> health = DataHealth(max_bad_fraction=0.5)
+    >>> health.add("ok", 3); health.add("skipped")
+    >>> health.totals()["skipped"], health.bad_fraction()
+    (1, 0.25)
+"""
+
+import pytorch_lightning as pl
+import torch
+
+FIELDS = ("ok", "skipped", "too_small", "shard_errors")
+_SLOTS = 257  # row 0: the main process (num_workers=0); rows 1..: dataloader worker id + 1
+
+
+class DataError(RuntimeError):
+    """The data cannot feed training: too many bad samples, or none valid at all."""
+
+
+class DataHealth:
+    """Cumulative per-worker counters in shared memory (a worker writes only its own row: no locks).
+
+    ok: samples delivered; skipped: bad samples (corrupt image, unreadable caption, lost in a
+    truncated shard); too_small: left out by the `small_images="skip"` policy (not bad);
+    shard_errors: shards that could not be opened, were truncated or held nothing.
+    """
+
+    def __init__(self, max_bad_fraction: float = 0.05, min_samples: int = 200):
+        if not 0 <= max_bad_fraction <= 1:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        self.max_bad_fraction = max_bad_fraction
+        self.min_samples = min_samples  # below this many read, a fraction says little (checked at pass end)
+        self.counts = torch.zeros(_SLOTS, len(FIELDS), dtype=torch.int64).share_memory_()  # (slots, fields)
+
+    def add(self, field: str, n: int = 1) -> None:
+        info = torch.utils.data.get_worker_info()
+        row = 0 if info is None else 1 + info.id % (_SLOTS - 1)
+        self.counts[row, FIELDS.index(field)] += n
+
+    def totals(self) -> dict[str, int]:
+        return dict(zip(FIELDS, self.counts.sum(0).tolist()))
+
+    def bad_fraction(self) -> float:
+        totals = self.totals()
+        read = totals["ok"] + totals["skipped"]
+        return totals["skipped"] / read if read else 0.0
+
+    def check(self, end_of_pass: bool = False, where: str = "") -> None:
+        """Raise DataError when too many samples were bad, or a whole pass gave nothing valid."""
+        totals = self.totals()
+        read = totals["ok"] + totals["skipped"]
+        if end_of_pass and totals["ok"] == 0:
+            raise DataError(f"no valid samples in {where or 'the shards'}: {totals}; see the warnings above")
+        if (end_of_pass or read >= self.min_samples) and self.bad_fraction() > self.max_bad_fraction:
+            raise DataError(
+                f"{totals['skipped']} of {read} samples of {where or 'the shards'} were bad "
+                f"({self.bad_fraction():.1%} > max_bad_fraction {self.max_bad_fraction:.1%}); "
+                f"counts {totals}; see the warnings above for shards and keys"
+            )
+
+
+class DataHealthMonitor(pl.Callback):
+    """Logs the train data's skip counts every `log_every_n_steps` (the check itself runs in the loader)."""
+
+    def __init__(self, log_every_n_steps: int = 50):
+        self.every = log_every_n_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        health = getattr(trainer.datamodule, "train_health", None) if trainer.datamodule is not None else None
+        if health is None or trainer.global_step % self.every != 0:
+            return
+        totals = health.totals()
+        for field in ("skipped", "too_small", "shard_errors"):
+            pl_module.log(f"data/{field}", float(totals[field]), reduce_fx="sum", sync_dist=True, batch_size=1)
+        pl_module.log("data/bad_fraction", health.bad_fraction(), sync_dist=True, batch_size=1)
