@@ -207,6 +207,11 @@ def shard_record(path: str | os.PathLike) -> dict:
     return {"name": path.name, "count": len(keys), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
+def _tar_bytes(n: int) -> int:
+    """Bytes a member of n bytes takes in a tar: a 512-byte header, data padded to 512."""
+    return 512 + -(-n // 512) * 512
+
+
 def _write_manifest_file(out_dir: Path, manifest: dict) -> None:
     tmp = out_dir / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
@@ -305,7 +310,9 @@ def write_shards(
             if writer is None:
                 tmp_path = out_dir / f"{len(shards):06d}.tar.tmp"
                 writer = wds.TarWriter(str(tmp_path), encoder=False)
-            size += writer.write({"__key__": key, extension: data, "txt": caption.encode("utf-8")})
+            text = caption.encode("utf-8")
+            writer.write({"__key__": key, extension: data, "txt": text})
+            size += _tar_bytes(len(data)) + _tar_bytes(len(text))
             count += 1
             if count >= samples_per_shard or (max_shard_bytes is not None and size >= max_shard_bytes):
                 finish_shard()

@@ -211,12 +211,29 @@ def open_url(url: str):
     return fsspec.open(url, "rb").open()
 
 
+class MemberError(Exception):
+    """A tar member that could not be read (truncated data)."""
+
+    def __init__(self, name: str, error: Exception):
+        super().__init__(f"member {name}: {error!r}")
+        self.name = name
+
+
 def _tar_members(stream, select):
     """(member name, bytes) of a tar stream, in order, regular files only."""
     with tarfile.open(fileobj=stream, mode="r|*") as tar:
         for member in tar:
             if member.isreg() and select(member.name):
-                yield member.name, tar.extractfile(member).read()
+                try:
+                    data = tar.extractfile(member).read()
+                except Exception as error:
+                    raise MemberError(member.name, error) from error
+                yield member.name, data
+
+
+def _split_name(name: str) -> tuple[str, str] | None:
+    base = os.path.basename(name)
+    return tuple(base.split(".", 1)) if "." in base else None
 
 
 class ReadShards:
@@ -240,10 +257,9 @@ class ReadShards:
             stream = open_url(url)
             try:
                 for name, data in _tar_members(stream, self.select):
-                    base = os.path.basename(name)
-                    if "." not in base:
+                    if _split_name(name) is None:
                         continue
-                    key, extension = base.split(".", 1)
+                    key, extension = _split_name(name)
                     if current is None or key != current["__key__"]:
                         if current is not None:
                             n += 1
@@ -254,6 +270,12 @@ class ReadShards:
                 stream.close()
         except Exception as error:  # noqa: BLE001: every read error of a shard is handled the same way
             key = current["__key__"] if current is not None else None
+            failed = _split_name(error.name) if isinstance(error, MemberError) else None
+            if failed is not None and failed[0] != key:  # the pending sample was complete
+                if current is not None:
+                    n += 1
+                    yield current
+                key = failed[0]
             # the sample being read is lost; with a manifest, so is everything after it
             lost = max(0, self.expected_counts[url] - n) if url in self.expected_counts else int(key is not None)
             self.health.add("shard_errors")
