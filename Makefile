@@ -41,3 +41,15 @@ test-all: .venv/.installed
 
 clean-default:
 	rm -rf $(DATA)/shapes $(DATA)/models/clip-tiny $(DATA)/models/vae-shapes
+
+# --- CIFAR-10 from ../shared/datasets/cifar10 (class folders) -> data/cifar10/{train,test} shards ---
+CIFAR10_SRC ?= ../shared/datasets/cifar10
+$(DATA)/cifar10/%/manifest.json: | .venv/.installed
+	rm -rf $(DATA)/cifar10/src-$* && mkdir -p $(DATA)/cifar10/src-$*
+	tar xzf $(CIFAR10_SRC)/$*.tar.gz -C $(DATA)/cifar10/src-$*
+	$(PY) scripts/make_shards.py $(DATA)/cifar10/src-$*/$* $(DATA)/cifar10/$* --source classes \
+		--template "a photo of a {label}" --samples-per-shard 2500 --format keep --resume
+	rm -rf $(DATA)/cifar10/src-$*
+
+.PHONY: cifar10
+cifar10: $(DATA)/cifar10/train/manifest.json $(DATA)/cifar10/test/manifest.json
