@@ -1,0 +1,84 @@
+"""Data loading throughput: decoded-and-augmented images per second, and how long training waits.
+
+Writes synthetic photo-like JPEG shards (smooth colour fields + grain, long side 1.5x the
+resolution, as after `make_shards.py --max-size`) under --shard-dir unless they exist, then
+for every (resolution, workers) pair runs the train loader of ShardDataModule for --batches
+batches behind a simulated training step of --step-ms, and prints one summary line:
+
+    python scripts/bench_data.py --resolution 256 512 --workers 2 --batches 20          # a laptop
+    python scripts/bench_data.py --resolution 512 --workers 12 --batches 200 --step-ms 0  # a 16-core box
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ldm.data.datamodule import ShardDataModule
+from ldm.data.shards import read_manifest, write_shards
+
+
+def photo_like(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """Smooth random colour field with fine grain: JPEG-compresses like a photo, unlike pure noise."""
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((width, height),
+                                                                                     Image.Resampling.BICUBIC)  # fmt: skip
+    grain = rng.normal(0, 12, (height, width, 3))
+    return Image.fromarray(np.clip(np.asarray(coarse, dtype=np.float32) + grain, 0, 255).astype(np.uint8))
+
+
+def synthetic_shards(root: Path, resolution: int, n: int) -> Path:
+    out = root / f"photos{resolution}"
+    if read_manifest(out) is None or read_manifest(out)["total"] != n:
+        rng = np.random.default_rng(resolution)
+        size = (resolution * 3 // 2, resolution * 9 // 8)  # 4:3, short side a bit above the resolution
+        samples = ((f"{i:07d}", photo_like(rng, *size), f"synthetic photo {i}") for i in range(n))
+        write_shards(samples, out, samples_per_shard=max(1, n // 32), image_format="jpg", quality=90, total=n)
+    return out
+
+
+def bench(shards: Path, resolution: int, workers: int, batches: int, batch_size: int, step_s: float,
+          jpeg_draft: bool) -> str:  # fmt: skip
+    dm = ShardDataModule(str(shards), None, resolution, batch_size, num_workers=workers, shuffle_buffer=256,
+                         samples_per_epoch=10**9, jpeg_draft=jpeg_draft)  # fmt: skip
+    loader = iter(dm.train_dataloader())
+    for _ in range(max(2, workers)):  # warm-up: start workers, fill their prefetch queues
+        next(loader)
+    waited, images, start = 0.0, 0, time.perf_counter()
+    for _ in range(batches):
+        t0 = time.perf_counter()
+        batch = next(loader)  # the time a training loop would block on data
+        waited += time.perf_counter() - t0
+        images += len(batch["caption"])
+        if step_s:
+            time.sleep(step_s)  # stand-in for the GPU step
+    elapsed = time.perf_counter() - start
+    rate = images / elapsed
+    return (f"res={resolution} workers={workers} batch={batch_size} draft={jpeg_draft}: {rate:7.1f} img/s total, "
+            f"{rate / max(workers, 1):6.1f} img/s/worker, data wait {1000 * waited / batches:6.1f} ms/batch "
+            f"({waited / elapsed:4.0%} of the loop), {images} images in {elapsed:.1f} s")  # fmt: skip
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--resolution", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--workers", type=int, nargs="+", default=[2])
+    parser.add_argument("--batches", type=int, default=20, help="batches timed per config (after warm-up)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--step-ms", type=float, default=0.0, help="simulated training step per batch")
+    parser.add_argument("--images", type=int, default=640, help="synthetic images per resolution")
+    parser.add_argument("--shard-dir", default="data/bench", help="where synthetic shards are written / reused")
+    parser.add_argument("--shards", default=None, help="benchmark these shards instead of synthetic ones")
+    parser.add_argument("--no-draft", action="store_true", help="decode JPEGs at full size")
+    args = parser.parse_args(argv)
+
+    for resolution in args.resolution:
+        shards = Path(args.shards) if args.shards else synthetic_shards(Path(args.shard_dir), resolution, args.images)
+        for workers in args.workers:
+            print(bench(shards, resolution, workers, args.batches, args.batch_size, args.step_ms / 1000,
+                        not args.no_draft), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
