@@ -65,3 +65,12 @@ def test_guidance_scale_one_is_the_conditional_prediction(module_factory):
     out_uncond, out_cond = batched.chunk(2)
     torch.testing.assert_close(guided(out_uncond, out_cond, 1.0), plain, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(guided(out_uncond, out_cond, 3.0), plain, atol=1e-3)
+
+
+def test_text_cache_gives_the_encoder_output(module_factory):
+    plain = module_factory()
+    cached = module_factory("model.text_cache_size=2")
+    captions = ["a large red circle in the center", "a small blue square at the top left", "a red square"]
+    for batch in (captions, captions[::-1], captions[:1] * 3):
+        torch.testing.assert_close(cached.encode_captions(batch), plain.encode_captions(batch))
+    assert len(cached._text_cache) == 2  # bounded

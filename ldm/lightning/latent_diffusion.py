@@ -12,6 +12,7 @@ U-Net (and its EMA copy) trains and is saved.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -84,6 +85,7 @@ class LatentDiffusion(pl.LightningModule):
         lr_scheduler: Callable[..., Any] | None = None,
         ema_decay: float | None = None,
         checkpoint_frozen: bool = False,
+        text_cache_size: int = 0,
     ):
         super().__init__()
         self.unet = unet
@@ -116,6 +118,10 @@ class LatentDiffusion(pl.LightningModule):
         if self.ema is not None:
             self.ema.requires_grad_(False)
         self._empty_hidden: Tensor | None = None
+        # The text encoder is frozen, so a caption always encodes the same: data sets with few distinct
+        # captions (class templates, the built-in shapes) skip most text-encoder work with this cache.
+        self.text_cache_size = text_cache_size
+        self._text_cache: OrderedDict[str, Tensor] = OrderedDict()
 
         if unet.config.cross_attention_dim != text_encoder.hidden_size:
             raise ValueError(
@@ -151,8 +157,20 @@ class LatentDiffusion(pl.LightningModule):
 
     @torch.no_grad()
     def encode_captions(self, captions: Sequence[str]) -> Tensor:
-        """Captions -> text hidden states (B, L, D)."""
-        return self.text_encoder.encode(list(captions))
+        """Captions -> text hidden states (B, L, D); memoised (LRU) when `text_cache_size` > 0."""
+        if not self.text_cache_size:
+            return self.text_encoder.encode(list(captions))
+        cache = self._text_cache
+        missing = list(dict.fromkeys(c for c in captions if c not in cache))
+        if missing:
+            for caption, hidden in zip(missing, self.text_encoder.encode(missing)):
+                cache[caption] = hidden
+        hidden = torch.stack([cache[c] for c in captions]).to(self.device)
+        for caption in captions:
+            cache.move_to_end(caption)
+        while len(cache) > self.text_cache_size:
+            cache.popitem(last=False)
+        return hidden
 
     def empty_hidden(self) -> Tensor:
         """The empty caption's hidden states (1, L, D), encoded once by the same frozen text encoder."""
@@ -227,19 +245,25 @@ class LatentDiffusion(pl.LightningModule):
     def generate(
         self,
         prompts: Sequence[str],
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         guidance_scale: float | None = None,
         num_inference_steps: int | None = None,
         sampler: str | None = None,
         use_ema: bool = True,
     ) -> Tensor:
-        """Images (B, 3, H, W) in [0, 1] for ``prompts``; the same seed gives the same images."""
+        """Images (B, 3, H, W) in [0, 1] for ``prompts``; the same seed gives the same images.
+
+        ``seed`` is one seed for the batch (as StableDiffusionPipeline's generator), or one per prompt,
+        which makes each image independent of how prompts are batched or split across ranks."""
         opts = self.sampling
         unet = self.sampling_unet(use_ema)
         was_training = unet.training
         unet.eval()
         scheduler = make_scheduler(sampler or opts["sampler"], self.scheduler_config)
-        generator = torch.Generator("cpu").manual_seed(seed)
+        if isinstance(seed, int):
+            generator = torch.Generator("cpu").manual_seed(seed)
+        else:
+            generator = [torch.Generator("cpu").manual_seed(int(s)) for s in seed]
         cond = self.encode_captions(prompts)
         latents = sample_latents(
             unet,
