@@ -23,7 +23,7 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_resolves(experiment, tmp_path):
-    cfg = compose_config(tmp_path, tmp_path / "run", experiment=experiment)
+    cfg = compose_config(tmp_path, tmp_path / "run", experiment=experiment, tiny=False)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert resolved["model"]["_target_"].startswith("ldm.lightning.")
     assert resolved["trainer"]["max_steps"] > 0
@@ -89,7 +89,7 @@ def test_finetune_from_a_pipeline_directory(tiny_root, tmp_path):
         f"model.text_encoder.path={pipe_dir}",
         "model.ema_decay=null",
     ]
-    second = compose_config(tiny_root, tmp_path / "second", overrides)
+    second = compose_config(tiny_root, tmp_path / "second", overrides, tiny_unet=False)
     from hydra.utils import instantiate
 
     module = instantiate(second.model, _convert_="all")

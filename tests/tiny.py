@@ -11,6 +11,13 @@ from ldm.data.shapes import write_shapes_dataset
 from ldm.models.text_encoders import save_random_hf_clip
 from ldm.models.vae import build_vae
 
+TINY_UNET = [  # a U-Net built from config; a pretrained one brings its own shape
+    "model.unet.sample_size=8",
+    "model.unet.block_out_channels=[16,32]",
+    "model.unet.norm_num_groups=8",
+    "model.unet.attention_head_dim=4",
+    "model.unet.cross_attention_dim=32",
+]
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 TINY = [
@@ -18,11 +25,6 @@ TINY = [
     "data.batch_size=4",
     "data.num_workers=0",
     "data.shuffle_buffer=8",
-    "model.unet.sample_size=8",
-    "model.unet.block_out_channels=[16,32]",
-    "model.unet.norm_num_groups=8",
-    "model.unet.attention_head_dim=4",
-    "model.unet.cross_attention_dim=32",
     "sampling.num_inference_steps=3",
     "trainer.accelerator=cpu",
     "trainer.max_steps=2",
@@ -47,11 +49,14 @@ def make_tiny_root(root: Path) -> Path:
     return root
 
 
-def compose_config(root: Path, run_dir: Path, overrides: list[str] = (), experiment: str = "shapes"):
+def compose_config(
+    root: Path, run_dir: Path, overrides: list[str] = (), experiment: str = "shapes", tiny: bool = True,
+    tiny_unet: bool = True,
+):
     """The real `train.yaml` with `experiment=...`, pointed at ``root`` and shrunk by TINY."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(
             config_name="train",
             overrides=[f"experiment={experiment}", f"paths.data_dir={root}", f"paths.output_dir={run_dir}",
-                       *TINY, *overrides],
+                       *(TINY if tiny else []), *(TINY_UNET if tiny and tiny_unet else []), *overrides],
         )
