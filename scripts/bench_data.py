@@ -10,6 +10,7 @@ batches behind a simulated training step of --step-ms, and prints one summary li
 """
 
 import argparse
+import gc
 import time
 from pathlib import Path
 
@@ -55,6 +56,8 @@ def bench(shards: Path, resolution: int, workers: int, batches: int, batch_size:
             time.sleep(step_s)  # stand-in for the GPU step
     elapsed = time.perf_counter() - start
     rate = images / elapsed
+    del loader  # shut this config's workers down before the next forks its own
+    gc.collect()
     return (f"res={resolution} workers={workers} batch={batch_size} draft={jpeg_draft}: {rate:7.1f} img/s total, "
             f"{rate / max(workers, 1):6.1f} img/s/worker, data wait {1000 * waited / batches:6.1f} ms/batch "
             f"({waited / elapsed:4.0%} of the loop), {images} images in {elapsed:.1f} s")  # fmt: skip

@@ -446,3 +446,13 @@ def test_health_monitor_logs_skips_in_a_lightning_run(tmp_path):
     caught_messages(lambda: trainer.fit(Probe(), datamodule=dm))
     assert trainer.callback_metrics["data/skipped"].item() == 9
     assert trainer.callback_metrics["data/shard_errors"].item() == 3
+
+
+def test_resampled_stream_over_only_broken_shards_raises_instead_of_spinning(tmp_path):
+    write_raw_shard(tmp_path / "000000.tar", [{"__key__": f"bad{i}", "png": b"junk", "txt": "x"} for i in range(3)])
+    write_raw_shard(tmp_path / "000001.tar", [])
+    health = DataHealth(max_bad_fraction=1.0, stall_limit=50)
+    dataset = make_shard_dataset(tmp_path, 8, resampled=True, health=health)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1, collate_fn=collate)
+    with pytest.raises(DataError, match="50 bad samples or shards in a row"):
+        caught_messages(lambda: next(iter(loader)))

@@ -31,17 +31,26 @@ class DataHealth:
     shard_errors: shards that could not be opened, were truncated or held nothing.
     """
 
-    def __init__(self, max_bad_fraction: float = 0.05, min_samples: int = 200):
+    def __init__(self, max_bad_fraction: float = 0.05, min_samples: int = 200, stall_limit: int = 10_000):
         if not 0 <= max_bad_fraction <= 1:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         self.max_bad_fraction = max_bad_fraction
         self.min_samples = min_samples  # below this many read, a fraction says little (checked at pass end)
         self.counts = torch.zeros(_SLOTS, len(FIELDS), dtype=torch.int64).share_memory_()  # (slots, fields)
+        # a worker that reads this many bad samples or shards in a row raises: a resampled stream
+        # over only broken shards would otherwise spin forever without a batch reaching `check`
+        self.stall_limit = stall_limit
+        self._in_a_row = 0  # per process: each worker has its own copy
 
     def add(self, field: str, n: int = 1) -> None:
         info = torch.utils.data.get_worker_info()
         row = 0 if info is None else 1 + info.id % (_SLOTS - 1)
         self.counts[row, FIELDS.index(field)] += n
+        self._in_a_row = 0 if field == "ok" else self._in_a_row + n
+        if self._in_a_row >= self.stall_limit:
+            where = "main process" if info is None else f"dataloader worker {info.id}"
+            raise DataError(f"{where}: {self._in_a_row} bad samples or shards in a row and none valid; "
+                            f"counts {dict(zip(FIELDS, self.counts[row].tolist()))}")  # fmt: skip
 
     def totals(self) -> dict[str, int]:
         return dict(zip(FIELDS, self.counts.sum(0).tolist()))
