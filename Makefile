@@ -1,16 +1,15 @@
 # Two commands on a fresh machine: `make train` (the built-in default run) and `make test`.
 # Both install the locked environment first (uv installs torch + torchvision from PyPI together).
 SHELL := /bin/bash
-UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+# uv itself comes from PyPI when missing (`python3 -m uv` runs it from wherever pip put it).
+UV ?= $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 PY := $(UV) run --frozen python
 DATA := data
 
 .PHONY: train test test-all install shapes text-encoder vae clean-default
 
-$(UV):
-	python3 -m pip install --user --quiet uv || pip install --quiet uv
-
-.venv/.installed: pyproject.toml uv.lock | $(UV)
+.venv/.installed: pyproject.toml uv.lock
+	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --user --quiet uv || python3 -m pip install --quiet uv
 	$(UV) sync --frozen
 	touch $@
 
