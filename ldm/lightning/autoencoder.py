@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import Tensor
 
+from ldm.lightning.optim import configure_optimizers
+
 RECONSTRUCTION_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"l1": F.l1_loss, "l2": F.mse_loss}
 
 
@@ -88,11 +90,7 @@ class AutoencoderModule(pl.LightningModule):
         self.log("val/psnr", psnr(reconstruction, x), batch_size=x.shape[0], sync_dist=True)
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.vae.parameters())
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_optimizers(self.vae.parameters(), self.optimizer_factory, self.lr_scheduler_factory)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:

@@ -35,6 +35,7 @@ from ldm.diffusion import (
 from ldm.diffusion import alpha_bar as alpha_bar_of
 from ldm.diffusion import betas as make_betas
 from ldm.diffusion import rescale_zero_terminal_snr, snr
+from ldm.lightning.optim import configure_optimizers
 from ldm.models.vae import downsample_factor
 
 FROZEN_PREFIXES = ("vae.", "text_encoder.")
@@ -215,11 +216,7 @@ class LatentDiffusion(pl.LightningModule):
             self.ema.update_parameters(self.unet)
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.unet.parameters())
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_optimizers(self.unet.parameters(), self.optimizer_factory, self.lr_scheduler_factory)
 
     # --- frozen parts stay out of checkpoints -------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
