@@ -17,7 +17,7 @@ from torch import nn
 
 from ldm.data.shapes import render, write_shapes_dataset
 from ldm.metrics import inception as inc
-from ldm.metrics.fid import make_fid, real_states, set_real_states, to_uint8
+from ldm.metrics.fid import make_fid, real_states, set_real_states
 from ldm.metrics.generated import rank_share
 from ldm.metrics.reference import cache_path, reference_key, reference_states, shard_images
 
