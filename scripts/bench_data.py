@@ -6,7 +6,7 @@ for every (resolution, workers) pair runs the train loader of ShardDataModule fo
 batches behind a simulated training step of --step-ms, and prints one summary line:
 
     python scripts/bench_data.py --resolution 256 512 --workers 2 --batches 20          # a laptop
-    python scripts/bench_data.py --resolution 512 --workers 12 --batches 200 --step-ms 0  # a 16-core box
+    python scripts/bench_data.py --resolution 512 --workers 12 --batches 200 --pixels uint8 float  # a 16-core box
 """
 
 import argparse
@@ -40,9 +40,9 @@ def synthetic_shards(root: Path, resolution: int, n: int) -> Path:
 
 
 def bench(shards: Path, resolution: int, workers: int, batches: int, batch_size: int, step_s: float,
-          jpeg_draft: bool) -> str:  # fmt: skip
+          jpeg_draft: bool, pixels: str) -> str:  # fmt: skip
     dm = ShardDataModule(str(shards), None, resolution, batch_size, num_workers=workers, shuffle_buffer=256,
-                         samples_per_epoch=10**9, jpeg_draft=jpeg_draft)  # fmt: skip
+                         samples_per_epoch=10**9, jpeg_draft=jpeg_draft, uint8=pixels == "uint8")  # fmt: skip
     loader = iter(dm.train_dataloader())
     for _ in range(max(2, workers)):  # warm-up: start workers, fill their prefetch queues
         next(loader)
@@ -58,7 +58,7 @@ def bench(shards: Path, resolution: int, workers: int, batches: int, batch_size:
     rate = images / elapsed
     del loader  # shut this config's workers down before the next forks its own
     gc.collect()
-    return (f"res={resolution} workers={workers} batch={batch_size} draft={jpeg_draft}: {rate:7.1f} img/s total, "
+    return (f"res={resolution} workers={workers} batch={batch_size} draft={jpeg_draft} pixels={pixels}: {rate:7.1f} img/s total, "
             f"{rate / max(workers, 1):6.1f} img/s/worker, data wait {1000 * waited / batches:6.1f} ms/batch "
             f"({waited / elapsed:4.0%} of the loop), {images} images in {elapsed:.1f} s")  # fmt: skip
 
@@ -74,13 +74,16 @@ def main(argv=None) -> None:
     parser.add_argument("--shard-dir", default="data/bench", help="where synthetic shards are written / reused")
     parser.add_argument("--shards", default=None, help="benchmark these shards instead of synthetic ones")
     parser.add_argument("--no-draft", action="store_true", help="decode JPEGs at full size")
+    parser.add_argument("--pixels", nargs="+", choices=["uint8", "float"], default=["uint8"],
+                        help="what workers deliver: uint8 (the default configs) or float in [-1, 1]")
     args = parser.parse_args(argv)
 
     for resolution in args.resolution:
         shards = Path(args.shards) if args.shards else synthetic_shards(Path(args.shard_dir), resolution, args.images)
         for workers in args.workers:
-            print(bench(shards, resolution, workers, args.batches, args.batch_size, args.step_ms / 1000,
-                        not args.no_draft), flush=True)  # fmt: skip
+            for pixels in args.pixels:
+                print(bench(shards, resolution, workers, args.batches, args.batch_size, args.step_ms / 1000,
+                            not args.no_draft, pixels), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -398,3 +398,16 @@ def test_make_shards_cli(sidecar_folder, tmp_path):
 def test_collate_stacks():
     batch = collate([{"pixel_values": torch.zeros(3, 4, 4), "caption": f"c{i}", "key": str(i)} for i in range(3)])
     assert batch["pixel_values"].shape == (3, 3, 4, 4) and batch["caption"] == ["c0", "c1", "c2"]
+
+
+def test_uint8_pixels_scale_on_the_device_to_the_float_pipeline_values():
+    """uint8 delivery (a quarter of the bytes through workers and to the GPU) gives the same model input."""
+    from ldm.data.transforms import to_model_range
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    as_float = ImageTransform(12, random_flip=False)(image)
+    as_uint8 = ImageTransform(12, random_flip=False, uint8=True)(image)
+    assert as_uint8.dtype == torch.uint8 and as_uint8.shape == (3, 12, 12)
+    assert torch.allclose(to_model_range(as_uint8), as_float, atol=1e-6)
+    assert to_model_range(as_float) is as_float

@@ -136,6 +136,7 @@ class ShardDataModule(pl.LightningDataModule):
         small_images: str = "upscale",
         max_bad_fraction: float = 0.05,
         jpeg_draft: bool = False,
+        uint8: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -152,6 +153,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.small_images = small_images
         self.max_bad_fraction = max_bad_fraction
         self.jpeg_draft = jpeg_draft
+        self.uint8 = uint8
         self.train_health = DataHealth(max_bad_fraction)
         self.val_health = DataHealth(max_bad_fraction)
 
@@ -206,6 +208,7 @@ class ShardDataModule(pl.LightningDataModule):
             resampled=resampled,
             small_images=self.small_images,
             jpeg_draft=self.jpeg_draft,
+            uint8=self.uint8,
             health=self.train_health,
             rank=rank,
             world_size=world_size,
@@ -233,6 +236,7 @@ class ShardDataModule(pl.LightningDataModule):
             shardshuffle=False,
             split_by_node=False,
             small_images=self.small_images,
+            uint8=self.uint8,
             health=self.val_health,
         )
         num_workers = min(self.num_workers, len(expand_urls(self.val_shards)))

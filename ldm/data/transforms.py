@@ -45,10 +45,12 @@ class ImageTransform:
     random square crop, then an optional random horizontal flip. An image whose shorter
     side is below `resolution` is upscaled (`small_images="upscale"`) or refused with
     `ImageTooSmall` (`"skip"`; the reader counts it as too small, not as bad).
+    `uint8=True` stops before the float conversion: (3, R, R) uint8, a quarter of the bytes to
+    collate, pass between processes and copy to the GPU; `to_model_range` finishes it on the device.
     """
 
     def __init__(self, resolution: int, center_crop: bool = True, random_flip: bool = True,
-                 small_images: str = "upscale"):  # fmt: skip
+                 small_images: str = "upscale", uint8: bool = False):  # fmt: skip
         if resolution <= 0:
             raise ValueError(f"resolution must be positive, got {resolution}")
         if small_images not in SMALL_IMAGE_POLICIES:
@@ -66,8 +68,10 @@ class ImageTransform:
                 crop,
                 *flip,
                 v2.PILToTensor(),  # (3, R, R) uint8
-                v2.ToDtype(torch.float32, scale=True),  # [0, 1]
-                v2.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),  # [-1, 1]
+                *([] if uint8 else [
+                    v2.ToDtype(torch.float32, scale=True),  # [0, 1]
+                    v2.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),  # [-1, 1]
+                ]),
                 v2.ToPureTensor(),
             ]
         )
@@ -79,3 +83,11 @@ class ImageTransform:
 
     def __repr__(self) -> str:
         return f"ImageTransform({self.pipeline})"
+
+
+def to_model_range(pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels as the data delivers them -> float in [-1, 1]: uint8 in [0, 255] is scaled (on whatever
+    device it is now, usually the GPU), float is taken as already in [-1, 1]."""
+    if pixels.dtype == torch.uint8:
+        return pixels.float().div_(127.5).sub_(1.0)
+    return pixels

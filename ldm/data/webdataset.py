@@ -385,6 +385,7 @@ def make_shard_dataset(
     resampled: bool = False,
     small_images: str = "upscale",
     jpeg_draft: bool = False,
+    uint8: bool = False,
     health: DataHealth | None = None,
     rank: int | None = None,
     world_size: int | None = None,
@@ -395,7 +396,8 @@ def make_shard_dataset(
     size from env RANK/WORLD_SIZE or torch.distributed, read now, unless given) and dataloader
     workers. `resampled=True` streams forever instead. `shuffle_buffer=0` keeps the order
     within shards; shuffles are seeded by `seed` and change every pass. Skips are counted in
-    `health` (a new DataHealth if None, as `.health` of the result).
+    `health` (a new DataHealth if None, as `.health` of the result). `uint8=True` yields pixels as
+    uint8 in [0, 255] (see `transforms.to_model_range`) instead of float in [-1, 1].
     """
     shard_urls = expand_urls(urls)
     if rank is None or world_size is None:
@@ -405,7 +407,8 @@ def make_shard_dataset(
     if not resampled and len(shard_urls) < world_size:
         raise ValueError(f"{len(shard_urls)} shards cannot feed {world_size} ranks; write more (smaller) shards")
     health = health if health is not None else DataHealth()
-    transform = ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip, small_images=small_images)
+    transform = ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip, small_images=small_images,
+                               uint8=uint8)  # fmt: skip
     stages = [
         ShardList(shard_urls, rank, world_size, shuffle=shardshuffle, seed=seed, resampled=resampled),
         ReadShards(health, expected_counts=shard_counts(shard_urls)),

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import Tensor
 
+from ldm.data.transforms import to_model_range
 from ldm.lightning.optim import configure_optimizers
 
 RECONSTRUCTION_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"l1": F.l1_loss, "l2": F.mse_loss}
@@ -39,7 +40,7 @@ def latent_scaling_factor(vae: AutoencoderKL, batches: Iterable[dict], max_batch
     for i, batch in enumerate(batches):
         if i >= max_batches:
             break
-        x = batch["pixel_values"].to(vae.device, vae.dtype)
+        x = to_model_range(batch["pixel_values"].to(vae.device)).to(vae.dtype)
         samples.append(vae.encode(x).latent_dist.sample().float().flatten())
     if not samples:
         raise ValueError("latent_scaling_factor: the data loader yielded no batches")
@@ -72,7 +73,7 @@ class AutoencoderModule(pl.LightningModule):
         return self.vae.decode(posterior.sample()).sample, posterior  # (B, 3, H, W)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        x = batch["pixel_values"]  # (B, 3, H, W) in [-1, 1]
+        x = to_model_range(batch["pixel_values"])  # (B, 3, H, W) in [-1, 1]
         reconstruction, posterior = self(x)
         rec = self.reconstruction(reconstruction.float(), x.float())
         kl = posterior.kl().mean() / x[0].numel()  # per pixel, like the reconstruction term
@@ -85,7 +86,7 @@ class AutoencoderModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        x = batch["pixel_values"]
+        x = to_model_range(batch["pixel_values"])
         reconstruction, _ = self(x)
         self.log("val/psnr", psnr(reconstruction, x), batch_size=x.shape[0], sync_dist=True)
 

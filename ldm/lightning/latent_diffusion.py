@@ -35,6 +35,7 @@ from ldm.diffusion import (
 from ldm.diffusion import alpha_bar as alpha_bar_of
 from ldm.diffusion import betas as make_betas
 from ldm.diffusion import rescale_zero_terminal_snr, snr
+from ldm.data.transforms import to_model_range
 from ldm.lightning.optim import configure_optimizers
 from ldm.models.vae import downsample_factor
 
@@ -142,8 +143,8 @@ class LatentDiffusion(pl.LightningModule):
 
     @torch.no_grad()
     def encode_images(self, pixel_values: Tensor) -> Tensor:
-        """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f), sampled from the posterior."""
-        posterior = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
+        """(B, 3, H, W) in [-1, 1] (or uint8) -> scaled latents (B, C, H/f, W/f), sampled from the posterior."""
+        posterior = self.vae.encode(to_model_range(pixel_values).to(self.vae.dtype)).latent_dist
         latents = posterior.sample()
         shift = self.vae.config.shift_factor or 0.0
         return ((latents - shift) * self.vae.config.scaling_factor).float()
