@@ -48,9 +48,8 @@ def _cat(batches: list[dict]) -> dict:
     if len(batches) == 1:
         return batches[0]
     return {
-        "pixel_values": torch.cat([b["pixel_values"] for b in batches]),
-        "caption": [c for b in batches for c in b["caption"]],
-        "key": [k for b in batches for k in b["key"]],
+        name: torch.cat([b[name] for b in batches]) if torch.is_tensor(first) else [x for b in batches for x in b[name]]
+        for name, first in batches[0].items()
     }
 
 
@@ -165,7 +164,7 @@ class ShardDataModule(pl.LightningDataModule):
     def _loader(self, dataset, num_workers: int) -> wds.WebLoader:
         """Workers collate their own batches (the last of a pass may be short); EpochLoader re-cuts them."""
         return wds.WebLoader(
-            dataset.compose(wds.batched(self.batch_size, collation_fn=collate, partial=True)),
+            dataset.compose(wds.batched(self.batch_size, collation_fn=self.collate, partial=True)),
             batch_size=None,
             num_workers=num_workers,
             persistent_workers=num_workers > 0,
@@ -184,21 +183,11 @@ class ShardDataModule(pl.LightningDataModule):
                     counts[url] = len({os.path.basename(n).split(".", 1)[0] for n in tar.getnames() if "." in n})
         return [sum(counts[url] for url in urls[rank::world_size]) for rank in range(world_size)]
 
-    def train_dataloader(self) -> EpochLoader:
-        urls = expand_urls(self.train_shards)
-        rank, world_size = self._rank_and_world_size()
-        resampled = self.samples_per_epoch is not None
-        num_workers = self.num_workers
-        if not resampled:
-            if len(urls) < world_size:
-                raise ValueError(f"{self.train_shards}: {len(urls)} shards cannot feed {world_size} ranks; "
-                                 f"write more (smaller) shards or set data.samples_per_epoch")  # fmt: skip
-            fewest = len(urls) // world_size  # shards of the rank with the fewest
-            if num_workers > fewest:
-                warnings.warn(f"{self.train_shards}: {len(urls)} shards over {world_size} ranks leave some of "
-                              f"{num_workers} workers without a shard; using {fewest} workers")  # fmt: skip
-                num_workers = fewest
-        dataset = make_shard_dataset(
+    collate = staticmethod(collate)  # samples -> batch (workers collate; subclasses with other samples replace it)
+
+    def train_dataset(self, urls: list[str], resampled: bool, rank: int, world_size: int):
+        """The training pipeline of one rank (a subclass reading other shards overrides this)."""
+        return make_shard_dataset(
             urls,
             self.resolution,
             center_crop=self.center_crop,
@@ -213,6 +202,22 @@ class ShardDataModule(pl.LightningDataModule):
             rank=rank,
             world_size=world_size,
         )
+
+    def train_dataloader(self) -> EpochLoader:
+        urls = expand_urls(self.train_shards)
+        rank, world_size = self._rank_and_world_size()
+        resampled = self.samples_per_epoch is not None
+        num_workers = self.num_workers
+        if not resampled:
+            if len(urls) < world_size:
+                raise ValueError(f"{self.train_shards}: {len(urls)} shards cannot feed {world_size} ranks; "
+                                 f"write more (smaller) shards or set data.samples_per_epoch")  # fmt: skip
+            fewest = len(urls) // world_size  # shards of the rank with the fewest
+            if num_workers > fewest:
+                warnings.warn(f"{self.train_shards}: {len(urls)} shards over {world_size} ranks leave some of "
+                              f"{num_workers} workers without a shard; using {fewest} workers")  # fmt: skip
+                num_workers = fewest
+        dataset = self.train_dataset(urls, resampled, rank, world_size)
         if resampled:
             batches = self.samples_per_epoch // (self.batch_size * world_size)
             if batches == 0:

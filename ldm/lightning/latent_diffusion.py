@@ -8,6 +8,15 @@ U-Net (and its EMA copy) trains and is saved.
                              optimizer=functools.partial(torch.optim.AdamW, lr=1e-4))
     trainer.fit(module, datamodule)
     images = module.generate(["a red circle"], seed=0)     # (1, 3, H, W) in [0, 1]
+
+A frozen part may be given as a factory (Hydra `_partial_: true`) instead of a module: it is then built on
+first use. Training on cached latents (`data=latents`, batches with "latent_mean") never uses them, so a
+run only loads them when it samples, evaluates or exports.
+
+Speed options (all off by default, harmless on CPU): `channels_last`, `compile` (torch.compile of the
+U-Net in place; True or a dict of torch.compile options such as {"mode": "max-autotune-no-cudagraphs"}),
+`gradient_checkpointing`. Attention goes through PyTorch's scaled_dot_product_attention (diffusers'
+default processor), which picks the flash kernel under bf16 on the GPU.
 """
 
 from __future__ import annotations
@@ -88,11 +97,23 @@ class LatentDiffusion(pl.LightningModule):
         ema_decay: float | None = None,
         checkpoint_frozen: bool = False,
         text_cache_size: int = 0,
+        channels_last: bool = False,
+        compile: bool | Mapping[str, Any] = False,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
         self.unet = unet
-        self.vae = vae
-        self.text_encoder = text_encoder
+        # Frozen parts given as factories are built on first use (see __getattr__).
+        self._frozen_factories: dict[str, Callable[[], torch.nn.Module]] = {}
+        for name, part in (("vae", vae), ("text_encoder", text_encoder)):
+            if isinstance(part, torch.nn.Module):
+                setattr(self, name, part)
+            else:
+                self._frozen_factories[name] = part
+        self.channels_last = channels_last
+        self.compile_options = ({} if compile is True else dict(compile)) if compile else None
+        if gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
         diffusion = dict(diffusion or {})
         self.prediction_type = diffusion.get("prediction_type", "epsilon")
         self.cfg_dropout = float(diffusion.get("cfg_dropout", 0.1))
@@ -125,11 +146,32 @@ class LatentDiffusion(pl.LightningModule):
         self.text_cache_size = text_cache_size
         self._text_cache: OrderedDict[str, Tensor] = OrderedDict()
 
-        if unet.config.cross_attention_dim != text_encoder.hidden_size:
-            raise ValueError(
-                f"model.unet.cross_attention_dim={unet.config.cross_attention_dim} does not match the text "
-                f"encoder's hidden size {text_encoder.hidden_size}"
-            )
+        if isinstance(text_encoder, torch.nn.Module):
+            self._check_text_width(text_encoder.hidden_size, "the text encoder's hidden size")
+
+    def _check_text_width(self, width: int, what: str) -> None:
+        if self.unet.config.cross_attention_dim != width:
+            raise ValueError(f"model.unet.cross_attention_dim={self.unet.config.cross_attention_dim} does not "
+                             f"match {what} {width}")  # fmt: skip
+
+    def __getattr__(self, name: str):
+        # Reached only when normal lookup fails: a frozen part not built yet. Build it, frozen, on this device.
+        factories = self.__dict__.get("_frozen_factories", {})
+        if name in factories:
+            part = factories.pop(name)().to(self.device)
+            if name == "text_encoder":
+                self._check_text_width(part.hidden_size, "the text encoder's hidden size")
+            self.add_module(name, part)
+            return part
+        return super().__getattr__(name)
+
+    def configure_model(self) -> None:
+        """Speed options, applied once the module is on its device (Lightning calls this before the optimizer)."""
+        if self.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        if self.compile_options is not None and not getattr(self, "_compiled", False):
+            self.unet.compile(**self.compile_options)  # in place: parameter names (and checkpoints) unchanged
+            self._compiled = True
 
     # --- frozen encoders -------------------------------------------------------------------
     @property
@@ -175,10 +217,19 @@ class LatentDiffusion(pl.LightningModule):
         return hidden
 
     def empty_hidden(self) -> Tensor:
-        """The empty caption's hidden states (1, L, D), encoded once by the same frozen text encoder."""
-        if self._empty_hidden is None or self._empty_hidden.device != self.device:
+        """The empty caption's hidden states (1, L, D), encoded once by the same frozen text encoder
+        (or, training on cached latents, the encoding cached with them)."""
+        if self._empty_hidden is None:
             self._empty_hidden = self.encode_captions([""])
+        if self._empty_hidden.device != self.device:
+            self._empty_hidden = self._empty_hidden.to(self.device)
         return self._empty_hidden
+
+    def on_fit_start(self) -> None:
+        cached = getattr(self.trainer.datamodule, "empty_hidden", None)  # LatentShardDataModule
+        if cached is not None:
+            self._check_text_width(cached.shape[-1], "the cached text encodings' width")
+            self._empty_hidden = cached.float().to(self.device)
 
     def condition(self, captions: Sequence[str], drop: Tensor | None = None) -> Tensor:
         """Text conditioning (B, L, D); rows where ``drop`` is set get the empty caption instead."""
@@ -191,23 +242,42 @@ class LatentDiffusion(pl.LightningModule):
     def diffusion_step(self, latents: Tensor, cond: Tensor) -> Tensor:
         """One denoising loss on latents (B, C, h, w) with conditioning (B, L, D)."""
         b = latents.shape[0]
-        noise = offset_noise(torch.randn_like(latents), self.offset_noise)
+        # randn of the shape, not randn_like: the same noise whatever the memory format (channels_last)
+        noise = offset_noise(torch.randn(latents.shape, device=latents.device), self.offset_noise)
         t = sample_timesteps(b, self.scheduler_config["num_train_timesteps"], device=latents.device)
         ab = self.alpha_bar[t]  # (B,)
         x_t = add_noise(latents, noise, ab)
+        if self.channels_last:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
         model_output = self.unet(x_t, t, encoder_hidden_states=cond).sample
         weight = min_snr_weight(snr(ab), self.min_snr_gamma, self.prediction_type)
         return diffusion_loss(model_output, target(self.prediction_type, latents, noise, ab), weight)
 
-    def training_condition(self, captions: Sequence[str]) -> Tensor:
+    def training_condition(self, captions: Sequence[str], hidden: Tensor | None = None) -> Tensor:
         """Conditioning for training: each caption is replaced by the empty one with probability
         `diffusion.cfg_dropout` (classifier-free guidance training, Ho & Salimans 2022). The one place
-        where caption dropout happens."""
-        return self.condition(captions, drop_mask(len(captions), self.cfg_dropout, self.device))
+        where caption dropout happens. ``hidden``: the captions' encodings when cached (B, L, D)."""
+        drop = drop_mask(len(captions), self.cfg_dropout, self.device)
+        if hidden is None:
+            return self.condition(captions, drop)
+        return torch.where(drop[:, None, None], self.empty_hidden().to(hidden.dtype), hidden)
+
+    @staticmethod
+    def cached_latents(batch: dict) -> Tensor:
+        """A draw from the cached (already scaled) posterior: mean + std * eps, (B, C, h, w) float32."""
+        mean, std = batch["latent_mean"].float(), batch["latent_std"].float()
+        return mean + std * torch.randn_like(mean)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        latents = self.encode_images(batch["pixel_values"])  # (B, C, h, w)
-        cond = self.training_condition(batch["caption"])  # (B, L, D)
+        if "latent_mean" in batch:  # cached latents and text encodings: no frozen encoder runs
+            latents = self.cached_latents(batch)  # (B, C, h, w)
+            if latents.shape[1:] != self.latent_shape:
+                raise ValueError(f"cached latents are {tuple(latents.shape[1:])} but the U-Net takes "
+                                 f"{self.latent_shape}: precompute them at the training resolution")  # fmt: skip
+            cond = self.training_condition(batch["caption"], batch["text_hidden"].float())  # (B, L, D)
+        else:
+            latents = self.encode_images(batch["pixel_values"])  # (B, C, h, w)
+            cond = self.training_condition(batch["caption"])  # (B, L, D)
         loss = self.diffusion_step(latents, cond)
         self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
         return loss

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -17,8 +19,22 @@ def configure_optimizers(
     optimizer: Callable[..., torch.optim.Optimizer],
     lr_scheduler: Callable[..., Any] | None = None,
 ):
-    """What Lightning's `configure_optimizers` returns: the optimizer, with its scheduler stepped every step."""
-    opt = optimizer(params)
+    """What Lightning's `configure_optimizers` returns: the optimizer, with its scheduler stepped every step.
+
+    An optimizer that takes `fused` (AdamW, Adam, SGD) and was given `fused=None` gets the fused kernel
+    when all parameters are on a GPU, and PyTorch's default (foreach) elsewhere."""
+    params = list(params)
+    opt = _with_fused_default(optimizer, params)(params)
     if lr_scheduler is None:
         return opt
     return {"optimizer": opt, "lr_scheduler": {"scheduler": lr_scheduler(optimizer=opt), "interval": "step"}}
+
+
+def _with_fused_default(optimizer: Callable[..., Any], params: list[torch.nn.Parameter]) -> Callable[..., Any]:
+    if not isinstance(optimizer, functools.partial) or optimizer.keywords.get("fused", False) is not None:
+        return optimizer
+    keywords = dict(optimizer.keywords)
+    del keywords["fused"]
+    if params and all(p.is_cuda for p in params) and "fused" in inspect.signature(optimizer.func).parameters:
+        keywords["fused"] = True
+    return functools.partial(optimizer.func, *optimizer.args, **keywords)

@@ -1,0 +1,63 @@
+"""Encode image shards once with the frozen VAE and text encoder of a training config -> latent shards.
+
+The VAE, text encoder, image shards and resolution are those the same Hydra overrides give `ldm.train`,
+so the cached latents match what on-the-fly training would compute (see ldm/data/latents.py):
+
+    python scripts/precompute_latents.py data/shapes-latents experiment=shapes          # CPU, seconds
+    python scripts/precompute_latents.py /data/laion-latents --device cuda --batch-size 64 \\
+        data=shards data.train_shards='/data/laion/{000000..000999}.tar' data.resolution=512 \\
+        model/vae=pretrained model.vae.path=stabilityai/sd-vae-ft-mse model.vae.subfolder=null
+    python -m ldm.train experiment=shapes data=latents data.train_shards=data/shapes-latents \\
+        data.val_shards=data/shapes/val
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from ldm.data.latents import precompute_latents
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", help="where the latent shards, latents.json and empty_text.npy go")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/train.yaml, as for ldm.train")
+    parser.add_argument("--split", choices=["train", "val"], default="train", help="which shards of the data config")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--no-flip", action="store_true", help="do not also encode the flipped image")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=args.overrides)
+    shards = cfg.data.train_shards if args.split == "train" else cfg.data.val_shards
+    vae = instantiate(cfg.model.vae).to(args.device)
+    text_encoder = instantiate(cfg.model.text_encoder).to(args.device)
+    manifest = precompute_latents(
+        shards,
+        args.out_dir,
+        vae,
+        text_encoder,
+        resolution=cfg.data.resolution,
+        batch_size=args.batch_size,
+        flip=not args.no_flip,
+        samples_per_shard=args.samples_per_shard,
+        num_workers=args.num_workers,
+        source={"vae": OmegaConf.to_container(cfg.model.vae, resolve=True),
+                "text_encoder": OmegaConf.to_container(cfg.model.text_encoder, resolve=True)},
+    )
+    print(f"{manifest['total']} samples in {len(manifest['shards'])} shards -> {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()
