@@ -5,11 +5,13 @@ Each is a few dozen lines and knows one thing; the train entry point lists them 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 
@@ -51,6 +53,51 @@ class Throughput(pl.Callback):
 
     def load_state_dict(self, state_dict):
         self.images_seen = state_dict["images_seen"]
+
+
+class StepTimer(pl.Callback):
+    """Times training steps after `warmup` of them (compilation, autotuning, loader start-up): writes
+    {"images_per_sec", "step_seconds", "steps", "batch_size", "peak_memory_gib", "world_size"} as JSON to `out`
+    (rank 0) and logs `bench/images_per_sec`. GPU work is synchronised only at the window's two ends."""
+
+    def __init__(self, warmup: int = 10, out: str | None = None):
+        self.warmup, self.out = warmup, out
+        self._t0 = None
+        self._steps = self._images = 0
+
+    @staticmethod
+    def _sync(pl_module) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.warmup and self._t0 is None:
+            self._sync(pl_module)
+            if pl_module.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(pl_module.device)
+            self._t0 = time.perf_counter()
+        if self._t0 is not None:
+            self._steps += 1
+            self._images += _batch_size(batch) * trainer.world_size
+
+    def on_train_end(self, trainer, pl_module):
+        if self._t0 is None or not self._steps:
+            raise RuntimeError(f"StepTimer: no step after the {self.warmup} warm-up steps; raise trainer.max_steps")
+        self._sync(pl_module)
+        elapsed = time.perf_counter() - self._t0
+        result = {
+            "images_per_sec": self._images / elapsed,
+            "step_seconds": elapsed / self._steps,
+            "steps": self._steps,
+            "batch_size": self._images // (self._steps * trainer.world_size),
+            "world_size": trainer.world_size,
+            "peak_memory_gib": torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+            if pl_module.device.type == "cuda" else None,
+        }  # fmt: skip
+        rank_zero_info(f"StepTimer: {result}")
+        if self.out and trainer.is_global_zero:
+            Path(self.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.out).write_text(json.dumps(result))
 
 
 class SampleGrid(pl.Callback):

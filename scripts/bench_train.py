@@ -1,0 +1,245 @@
+"""Training throughput of a Stable-Diffusion-1.5-shaped model through the real `ldm.train` (LightningModule,
+Trainer, data modules), against a diffusers-example-style step measured in the same call.
+
+Builds (once, under --work) a random SD-1.5-shaped VAE and CLIP-L-shaped text encoder saved in diffusers /
+transformers format, synthetic JPEG shards and their cached latents; then for each resolution runs
+`python -m ldm.train` with cached latents and with on-the-fly encoding (bf16, channels_last, torch.compile,
+fused AdamW, EMA on), timed by the StepTimer callback after warm-up, plus the baseline. Prints one line per
+run: img/s, step time, peak memory, MFU (U-Net forward+backward FLOPs per image, torch's FLOP counter, over
+the GPU's dense bf16 peak), and the ratio to the baseline.
+
+    python scripts/bench_train.py --resolution 512 256 --batch-size 32 128      # one GPU
+    python scripts/bench_train.py --resolution 32 --batch-size 2 --steps 2 --warmup 1 --tiny   # a CPU smoke run
+    python scripts/bench_train.py --resolution 512 --batch-size 32 --devices 2 --runs cached   # DDP scaling
+
+The baseline is what diffusers' examples/text_to_image/train_text_to_image.py does per step with
+--mixed_precision bf16: VAE and CLIP in bf16 every step, fp32 U-Net under bf16 autocast, eager, foreach
+AdamW, gradient clipping; it is fed GPU-resident batches (no data loading), so its figure is an upper bound
+and the ratio a lower bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SD15_VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32, sample_size=512,
+                scaling_factor=0.18215)  # fmt: skip
+CLIP_L = dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072)
+TINY_VAE = dict(block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=4, sample_size=32)
+TINY_CLIP = dict(hidden_size=32, num_layers=1, num_heads=2)
+TINY_UNET = ["model.unet.block_out_channels=[32,32,32,32]", "+model.unet.norm_num_groups=8",
+             "model.unet.attention_head_dim=2", "model.unet.cross_attention_dim=32", "model.unet.layers_per_block=1"]  # fmt: skip
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense, SXM
+
+
+def setup(work: Path, resolutions: list[int], images: int, tiny: bool) -> None:
+    """Models, image shards and latent shards under `work` (kept between calls)."""
+    from ldm.data.latents import precompute_latents
+    from ldm.data.synthetic import synthetic_shards
+    from ldm.models.text_encoders import hf_clip_text_encoder, save_random_hf_clip
+    from ldm.models.vae import build_vae, load_vae
+
+    models = work / "models"
+    if not (models / "vae" / "config.json").exists():
+        build_vae(**(TINY_VAE if tiny else SD15_VAE)).save_pretrained(models / "vae")
+    if not (models / "clip" / "text_encoder" / "config.json").exists():
+        save_random_hf_clip(models / "clip", **(TINY_CLIP if tiny else CLIP_L))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for r in resolutions:
+        shards = synthetic_shards(work, r, images)
+        if not (work / f"latents{r}" / "latents.json").exists():
+            t0 = time.perf_counter()
+            vae = load_vae(str(models / "vae"), subfolder=None).to(device)
+            text_encoder = hf_clip_text_encoder(str(models / "clip")).to(device)
+            precompute_latents(shards, work / f"latents{r}", vae, text_encoder, resolution=r, batch_size=32,
+                               samples_per_shard=max(1, images // 32), num_workers=8, progress=False)  # fmt: skip
+            print(f"# precomputed {images} latents at {r} px in {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def unet_flops(resolution: int, tiny: bool) -> float:
+    """Forward + backward FLOPs of the U-Net per image (torch.utils.flop_counter), batch 1."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ldm.models.unet import build_unet
+
+    unet = build_unet(**unet_config(resolution, tiny))
+    x = torch.randn(1, 4, resolution // 8, resolution // 8)
+    cond = torch.randn(1, 77, unet.config.cross_attention_dim)
+    with FlopCounterMode(display=False) as counter:
+        unet(x, torch.tensor([500]), encoder_hidden_states=cond).sample.square().mean().backward()
+    return counter.get_total_flops()
+
+
+def unet_config(resolution: int, tiny: bool) -> dict:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["model/unet=sd15", f"model.unet.sample_size={resolution // 8}",
+                                                      *(TINY_UNET if tiny else [])])  # fmt: skip
+    config = OmegaConf.to_container(cfg.model.unet, resolve=True)
+    config.pop("_target_")
+    return config
+
+
+def ldm_train(work: Path, resolution: int, batch: int, mode: str, steps: int, warmup: int, workers: int,
+              devices: int, tiny: bool, compile_: bool, extra: list[str]) -> dict:  # fmt: skip
+    """One timed run of `python -m ldm.train`; returns StepTimer's JSON."""
+    out = work / "results" / f"{mode}{resolution}-b{batch}-d{devices}-{int(time.time())}.json"
+    gpu = torch.cuda.is_available()
+    data = (["data=latents", f"data.train_shards={work}/latents{resolution}"] if mode == "cached"
+            else ["data=shards", f"data.train_shards={work}/photos{resolution}", f"data.resolution={resolution}"])  # fmt: skip
+    overrides = [
+        *data, f"data.batch_size={batch}", f"data.num_workers={workers}", "data.samples_per_epoch=100000000",
+        "data.val_shards=null", "model/unet=sd15", f"model.unet.sample_size={resolution // 8}", *(TINY_UNET if tiny else []),
+        f"model.vae.path={work}/models/vae", "model.vae.subfolder=null", f"model.text_encoder.path={work}/models/clip",
+        f"model.compile={compile_}", f"model.channels_last={gpu}",
+        f"trainer.precision={'bf16-mixed' if gpu else '32-true'}", f"trainer.devices={devices}",
+        f"trainer.max_steps={warmup + steps}", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+        "trainer.log_every_n_steps=1000000", "logger=none", "~callbacks.fid", "~callbacks.sample_grid", "~callbacks.export",
+        "~callbacks.checkpoint", "~callbacks.data_health",
+        "+callbacks.timer._target_=ldm.lightning.callbacks.StepTimer", f"+callbacks.timer.warmup={warmup}",
+        f"+callbacks.timer.out={out}", f"hydra.run.dir={work}/runs/{out.stem}", f"name=bench-{mode}{resolution}",
+        *(["trainer.strategy=ddp"] if devices > 1 else []), *extra,
+    ]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "ldm.train", *overrides], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0 or not out.exists():
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
+        return {"error": f"exit {proc.returncode}:\n{tail}"}
+    return json.loads(out.read_text())
+
+
+def baseline(work: Path, resolution: int, batch: int, steps: int, warmup: int, tiny: bool) -> dict:
+    """The diffusers example script's step (see the module docstring), on GPU-resident batches."""
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+
+    from ldm.models.text_encoders import hf_clip_text_encoder
+    from ldm.models.unet import build_unet
+    from ldm.models.vae import load_vae
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    vae = load_vae(str(work / "models" / "vae"), subfolder=None).to(device, dtype)
+    text = hf_clip_text_encoder(str(work / "models" / "clip"))
+    text_model, tokenizer = text.text_encoder.to(device, dtype), text.tokenizer
+    unet = build_unet(**unet_config(resolution, tiny)).to(device).train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    pixels = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
+    ids = tokenizer([f"synthetic photo {i}" for i in range(batch)], padding="max_length", truncation=True,
+                    max_length=tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)  # fmt: skip
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            latents = vae.encode(pixels.to(dtype)).latent_dist.sample() * vae.config.scaling_factor
+            hidden = text_model(ids, return_dict=False)[0]
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, 1000, (batch,), device=device)
+            noisy = scheduler.add_noise(latents, noise, t)
+            pred = unet(noisy, t, hidden, return_dict=False)[0]
+            loss = F.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    elapsed = time.perf_counter() - t0
+    return {"images_per_sec": batch * steps / elapsed, "step_seconds": elapsed / steps, "steps": steps,
+            "batch_size": batch, "world_size": 1,
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}  # fmt: skip
+
+
+def peak_tflops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def line(name: str, r: dict, flops: float, peak: float | None, base: float | None) -> str:
+    if "error" in r:
+        return f"{name:<34} FAILED {r['error']}"
+    ips = r["images_per_sec"]
+    mem = f"{r['peak_memory_gib']:5.1f} GiB" if r.get("peak_memory_gib") is not None else "   - GiB"
+    per_gpu = ips / r["world_size"]
+    mfu = f"{per_gpu * flops / (peak * 1e12):5.1%}" if peak else "  -  "
+    ratio = f"{ips / base:5.2f}x" if base else "  -  "
+    return (f"{name:<34} {ips:8.1f} img/s ({per_gpu:7.1f}/GPU)  {1000 * r['step_seconds']:7.1f} ms/step  batch "
+            f"{r['batch_size']:>3}x{r['world_size']}  peak {mem}  MFU {mfu}  vs baseline {ratio}")  # fmt: skip
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--resolution", type=int, nargs="+", default=[512, 256])
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[32, 128], help="one per resolution")
+    parser.add_argument("--baseline-batch-size", type=int, nargs="+", default=None,
+                        help="one per resolution (default: as --batch-size)")
+    parser.add_argument("--runs", nargs="+", default=["cached", "onthefly", "baseline"],
+                        choices=["cached", "onthefly", "baseline", "eager"])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=8, help="dataloader workers per GPU")
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--images", type=int, default=1024, help="synthetic images per resolution")
+    parser.add_argument("--work", default="data/bench_train", help="models, shards, results (kept)")
+    parser.add_argument("--tiny", action="store_true", help="tiny models (CPU smoke test of the script)")
+    parser.add_argument("--extra", nargs="*", default=[], help="more ldm.train overrides for our runs")
+    parser.add_argument("--baseline-only", nargs=3, type=int, metavar=("RES", "BATCH", "STEPS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    work = Path(args.work).resolve()
+
+    if args.baseline_only:  # the child process of a baseline run
+        r, b, s = args.baseline_only
+        print(json.dumps(baseline(work, r, b, s, args.warmup, args.tiny)))
+        return
+
+    setup(work, args.resolution, args.images, args.tiny)
+    peak = peak_tflops()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"# {device}, torch {torch.__version__}, peak bf16 {peak} TFLOP/s; steps {args.steps} after {args.warmup} "
+          f"warm-up; {args.workers} workers/GPU", flush=True)  # fmt: skip
+    base_batches = args.baseline_batch_size or args.batch_size
+    for resolution, batch, base_batch in zip(args.resolution, args.batch_size, base_batches):
+        flops = unet_flops(resolution, args.tiny)
+        print(f"# {resolution} px: U-Net forward+backward {flops / 1e12:.3f} TFLOP/image", flush=True)
+        base = None
+        if "baseline" in args.runs:
+            proc = subprocess.run([sys.executable, __file__, "--work", str(work), "--warmup", str(min(args.warmup, 5)),
+                                   *(["--tiny"] if args.tiny else []), "--baseline-only", str(resolution),
+                                   str(base_batch), str(args.steps)], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+            result = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0
+                      else {"error": proc.stderr[-2000:]})  # fmt: skip
+            base = result.get("images_per_sec")
+            print(line(f"{resolution}px diffusers-style baseline", result, flops, peak, base), flush=True)
+        for mode in [m for m in args.runs if m != "baseline"]:
+            data_mode = "cached" if mode == "eager" else mode
+            compile_ = mode != "eager" and torch.cuda.is_available()
+            result = ldm_train(work, resolution, batch, data_mode, args.steps, args.warmup, args.workers, args.devices,
+                               args.tiny, compile_, args.extra)  # fmt: skip
+            name = {"cached": "ldm cached latents", "onthefly": "ldm on-the-fly encode", "eager": "ldm cached, eager"}[mode]
+            print(line(f"{resolution}px {name}", result, flops, peak, base), flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
