@@ -71,11 +71,12 @@ def unet_flops(resolution: int, tiny: bool) -> float:
 
     from ldm.models.unet import build_unet
 
-    unet = build_unet(**unet_config(resolution, tiny))
-    x = torch.randn(1, 4, resolution // 8, resolution // 8)
-    cond = torch.randn(1, 77, unet.config.cross_attention_dim)
-    with FlopCounterMode(display=False) as counter:
-        unet(x, torch.tensor([500]), encoder_hidden_states=cond).sample.square().mean().backward()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on CUDA the flash-attention FLOPs are counted too
+    unet = build_unet(**unet_config(resolution, tiny)).to(device)
+    x = torch.randn(1, 4, resolution // 8, resolution // 8, device=device)
+    cond = torch.randn(1, 77, unet.config.cross_attention_dim, device=device)
+    with FlopCounterMode(display=False) as counter, torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
+        unet(x, torch.tensor([500], device=device), encoder_hidden_states=cond).sample.float().square().mean().backward()
     return counter.get_total_flops()
 
 

@@ -286,6 +286,17 @@ class LatentDiffusion(pl.LightningModule):
         if self.ema is not None:
             self.ema.update_parameters(self.unet)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning's mixed-precision plugin refuses to clip for a fused optimizer, because with fp16 such an
+        # optimizer unscales the gradients itself. Under bf16 and fp32 nothing is scaled: clip here.
+        if not gradient_clip_val or "16-mixed" == str(self.trainer.precision):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
     def configure_optimizers(self):
         return configure_optimizers(self.unet.parameters(), self.optimizer_factory, self.lr_scheduler_factory)
 
