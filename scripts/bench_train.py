@@ -93,7 +93,7 @@ def unet_config(resolution: int, tiny: bool) -> dict:
 
 
 def ldm_train(work: Path, resolution: int, batch: int, mode: str, steps: int, warmup: int, workers: int,
-              devices: int, tiny: bool, compile_: bool, extra: list[str]) -> dict:  # fmt: skip
+              devices: int, tiny: bool, compile_: bool, extra: list[str], log_dir: str | None = None) -> dict:  # fmt: skip
     """One timed run of `python -m ldm.train`; returns StepTimer's JSON."""
     out = work / "results" / f"{mode}{resolution}-b{batch}-d{devices}-{int(time.time())}.json"
     gpu = torch.cuda.is_available()
@@ -103,7 +103,7 @@ def ldm_train(work: Path, resolution: int, batch: int, mode: str, steps: int, wa
         *data, f"data.batch_size={batch}", f"data.num_workers={workers}", "data.samples_per_epoch=100000000",
         "data.val_shards=null", "model/unet=sd15", f"model.unet.sample_size={resolution // 8}", *(TINY_UNET if tiny else []),
         f"model.vae.path={work}/models/vae", "model.vae.subfolder=null", f"model.text_encoder.path={work}/models/clip",
-        f"model.compile={compile_}", f"model.channels_last={gpu}",
+        f"model.compile={compile_}",
         f"trainer.precision={'bf16-mixed' if gpu else '32-true'}", f"trainer.devices={devices}",
         f"trainer.max_steps={warmup + steps}", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
         "trainer.log_every_n_steps=1000000", "logger=none", "~callbacks.fid", "~callbacks.sample_grid", "~callbacks.export",
@@ -112,10 +112,16 @@ def ldm_train(work: Path, resolution: int, batch: int, mode: str, steps: int, wa
         f"+callbacks.timer.out={out}", f"hydra.run.dir={work}/runs/{out.stem}", f"name=bench-{mode}{resolution}",
         *(["trainer.strategy=ddp"] if devices > 1 else []), *extra,
     ]  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "ldm.train", *overrides], cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0 or not out.exists():
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
-        return {"error": f"exit {proc.returncode}:\n{tail}"}
+    log = (Path(log_dir) if log_dir else out.parent) / f"{out.stem}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:  # streamed, so a run cut off by a time limit still shows how far it got
+        code = subprocess.run([sys.executable, "-m", "ldm.train", *overrides], cwd=ROOT, stdout=f,
+                              stderr=subprocess.STDOUT).returncode  # fmt: skip
+    if code != 0 or not out.exists():
+        tail = "\n".join(log.read_text().splitlines()[-25:])
+        return {"error": f"exit {code}:\n{tail}"}
+    print(f"# {out.stem}: {time.perf_counter() - t0:.0f} s in all (start-up, compilation, warm-up, timed steps)")
     return json.loads(out.read_text())
 
 
@@ -205,6 +211,7 @@ def main(argv=None) -> None:
     parser.add_argument("--work", default="data/bench_train", help="models, shards, results (kept)")
     parser.add_argument("--tiny", action="store_true", help="tiny models (CPU smoke test of the script)")
     parser.add_argument("--extra", nargs="*", default=[], help="more ldm.train overrides for our runs")
+    parser.add_argument("--log-dir", default=None, help="where each run's log is streamed (default: --work/results)")
     parser.add_argument("--baseline-only", nargs=3, type=int, metavar=("RES", "BATCH", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     work = Path(args.work).resolve()
@@ -236,7 +243,7 @@ def main(argv=None) -> None:
             data_mode = "cached" if mode == "eager" else mode
             compile_ = mode != "eager" and torch.cuda.is_available()
             result = ldm_train(work, resolution, batch, data_mode, args.steps, args.warmup, args.workers, args.devices,
-                               args.tiny, compile_, args.extra)  # fmt: skip
+                               args.tiny, compile_, args.extra, args.log_dir)  # fmt: skip
             name = {"cached": "ldm cached latents", "onthefly": "ldm on-the-fly encode", "eager": "ldm cached, eager"}[mode]
             print(line(f"{resolution}px {name}", result, flops, peak, base), flush=True)
 
