@@ -105,7 +105,7 @@ def ldm_train(work: Path, resolution: int, batch: int, mode: str, steps: int, wa
         f"model.vae.path={work}/models/vae", "model.vae.subfolder=null", f"model.text_encoder.path={work}/models/clip",
         f"model.compile={compile_}",
         f"trainer.precision={'bf16-mixed' if gpu else '32-true'}", f"trainer.devices={devices}",
-        f"trainer.max_steps={warmup + steps}", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+        f"trainer.max_steps={warmup + steps}", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "+trainer.enable_checkpointing=false",
         "trainer.log_every_n_steps=1000000", "logger=none", "~callbacks.fid", "~callbacks.sample_grid", "~callbacks.export",
         "~callbacks.checkpoint", "~callbacks.data_health",
         "+callbacks.timer._target_=ldm.lightning.callbacks.StepTimer", f"+callbacks.timer.warmup={warmup}",

@@ -76,15 +76,22 @@ class StepTimer(pl.Callback):
             if pl_module.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(pl_module.device)
             self._t0 = time.perf_counter()
+            rank_zero_info(f"StepTimer: {self.warmup} warm-up steps done; timing from here")
         if self._t0 is not None:
             self._steps += 1
             self._images += _batch_size(batch) * trainer.world_size
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # the window closes at the last step, before end-of-fit work (a final checkpoint can take many seconds)
+        if self._t0 is not None and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            self._sync(pl_module)
+            self._elapsed = time.perf_counter() - self._t0
 
     def on_train_end(self, trainer, pl_module):
         if self._t0 is None or not self._steps:
             raise RuntimeError(f"StepTimer: no step after the {self.warmup} warm-up steps; raise trainer.max_steps")
         self._sync(pl_module)
-        elapsed = time.perf_counter() - self._t0
+        elapsed = getattr(self, "_elapsed", None) or time.perf_counter() - self._t0
         result = {
             "images_per_sec": self._images / elapsed,
             "step_seconds": elapsed / self._steps,
