@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,26 @@ def test_kill_9_then_resume_auto_gives_the_same_losses(tiny_root, tmp_path, num_
     assert b["lr_schedulers"] == a["lr_schedulers"]
     throughput = next(k for k in a["callbacks"] if k.startswith("Throughput"))
     assert b["callbacks"][throughput] == a["callbacks"][throughput] == {"images_seen": max_steps * 8}
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_train_stream_resumes_at_the_same_sample_with_the_same_augmentation(tiny_root, num_workers):
+    from ldm.data.datamodule import ShardDataModule
+
+    kwargs = dict(train_shards=str(tiny_root / "shapes" / "train"), val_shards=None, resolution=16, batch_size=5,
+                  num_workers=num_workers, shuffle_buffer=8, random_flip=True)  # fmt: skip
+    loader = ShardDataModule(**kwargs).train_dataloader()
+    epochs = [list(loader) for _ in range(3)]  # the uninterrupted stream
+    fresh = ShardDataModule(**kwargs)  # a new process: epoch 1 (pass 1), 4 batches already trained on
+    fresh.load_state_dict({"epoch_start_pass": 1, "batches": 4})
+    resumed = fresh.train_dataloader()
+    for expected, got in [(epochs[1][4:], list(resumed)), (epochs[2], list(resumed))]:
+        assert [b["key"] for b in got] == [b["key"] for b in expected]
+        for a, b in zip(expected, got):
+            assert torch.equal(a["pixel_values"], b["pixel_values"]) and a["caption"] == b["caption"]
+    # augmentation still changes from pass to pass: some image is flipped differently in epochs 0 and 1
+    pixels = [{k: x for b in epoch for k, x in zip(b["key"], b["pixel_values"])} for epoch in epochs[:2]]
+    assert any(not torch.equal(pixels[0][k], pixels[1][k]) for k in pixels[0])
 
 
 # --- 1. preemption ------------------------------------------------------------------------------------
@@ -349,6 +370,39 @@ def test_n_nan_steps_in_a_row_stop_the_run_naming_the_step(tiny_root, tmp_path, 
     assert last["global_step"] == 4
     for key, value in good["state_dict"].items():
         assert torch.equal(last["state_dict"][key], value), key
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_an_infinite_gradient_of_a_finite_loss_is_skipped(guarded):
+    """d sqrt(w)/dw at w = 0 is inf while sqrt(0) = 0: with gradient clipping, this would make NaN weights."""
+    import pytorch_lightning as pl
+
+    from ldm.lightning.nonfinite import NonFiniteLoss
+
+    class Probe(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.v = torch.nn.Parameter(torch.ones(3))
+
+        def training_step(self, batch, batch_idx):
+            return torch.sqrt(self.w).sum() + (self.v * batch).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=0.1)
+
+    probe, callback = Probe(), NonFiniteLoss()
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
+                         callbacks=[callback] if guarded else [])  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(probe, torch.utils.data.DataLoader(torch.ones(4, 3), batch_size=None))
+    if guarded:
+        assert callback.skipped == 1 and torch.equal(probe.v.detach(), torch.ones(3))
+        assert torch.equal(probe.w.detach(), torch.zeros(1)) and not trainer.optimizers[0].state  # no moments
+    else:  # what the guard prevents
+        assert torch.isnan(probe.w.detach()).all()
 
 
 # --- 5. config errors in seconds ----------------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""Skip optimizer steps whose loss is NaN or infinite; stop after `max_in_a_row` of them in a row.
+"""Skip optimizer steps whose loss (or gradient) is NaN or infinite; stop after `max_in_a_row` in a row.
 
 A skipped step changes no weight, no optimizer moment and no EMA: the gradients are dropped before the
 optimizer runs (an optimizer skips parameters without a gradient). The batch is consumed and the step
-counter and LR schedule advance. Under DDP all ranks skip together: a non-finite loss on any rank skips
+counter and LR schedule advance. Gradients are checked too (one norm over all of them): an infinite
+gradient of a finite loss would turn into NaN weights through gradient clipping. With fp16's GradScaler,
+which skips overflowing steps itself, only the loss is checked. Under DDP all ranks skip together: a non-finite loss on any rank skips
 the step everywhere. Skips are counted in `train/nonfinite_steps`; the checkpoints written before stay
 valid, since skipped steps leave the weights as they were.
 
@@ -33,6 +35,11 @@ class NonFiniteLoss(pl.Callback):
         self._bad = self._bad or not bool(torch.isfinite(loss.detach()).all())  # any micro-batch
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        what = "loss"
+        if not self._bad and getattr(trainer.precision_plugin, "scaler", None) is None:
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            self._bad = bool(grads) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+            what = "gradient"
         bad = trainer.strategy.reduce_boolean_decision(self._bad, all=False)  # one rank bad: all skip
         self._bad = False
         if not bad:
@@ -44,12 +51,12 @@ class NonFiniteLoss(pl.Callback):
         self.skipped += 1
         self.in_a_row += 1
         step = trainer.global_step + 1
-        if self.in_a_row >= self.max_in_a_row:
+        if self.in_a_row >= self.max_in_a_row:  # the loss, or a gradient
             raise NonFiniteLossError(
-                f"non-finite loss at step {step}, {self.in_a_row} steps in a row (max_in_a_row="
+                f"non-finite {what} at step {step}, {self.in_a_row} steps in a row (max_in_a_row="
                 f"{self.max_in_a_row}); stopping. The checkpoints written so far hold the weights before them"
             )
-        rank_zero_warn(f"non-finite loss at step {step}: step skipped ({self.in_a_row} in a row, "
+        rank_zero_warn(f"non-finite {what} at step {step}: step skipped ({self.in_a_row} in a row, "
                        f"{self.skipped} in all)")  # fmt: skip
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
