@@ -156,7 +156,7 @@ def validate_config(cfg: DictConfig) -> None:
     resolution = _get(cfg, "data.resolution")
     if model is not None and model.get("vae") is not None:
         factor = _vae_factor(model.vae)
-        if factor and resolution % factor:
+        if factor and resolution is not None and resolution % factor:
             raise ConfigError(f"data.resolution={resolution} is not a multiple of the VAE's downsampling "
                               f"factor {factor} (model.vae)")  # fmt: skip
     if model is not None and model.get("unet") is not None and model.get("text_encoder") is not None:
