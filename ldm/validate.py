@@ -91,7 +91,8 @@ def _text_width(text_encoder: DictConfig) -> int | None:
             raise ConfigError(f"model.text_encoder.arch={arch}: not an open_clip architecture")
         if pretrained and not Path(pretrained).is_file() and ("/" in str(pretrained) or "." in str(pretrained)):
             raise ConfigError(f"model.text_encoder.pretrained={pretrained}: no such file")
-        return config["text_cfg"]["width"]
+        text_cfg = text_encoder.get("text_cfg") or {}  # open_clip replaces the whole entry when overridden
+        return text_cfg.get("width", config["text_cfg"]["width"])
     return None
 
 

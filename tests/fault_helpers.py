@@ -26,14 +26,15 @@ class RecordLoss(pl.Callback):
 
 
 class PoisonBatches(pl.Callback):
-    """Sets the pixels of the batches at the given global steps to NaN (a batch that makes the loss NaN)."""
+    """Replaces the pixels of the batches at the given global steps by NaN (a batch that makes the loss NaN;
+    float pixels are taken as already in [-1, 1], uint8 ones cannot hold NaN)."""
 
     def __init__(self, steps: list[int]):
         self.steps = set(steps)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step in self.steps:
-            batch["pixel_values"].fill_(float("nan"))
+            batch["pixel_values"] = torch.full(batch["pixel_values"].shape, float("nan"))
 
 
 def read_losses(path) -> list[dict]:

@@ -85,7 +85,8 @@ def _wait_for(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
 # --- 2. exact resume after kill -9 ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("num_workers,kill_after", [(0, 3), pytest.param(2, 6, marks=pytest.mark.slow)])
+@pytest.mark.slow  # 2-3 subprocess runs: ~1 min idle, 2-3 min on 2 busy cores (`pytest -m faults` runs it)
+@pytest.mark.parametrize("num_workers,kill_after", [(0, 3), (2, 6)])
 def test_kill_9_then_resume_auto_gives_the_same_losses(tiny_root, tmp_path, num_workers, kill_after):
     max_steps = 9  # 6 batches of 8 an epoch: the run crosses an epoch boundary; checkpoints at 3, 6, 9
     common = [*FAST, f"data.num_workers={num_workers}", f"trainer.max_steps={max_steps}", "data.batch_size=8",
@@ -158,7 +159,8 @@ def test_train_stream_resumes_at_the_same_sample_with_the_same_augmentation(tiny
 # --- 1. preemption ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("signum,exit_code", [(signal.SIGTERM, 3), pytest.param(signal.SIGUSR1, 0, marks=pytest.mark.slow)])
+@pytest.mark.slow  # a subprocess run, then a resumed one
+@pytest.mark.parametrize("signum,exit_code", [(signal.SIGTERM, 3), (signal.SIGUSR1, 0)])
 def test_signal_saves_a_checkpoint_and_exits_with_the_requeue_code(tiny_root, tmp_path, signum, exit_code):
     run_dir = tmp_path / "runs" / "shapes" / "job"
     losses = tmp_path / "losses.jsonl"
@@ -580,3 +582,17 @@ def test_api_keys_never_reach_configs_run_dirs_or_wandb_files(tiny_root, tmp_pat
     assert logged["hf_token"] == logged["api_key"] == "<redacted>"
     assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["config"]["api_key"] == "<redacted>"
     assert "hf_token=<redacted>" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+
+
+def test_redaction_rules(monkeypatch):
+    from ldm.utils.secrets import redact
+
+    monkeypatch.setenv("HF_TOKEN", "hf_abcdefghijklmnop")
+    config = {"api_key": "k1", "wandb_secret": "k2", "db-password": "k3", "tokenizer_subfolder": "tokenizer",
+              "keys": ["a"], "path": "/models/hf_abcdefghijklmnop/x", "hf_token": None,
+              "overrides": ["data.batch_size=4", "+logger.api_key=k4", "a=1,+hf_token=k5,b=2"]}  # fmt: skip
+    assert redact(config) == {
+        "api_key": "<redacted>", "wandb_secret": "<redacted>", "db-password": "<redacted>",
+        "tokenizer_subfolder": "tokenizer", "keys": ["a"], "path": "/models/<redacted>/x", "hf_token": None,
+        "overrides": ["data.batch_size=4", "+logger.api_key=<redacted>", "a=1,+hf_token=<redacted>,b=2"],
+    }  # fmt: skip

@@ -36,14 +36,19 @@ def secret_values() -> list[str]:
     return sorted({os.environ[k] for k in names if len(os.environ.get(k, "")) >= 8}, key=len, reverse=True)
 
 
+_OVERRIDE = re.compile(r"(?P<name>(?:^|(?<=[,\s]))[+~]{0,2}[\w.\-/]+)=(?P<value>[^,\s]+)")
+
+
 def _redact_string(text: str, values: list[str]) -> str:
     for value in values:
         text = text.replace(value, REDACTED)
-    # an override `a.b.api_key=VALUE` (Hydra's overrides, the command line)
-    match = re.match(r"^([+~]{0,2}[\w.\-/]+)=(.*)$", text, re.S)
-    if match and is_secret_name(match.group(1).rsplit(".", 1)[-1]) and match.group(2) not in ("", REDACTED):
-        text = f"{match.group(1)}={REDACTED}"
-    return text
+
+    # overrides `a.b.api_key=VALUE` (the command line, Hydra's overrides and `override_dirname`, comma-joined)
+    def hide(match: re.Match) -> str:
+        secret = is_secret_name(match.group("name").rsplit(".", 1)[-1])
+        return f"{match.group('name')}={REDACTED}" if secret else match.group(0)
+
+    return _OVERRIDE.sub(hide, text)
 
 
 def redact(obj: Any, values: list[str] | None = None) -> Any:
