@@ -120,6 +120,7 @@ def test_kill_9_then_resume_auto_gives_the_same_losses(tiny_root, tmp_path, num_
     for row in got:  # step for step: the same batch (keys) and the same loss
         ref_row = next(r for r in expected if r["step"] == row["step"])
         assert row["keys"] == ref_row["keys"], f"step {row['step']}: other samples"
+        assert row["epoch"] == ref_row["epoch"], (row, ref_row)
         assert abs(row["loss"] - ref[row["step"]]) <= 1e-6, f"step {row['step']}: {row['loss']} != {ref[row['step']]}"
 
     # and the final state: weights, EMA, optimizer moments, LR schedule, counters

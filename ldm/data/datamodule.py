@@ -188,8 +188,10 @@ class ShardDataModule(pl.LightningDataModule):
         how many of its batches were trained on (the trainer's count: the loader has read ahead)."""
         if self._train_loader is None or self.trainer is None:
             return {}
-        trained = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch_start_pass": self._train_loader.epoch_start_pass, "batches": trained}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress
+        if progress.is_last_batch:  # the epoch is over: a resumed run starts the next one, at the next pass
+            return {"epoch_start_pass": self._train_loader.passes, "batches": 0}
+        return {"epoch_start_pass": self._train_loader.epoch_start_pass, "batches": progress.current.processed}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._resume = dict(state_dict) or None
