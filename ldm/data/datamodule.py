@@ -16,6 +16,11 @@ Two ways to cut the train stream into epochs:
                    yielding N // (batch_size * world_size) full batches per epoch. For large corpora.
 Validation is not split across ranks: every rank sees all of the (small) val set.
 
+Exact resume: an epoch's data is a function of the pass it starts at (shard order, shuffle and
+augmentation are seeded by (seed, pass, ...)), so checkpoints store that pass and the batches of the
+epoch already trained on (`ShardDataModule.state_dict`); a resumed run starts the same pass and drops
+that many batches (it reads them again: resuming costs at most one epoch of data loading).
+
 Fewer train shards than ranks is an error; fewer than ranks x num_workers lowers num_workers
 (with a warning) so that no worker idles. Skipped samples are counted in `train_health`
 (logged by `ldm.data.health.DataHealthMonitor`); more than `max_bad_fraction` bad, or a pass
@@ -39,6 +44,7 @@ from ldm.data.webdataset import (
     make_shard_dataset,
     rank_and_world_size,
     read_captions,
+    set_pass,
     shard_counts,
 )
 
@@ -67,6 +73,7 @@ class EpochLoader:
     `samples` samples: from one pass, topped up from further passes if it falls short
     (`restart=True`, exact mode), or from a stream that goes on across epochs (`restart=False`).
     After every batch `health.check` may stop training; a pass with nothing valid always does.
+    `passes` counts the passes of `loader` started; `epoch_start_pass` is the one the current epoch began at.
     """
 
     def __init__(self, loader, batch_size: int, samples: int | None, health: DataHealth, restart: bool = True,
@@ -74,6 +81,16 @@ class EpochLoader:
         self.loader, self.batch_size, self.samples = loader, batch_size, samples
         self.health, self.restart, self.where = health, restart, where
         self._stream = None
+        self.passes = 0
+        self.epoch_start_pass = 0
+        self._skip = 0
+
+    def resume(self, epoch_start_pass: int, batches: int) -> None:
+        """Continue mid-epoch in a fresh process: the epoch began at data pass `epoch_start_pass` and
+        `batches` of its batches were trained on already. Call before the first iteration."""
+        self.passes = self.epoch_start_pass = epoch_start_pass
+        set_pass(self.loader, epoch_start_pass)
+        self._skip = batches
 
     def __len__(self) -> int:
         if self.samples is None:
@@ -83,6 +100,7 @@ class EpochLoader:
     def _pass(self):
         """One pass of the loader; DataError if it gives nothing."""
         got = 0
+        self.passes += 1
         for batch in self.loader:
             got += len(batch["caption"])
             self.health.check(where=self.where)
@@ -96,7 +114,14 @@ class EpochLoader:
             yield from self._pass()
 
     def __iter__(self):
+        skip, self._skip = self._skip, 0
+        for i, batch in enumerate(self._batches()):
+            if i >= skip:  # resuming: the first `skip` batches were trained on before
+                yield batch
+
+    def _batches(self):
         if self.restart or self._stream is None:
+            self.epoch_start_pass = self.passes
             self._stream = self._pass() if self.samples is None else self._forever()
         stream, left = self._stream, self.samples
         pending, n_pending = [], 0
@@ -155,6 +180,21 @@ class ShardDataModule(pl.LightningDataModule):
         self.uint8 = uint8
         self.train_health = DataHealth(max_bad_fraction)
         self.val_health = DataHealth(max_bad_fraction)
+        self._train_loader: EpochLoader | None = None
+        self._resume: dict | None = None
+
+    def state_dict(self) -> dict:
+        """The train stream's position, saved in checkpoints: the pass the current epoch started at and
+        how many of its batches were trained on (the trainer's count: the loader has read ahead)."""
+        if self._train_loader is None or self.trainer is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress
+        if progress.is_last_batch:  # the epoch is over: a resumed run starts the next one, at the next pass
+            return {"epoch_start_pass": self._train_loader.passes, "batches": 0}
+        return {"epoch_start_pass": self._train_loader.epoch_start_pass, "batches": progress.current.processed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume = dict(state_dict) or None
 
     def _rank_and_world_size(self) -> tuple[int, int]:
         if self.trainer is not None:
@@ -226,8 +266,14 @@ class ShardDataModule(pl.LightningDataModule):
             samples = batches * self.batch_size
         else:
             samples = max(self._rank_samples(urls, world_size)) if world_size > 1 else None
-        return EpochLoader(self._loader(dataset, num_workers), self.batch_size, samples, self.train_health,
-                           restart=not resampled, where=str(self.train_shards))  # fmt: skip
+        # every epoch restarts the stream at a new pass (resampled too), so an epoch is a function of its pass
+        loader = EpochLoader(self._loader(dataset, num_workers), self.batch_size, samples, self.train_health,
+                             where=str(self.train_shards))  # fmt: skip
+        if self._resume:
+            loader.resume(**self._resume)
+            self._resume = None
+        self._train_loader = loader
+        return loader
 
     def val_dataloader(self) -> EpochLoader | list:
         if self.val_shards is None:

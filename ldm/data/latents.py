@@ -44,10 +44,8 @@ from ldm.data.webdataset import (
     ToTrainingSample,
     ToTrainingSamples,
     _decode_text,
-    _worker,
     caption_choices,
     expand_urls,
-    rank_and_world_size,
     shard_counts,
     warn_and_skip,
 )
@@ -226,20 +224,19 @@ def _is_latent_file(name: str) -> bool:
 class ToLatentSample:
     """Raw latent-shard sample -> {"latent_mean", "latent_std", "text_hidden", "caption", "key"};
     raises SampleError naming shard and key. Flip and caption choice from an RNG seeded by
-    (seed, rank, worker), as ToTrainingSample does for images."""
+    (seed, pass, shard, key), as ToTrainingSample does for images (exact resume)."""
 
     def __init__(self, random_flip: bool = True, seed: int = 0):
-        self.random_flip, self.seed, self._rng = random_flip, seed, None
+        self.random_flip, self.seed = random_flip, seed
 
-    def rng(self) -> random.Random:
-        if self._rng is None:
-            self._rng = random.Random(f"latents-{self.seed}-{rank_and_world_size()[0]}-{_worker()[0]}")
-        return self._rng
+    def rng(self, sample: dict) -> random.Random:
+        return random.Random(f"latents-{self.seed}-{sample.get('__pass__', 0)}-{sample.get('__url__')}-"
+                             f"{sample.get('__key__')}")  # fmt: skip
 
     def __call__(self, sample: dict) -> dict:
         url, key = sample.get("__url__"), sample.get("__key__")
         try:
-            rng = self.rng()
+            rng = self.rng(sample)
             prefix = "flip_" if self.random_flip and "flip_mean.npy" in sample and rng.random() < 0.5 else ""
             captions = json.loads(_decode_text(sample["json"]))
             text = load_npy(sample["text.npy"])  # (K, L, D)

@@ -186,7 +186,7 @@ class ShardList(torch.utils.data.IterableDataset):
         if self.resampled:
             rng = random.Random(f"{self.seed}-{epoch}-{self.rank}-{worker}")
             while True:
-                yield {"url": rng.choice(self.urls)}
+                yield {"url": rng.choice(self.urls), "__pass__": epoch}
         urls = self.urls[self.rank :: self.world_size]
         if self.shuffle:
             random.Random(f"{self.seed}-{epoch}-{self.rank}").shuffle(urls)
@@ -198,7 +198,7 @@ class ShardList(torch.utils.data.IterableDataset):
                 DataWarning, stacklevel=2,
             )  # fmt: skip
         for url in mine:
-            yield {"url": url}
+            yield {"url": url, "__pass__": epoch}
 
 
 def open_url(url: str):
@@ -249,7 +249,9 @@ class ReadShards:
 
     def __call__(self, sources):
         for source in sources:
-            yield from self.read(source["url"])
+            for sample in self.read(source["url"]):
+                sample["__pass__"] = source.get("__pass__", 0)
+                yield sample
 
     def read(self, url: str):
         n, current = 0, None
@@ -305,8 +307,9 @@ def _decode_text(data: bytes):
 class ToTrainingSample:
     """Raw sample (bytes) -> {"pixel_values", "caption", "key"}; raises SampleError naming shard and key.
 
-    A JSON caption list yields one random caption per visit, from an RNG seeded by
-    (seed, rank, dataloader worker) so workers differ but runs repeat. `jpeg_draft` lets
+    Random choices (a caption of a JSON caption list, random crop and flip) come from an RNG seeded by
+    (seed, pass, shard, key): they change every pass, yet do not depend on ranks, workers, the global
+    RNG or where a resumed run restarts (exact resume). `jpeg_draft` lets
     libjpeg decode large JPEGs at 1/2, 1/4 or 1/8 scale when that still covers the resolution.
     """
 
@@ -314,16 +317,10 @@ class ToTrainingSample:
         self.transform = transform
         self.seed = seed
         self.jpeg_draft = jpeg_draft
-        self._rng = None
 
-    def rng(self) -> random.Random:
-        if self._rng is None:  # created lazily, inside the worker process
-            rank, _ = rank_and_world_size()
-            self._rng = random.Random(f"{self.seed}-{rank}-{_worker()[0]}")
-        return self._rng
-
-    def caption(self, sample: dict) -> str:
-        return self.rng().choice(caption_choices(sample))
+    def rng(self, sample: dict) -> random.Random:
+        """The randomness of one visit of one sample."""
+        return random.Random(f"{self.seed}-{sample.get('__pass__', 0)}-{sample.get('__url__')}-{sample.get('__key__')}")
 
     def image(self, data: bytes) -> Image.Image:
         image = Image.open(io.BytesIO(data))
@@ -344,8 +341,13 @@ class ToTrainingSample:
                 texts["txt"] = _decode_text(sample["txt"])
             if "json" in sample:
                 texts["json"] = json.loads(_decode_text(sample["json"]))
-            caption = self.caption(texts)
-            return {"pixel_values": self.transform(self.image(data)), "caption": caption, "key": key}
+            rng = self.rng(sample)
+            caption = rng.choice(caption_choices(texts))
+            image = self.image(data)
+            with torch.random.fork_rng(devices=[]):  # torchvision's random crop/flip draw from torch's RNG
+                torch.manual_seed(rng.getrandbits(63))
+                pixel_values = self.transform(image)
+            return {"pixel_values": pixel_values, "caption": caption, "key": key}
         except ImageTooSmall:
             raise
         except Exception as error:
@@ -419,6 +421,20 @@ def make_shard_dataset(
     dataset = wds.DataPipeline(*stages)
     dataset.health = health
     return dataset
+
+
+def set_pass(dataset, index: int) -> None:
+    """Make the next pass of ``dataset`` (a pipeline, or a loader around one) pass number ``index`` (shard
+    order and shuffle seeds), as a fresh process resuming mid-run needs. Call it before dataloader
+    workers start: they copy the dataset."""
+    if isinstance(dataset, ShardList):
+        dataset.passes = index
+    elif isinstance(dataset, wds.detshuffle):
+        dataset.epoch = index - 1  # detshuffle counts up before each pass
+    elif isinstance(dataset, torch.utils.data.DataLoader):
+        set_pass(dataset.dataset, index)
+    for stage in getattr(dataset, "pipeline", ()):
+        set_pass(stage, index)
 
 
 def read_captions(urls, n: int) -> list[str]:

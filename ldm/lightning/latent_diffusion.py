@@ -282,8 +282,12 @@ class LatentDiffusion(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.ema is not None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # EMA right after the update: a checkpoint saved at this step's end (callbacks run before the
+        # module's on_train_batch_end) then holds the EMA of this step too, so resumed runs match. A step
+        # whose gradients were dropped (non-finite loss) updated nothing, and neither does the EMA.
+        if self.ema is not None and any(p.grad is not None for p in self.unet.parameters()):
             self.ema.update_parameters(self.unet)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:

@@ -1,6 +1,9 @@
 """Loggers: W&B that falls back to offline by itself, and the CSV logger.
 
-    logger = wandb_logger(project="ldm", save_dir="runs/x")   # online with a key and a server, else offline
+    logger = wandb_logger(project="ldm", save_dir="runs/x")   # online with a valid key and a server, else offline
+
+Logging never stops training: no API key, an unreachable or silent server, or a key the server
+rejects all mean offline logging, said in one warning, decided within a few seconds.
 
 Offline runs write `wandb/offline-run-*` under `save_dir`; `wandb sync DIR` uploads them later.
 """
@@ -15,6 +18,7 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
 
 OFFLINE_MODES = ("offline", "dryrun")
+VERIFY_TIMEOUT_S = 5.0  # the longest the API key check may wait for the server
 
 
 def _api_key() -> str | None:
@@ -43,15 +47,36 @@ def _reachable(url: str, timeout: float = 3.0) -> bool:
         return False
 
 
+def _key_rejected(url: str, key: str, timeout: float | None = None) -> str | None:
+    """Why the server does not accept ``key`` (None when it does): one GraphQL `viewer` query."""
+    import requests
+
+    try:
+        response = requests.post(f"{url.rstrip('/')}/graphql", json={"query": "query { viewer { id } }"},
+                                 auth=("api", key), timeout=timeout or VERIFY_TIMEOUT_S)  # fmt: skip
+    except requests.RequestException as error:
+        return f"W&B server {url} did not answer ({type(error).__name__})"
+    if response.status_code in (401, 403):
+        return f"W&B server {url} rejected the API key (HTTP {response.status_code})"
+    if response.status_code >= 400:
+        return f"W&B server {url} answered HTTP {response.status_code}"
+    try:
+        viewer = (response.json().get("data") or {}).get("viewer")
+    except ValueError:
+        return f"W&B server {url} answered something that is not JSON"
+    return None if viewer else f"W&B server {url} does not know the API key"
+
+
 def wandb_offline_reason() -> str | None:
     """Why W&B must run offline here (None when online is possible)."""
     if os.environ.get("WANDB_MODE", "").lower() in OFFLINE_MODES:
         return "WANDB_MODE=offline"
-    if not _api_key():
+    key = _api_key()
+    if not key:
         return "no W&B API key (WANDB_API_KEY or ~/.netrc)"
     if not _reachable(_base_url()):
         return f"W&B server {_base_url()} unreachable"
-    return None
+    return _key_rejected(_base_url(), key)
 
 
 def wandb_logger(project: str = "ldm", save_dir: str = ".", offline: bool | None = None, **kwargs) -> WandbLogger:

@@ -1,0 +1,168 @@
+"""Check a training config in seconds, before anything heavy is built; one line names what is wrong.
+
+    validate_config(cfg)   # raises ConfigError("data.resolution=30 is not a multiple of ...")
+
+Checks, from config files only (model configs are JSON, shard counts come from manifest.json or tar
+headers; no weights are loaded): required values are set; model paths exist (a local path, or a hub id
+when the hub is not offline); the resolution is a multiple of the VAE's downsampling factor; the U-Net's
+cross-attention width equals the text encoder's hidden size; sampler, LR schedule, noise schedule and
+prediction type are known names; the shard patterns match files; a batch is no larger than the data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")  # org/name
+
+
+class ConfigError(ValueError):
+    """A config that cannot train; the message is one line naming the setting at fault."""
+
+
+def _get(cfg: DictConfig, key: str, default: Any = None, prefix: str = "") -> Any:
+    """cfg[key]; ConfigError when it is `???`. ``prefix`` names where ``cfg`` sits (for the message)."""
+    try:
+        return OmegaConf.select(cfg, key, default=default, throw_on_missing=True)
+    except MissingMandatoryValue:
+        name = f"{prefix}.{key}" if prefix else key
+        raise ConfigError(f"{name} is required but not set (???): set it on the command line, e.g. {name}=...") from None
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _model_dir(key: str, path: str, subfolder: str | None) -> Path | None:
+    """The local model folder (path/subfolder), None for a hub id; ConfigError when it is missing."""
+    local = Path(path)
+    if not local.exists():
+        if HUB_ID.match(str(path)) and not _hub_offline():
+            return None  # a hub id: from_pretrained resolves it
+        hint = " (and HF_HUB_OFFLINE is set)" if HUB_ID.match(str(path)) else ""
+        raise ConfigError(f"{key}.path={path}: no such model directory{hint}")
+    folder = local / subfolder if subfolder else local
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{key}.path={path}: {folder} holds no config.json (wrong path or subfolder?)")
+    return folder
+
+
+def _json(folder: Path | None) -> dict | None:
+    return json.loads((folder / "config.json").read_text()) if folder is not None else None
+
+
+def _vae_factor(vae: DictConfig) -> int | None:
+    target = str(vae.get("_target_", ""))
+    if target.endswith("load_vae"):
+        config = _json(_model_dir("model.vae", _get(vae, "path", prefix="model.vae"), vae.get("subfolder", "vae")))
+        channels = config["block_out_channels"] if config else None
+    else:
+        channels = vae.get("block_out_channels")
+    return 2 ** (len(channels) - 1) if channels else None
+
+
+def _unet_width(unet: DictConfig) -> int | None:
+    if str(unet.get("_target_", "")).endswith("load_unet"):
+        config = _json(_model_dir("model.unet", _get(unet, "path", prefix="model.unet"), unet.get("subfolder", "unet")))
+        return config["cross_attention_dim"] if config else None
+    return unet.get("cross_attention_dim")
+
+
+def _text_width(text_encoder: DictConfig) -> int | None:
+    target = str(text_encoder.get("_target_", ""))
+    if target.endswith("hf_clip_text_encoder"):
+        folder = _model_dir("model.text_encoder", _get(text_encoder, "path", prefix="model.text_encoder"), text_encoder.get("subfolder"))
+        config = _json(folder)
+        return config.get("hidden_size", config.get("text_config", {}).get("hidden_size")) if config else None
+    if target.endswith("open_clip_text_encoder"):
+        import open_clip
+
+        arch = _get(text_encoder, "arch", prefix="model.text_encoder")
+        pretrained = _get(text_encoder, "pretrained", prefix="model.text_encoder")
+        config = open_clip.get_model_config(arch)
+        if config is None:
+            raise ConfigError(f"model.text_encoder.arch={arch}: not an open_clip architecture")
+        if pretrained and not Path(pretrained).is_file() and ("/" in str(pretrained) or "." in str(pretrained)):
+            raise ConfigError(f"model.text_encoder.pretrained={pretrained}: no such file")
+        text_cfg = text_encoder.get("text_cfg") or {}  # open_clip replaces the whole entry when overridden
+        return text_cfg.get("width", config["text_cfg"]["width"])
+    return None
+
+
+def _check_names(cfg: DictConfig) -> None:
+    from diffusers.optimization import SchedulerType
+
+    from ldm.diffusion.sampling import SCHEDULERS
+    from ldm.diffusion.schedules import SCHEDULES
+
+    for key in ("sampling.sampler", "callbacks.fid.sampler"):
+        name = _get(cfg, key)
+        if name is not None and name not in SCHEDULERS:
+            raise ConfigError(f"{key}={name!r} is not a sampler; expected one of {sorted(SCHEDULERS)}")
+    schedule = _get(cfg, "optim.schedule")
+    if schedule is not None and schedule not in {s.value for s in SchedulerType}:
+        raise ConfigError(f"optim.schedule={schedule!r} is not an LR schedule; expected one of "
+                          f"{sorted(s.value for s in SchedulerType)}")  # fmt: skip
+    noise = _get(cfg, "diffusion.schedule")
+    if noise is not None and noise not in SCHEDULES:
+        raise ConfigError(f"diffusion.schedule={noise!r} is not a noise schedule; expected one of {sorted(SCHEDULES)}")
+    prediction = _get(cfg, "diffusion.prediction_type")
+    if prediction is not None and prediction not in ("epsilon", "v_prediction"):
+        raise ConfigError(f"diffusion.prediction_type={prediction!r}; expected epsilon or v_prediction")
+
+
+def _check_data(cfg: DictConfig) -> None:
+    from ldm.data.webdataset import _is_remote, expand_urls, shard_counts
+
+    data = cfg.data
+    for key in ("train_shards", "val_shards"):
+        spec = _get(cfg, f"data.{key}")
+        if spec is None and key == "val_shards":
+            continue
+        try:
+            urls = expand_urls(spec)
+        except FileNotFoundError as error:
+            raise ConfigError(f"data.{key}={spec}: {error}") from None
+        if key != "train_shards" or data.get("samples_per_epoch") is not None:
+            continue
+        local = [u for u in urls if not _is_remote(u)]
+        counts = shard_counts(local)
+        if len(counts) < len(local):  # no manifest: count tar headers
+            import tarfile
+
+            for url in local:
+                if url not in counts:
+                    try:
+                        with tarfile.open(url) as tar:
+                            counts[url] = len({os.path.basename(n).split(".", 1)[0] for n in tar.getnames() if "." in n})
+                    except (OSError, tarfile.TarError):
+                        counts[url] = 0  # unreadable: the reader reports it with shard and key
+        total = sum(counts.values())
+        batch = _get(cfg, "data.batch_size")
+        if local and len(local) == len(urls) and batch > total:
+            raise ConfigError(f"data.batch_size={batch} is larger than the {total} samples of data.{key}={spec}")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise ConfigError (one line) for the first problem found."""
+    _check_names(cfg)
+    model = cfg.get("model")
+    resolution = _get(cfg, "data.resolution")
+    if model is not None and model.get("vae") is not None:
+        factor = _vae_factor(model.vae)
+        if factor and resolution is not None and resolution % factor:
+            raise ConfigError(f"data.resolution={resolution} is not a multiple of the VAE's downsampling "
+                              f"factor {factor} (model.vae)")  # fmt: skip
+    if model is not None and model.get("unet") is not None and model.get("text_encoder") is not None:
+        unet_width, text_width = _unet_width(model.unet), _text_width(model.text_encoder)
+        if unet_width and text_width and unet_width != text_width:
+            raise ConfigError(f"model.unet.cross_attention_dim={unet_width} does not match the text encoder's "
+                              f"hidden size {text_width} (model.text_encoder)")  # fmt: skip
+    _check_data(cfg)
