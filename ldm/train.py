@@ -3,6 +3,7 @@
     python -m ldm.train experiment=shapes                      # the built-in default (see `make train`)
     python -m ldm.train experiment=shapes trainer.max_steps=50 logger=csv
     python -m ldm.train experiment=shapes ckpt_path=runs/.../checkpoints/last.ckpt   # resume
+    python -m ldm.train -m experiment=shapes optim.lr=1e-4,3e-4                     # a sweep (ldm/sweep.py)
 
 Every run writes its checkpoints, samples and resolved config under its own Hydra run directory.
 """
@@ -14,6 +15,8 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
+
+from ldm.sweep import run_job
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -35,8 +38,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> None:
-    train(cfg)
+def main(cfg: DictConfig) -> float | None:
+    return run_job(cfg, train)  # sweeps (ldm/sweep.py): W&B group, job index, DDP ranks, failures, objective
 
 
 if __name__ == "__main__":
