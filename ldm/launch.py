@@ -63,7 +63,7 @@ def ranks_to_launch(trainer: DictConfig) -> int:
     if isinstance(strategy, str) and not strategy.startswith(_RELAUNCHING):
         return 0
     n = _num_devices(str(trainer.get("accelerator", "auto")), trainer.get("devices", "auto"))
-    return n if n > 1 or int(trainer.get("num_nodes", 1)) > 1 else 0
+    return n if n > 1 else 0  # several nodes need a cluster (SLURM) or a torchrun per node: processes exist
 
 
 def launch(cfg: DictConfig, run_dir: str | Path, nprocs: int) -> dict[str, float]:
