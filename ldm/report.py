@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 from ldm.lightning.metrics_log import read_metrics
-from ldm.sweep import METRICS, read_index
+from ldm.sweep import METRICS, format_params, read_index
 
 # metric -> which value is best; the ones a run logged appear in the table
 DEFAULT_METRICS = {"val/fid": "min", "val/clip_score": "max", "train/loss": "min"}
@@ -80,7 +80,7 @@ def plot_jobs(sweep_dir: str | Path, out: str | Path, metric: str = "val/fid") -
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for job in index["jobs"]:
         rows = [row for row in read_metrics(sweep_dir / job["dir"] / METRICS) if row.get(metric) is not None]
-        label = f"{job['num']}: " + (", ".join(f"{k}={v}" for k, v in job["params"].items()) or job["name"])
+        label = f"{job['num']}: {format_params(job['params']) or job['name']}"
         if job["status"] != "completed":
             label += f" ({job['status']})"
         ax.plot([row["step"] for row in rows], [row[metric] for row in rows], marker="o", label=label,

@@ -95,8 +95,13 @@ def job_params(job_overrides: list[str], keys: list[str]) -> dict:
     return {key: parsed[key].value() for key in keys if key in parsed}
 
 
+def format_params(params: dict) -> str:
+    """`optim.lr=0.0001252,diffusion.cfg_dropout=0.1` (floats to 4 significant digits; configs keep them all)."""
+    return ",".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
 def run_name(base: str, num: int, params: dict) -> str:
-    return f"{base}-{num} " + ",".join(f"{k}={v}" for k, v in params.items()) if params else f"{base}-{num}"
+    return f"{base}-{num} {format_params(params)}" if params else f"{base}-{num}"
 
 
 class SweepCallback(Callback):

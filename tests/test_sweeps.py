@@ -18,10 +18,12 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm.launch import ranks_to_launch
+from ldm.lightning.metrics_log import read_metrics
 from ldm.report import main as report_main
-from ldm.sweep import job_params, objective_value, swept_keys
+from ldm.sweep import job_params, objective_value, run_job, run_name, swept_keys
+from ldm.train import train
 from ldm.utils.wandb_offline import config, history, run_files, run_info
-from tiny import CONF, TINY, TINY_UNET, make_tiny_root
+from tiny import CONF, TINY, TINY_UNET, compose_config, make_tiny_root
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +69,11 @@ def test_ddp_sweep_gives_one_run_per_job_and_marks_the_failed_one(tiny_root, tmp
 
     runs = {f.relative_to(sweep).parts[0]: f for f in run_files(sweep)}
     assert sorted(runs) == ["0", "1"]  # one W&B run per job, in the job's own directory (rank 0 only)
-    for job in index["jobs"]:
+    for job, name in zip(index["jobs"], ["shapes-0 optim.lr=-1", "shapes-1 optim.lr=0.0001"]):
         run = runs[job["dir"]]
         info = run_info(run)
         assert info["group"] == index["group"] == f"shapes-{sweep.name}"
-        assert info["name"] == job["name"] == f"shapes-{job['num']} optim.lr={job['params']['optim.lr']}"
+        assert info["name"] == job["name"] == name
         logged = config(run)
         assert logged["optim"]["lr"] == job["params"]["optim.lr"]
         assert logged["sweep"] == {"group": index["group"], "job": job["num"], "params": job["params"]}
@@ -85,6 +87,7 @@ def test_ddp_sweep_gives_one_run_per_job_and_marks_the_failed_one(tiny_root, tmp
     assert lines[3].startswith("| 1 | completed | 0.0001 |")
 
 
+@pytest.mark.slow  # three processes that import everything, four FID evaluations: ~2 min on 2 cores
 def test_optuna_search_over_parallel_jobs_minimises_best_fid(tiny_root, tmp_path):
     """hparams_search=fid_optuna: 2 trials in one batch run by 2 joblib workers; the value each job returns is
     the best val/fid its FID callback recorded, and the sweeper's best is the smallest of them."""
@@ -92,7 +95,7 @@ def test_optuna_search_over_parallel_jobs_minimises_best_fid(tiny_root, tmp_path
     out = ldm_train(tmp_path, "hparams_search=fid_optuna", *tiny_args(tiny_root), "logger=csv",
                     "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "hydra/launcher=joblib",
                     "hydra.launcher.n_jobs=2", "diffusion.cfg_dropout=0.1", "sampling.guidance_scale=5",
-                    f"hydra.sweep.dir={sweep}")
+                    "callbacks.fid.every_n_steps=1", f"hydra.sweep.dir={sweep}")  # FID at steps 1 and 2
     assert out.returncode == 0, out.stderr[-4000:]
     assert _job_dirs(sweep) == ["0", "1"]
     index = json.loads((sweep / "index.json").read_text())
@@ -104,8 +107,12 @@ def test_optuna_search_over_parallel_jobs_minimises_best_fid(tiny_root, tmp_path
     assert jobs[0]["started"] < jobs[1]["finished"] and jobs[1]["started"] < jobs[0]["finished"]  # in parallel
 
     for job in jobs:  # against the FID callback's own record of its evaluations
-        fids = [row["val/fid"] for row in json.loads((sweep / job["dir"] / "fid" / "history.json").read_text())]
-        assert job["objective"] == pytest.approx(min(fids), rel=1e-6)
+        evaluations = json.loads((sweep / job["dir"] / "fid" / "history.json").read_text())
+        assert [row["step"] for row in evaluations] == [1, 2]
+        logged = [row for row in read_metrics(sweep / job["dir"] / "metrics.jsonl") if "val/fid" in row]
+        assert [row["step"] for row in logged] == [1, 2]  # each FID once, at the step it was measured
+        assert [row["val/fid"] for row in logged] == pytest.approx([row["val/fid"] for row in evaluations])
+        assert job["objective"] == pytest.approx(min(row["val/fid"] for row in evaluations), rel=1e-6)
         assert OmegaConf.load(sweep / job["dir"] / ".hydra" / "config.yaml").optim.lr == job["params"]["optim.lr"]
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     best = min(jobs, key=lambda job: job["objective"])
@@ -126,6 +133,21 @@ def _csv_rows(path):
 
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def test_a_run_returns_its_fid_and_logs_each_evaluation_once(tiny_root, tmp_path):
+    """In process (no sweep): run_job adds the metrics log and returns objective.metric's value."""
+    cfg = compose_config(tiny_root, tmp_path, ["logger=none", "callbacks.export=null", "trainer.max_steps=3",
+                                               "callbacks.fid.every_n_steps=2", "callbacks.fid.at_end=false",
+                                               "objective.metric=val/fid"])
+    value = run_job(cfg, train)
+    evaluations = json.loads((tmp_path / "fid" / "history.json").read_text())  # the FID callback's own record
+    assert [row["step"] for row in evaluations] == [2]
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [1, 2, 3]  # every step (trainer.log_every_n_steps=1)
+    assert all("train/loss" in row for row in rows)
+    assert ["val/fid" in row for row in rows] == [False, True, False]  # at the step it was measured, once
+    assert rows[1]["val/fid"] == pytest.approx(evaluations[0]["val/fid"]) == value
 
 
 def test_report_refuses_a_directory_that_is_not_a_sweep(tmp_path, capsys):
@@ -164,6 +186,9 @@ def test_swept_keys_and_job_params():
     params = job_params(["optim.lr=0.0003", "trainer.max_steps=2", "+diffusion.min_snr_gamma=5",
                          "diffusion.cfg_dropout=0.05"], keys)
     assert params == {"optim.lr": 3e-4, "diffusion.min_snr_gamma": 5, "diffusion.cfg_dropout": 0.05}
+    assert run_name("shapes", 2, params) == "shapes-2 optim.lr=0.0003,diffusion.min_snr_gamma=5,diffusion.cfg_dropout=0.05"
+    assert run_name("shapes", 0, {"optim.lr": 0.00012520653814999459}) == "shapes-0 optim.lr=0.0001252"
+    assert run_name("shapes", 1, {}) == "shapes-1"
 
 
 def test_objective_value():

@@ -3,10 +3,11 @@
     MetricsLog("runs/x/metrics.jsonl")        # rows {"step": 10, "train/loss": 0.12, "val/fid": 80.1, ...}
     rows = read_metrics("runs/x/metrics.jsonl")
 
-A row holds every scalar in `trainer.callback_metrics` (the latest value of each key): it is written every
-`trainer.log_every_n_steps` steps, whenever a `val/` metric changes (an FID evaluation) and at the end of
-training, by rank 0, flushed line by line so a run that dies keeps what it logged. Sweeps add it to every job
-(ldm/sweep.py): the sweep report and the value an Optuna sweeper minimises read it, offline.
+A row holds every scalar in `trainer.callback_metrics`, the latest value of each key, with `val/` keys only in
+the row of the step they were measured at (an evaluation at the end of training adds a row of its own). Rank 0
+writes one every `trainer.log_every_n_steps` steps, after every evaluation (an FID) and at the end, flushed
+line by line so a run that dies keeps what it logged. Every run of `python -m ldm.train` has it (ldm/sweep.py
+adds it): a sweep's report and the value an Optuna sweeper minimises read it, offline.
 """
 
 from __future__ import annotations
@@ -43,9 +44,14 @@ class MetricsLog(pl.Callback):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a")
 
-    def _write(self, trainer):
+    def _write(self, trainer, only_val: bool = False):
         row = _scalars(trainer.callback_metrics)
-        self._last_val = {k: v for k, v in row.items() if k.startswith("val/")}
+        val = {k: v for k, v in row.items() if k.startswith("val/")}
+        if only_val:
+            row = val
+        elif val == self._last_val:  # no evaluation since the last row: its values belong to an earlier step
+            row = {k: v for k, v in row.items() if k not in val}
+        self._last_val = val
         self._last_step = trainer.global_step
         # JSON has no NaN/inf: a diverged loss is written as null rather than breaking the file
         row = {k: (v if math.isfinite(v) else None) for k, v in row.items()}
@@ -63,8 +69,10 @@ class MetricsLog(pl.Callback):
         if self._file is None:
             return
         val = {k: v for k, v in _scalars(trainer.callback_metrics).items() if k.startswith("val/")}
-        if trainer.global_step != self._last_step or val != self._last_val:  # e.g. the FID at the end
+        if trainer.global_step != self._last_step:
             self._write(trainer)
+        elif val != self._last_val:  # an evaluation at the end of training, after this step's row
+            self._write(trainer, only_val=True)
 
     def teardown(self, trainer, pl_module, stage):
         if self._file is not None:
