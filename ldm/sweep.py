@@ -89,10 +89,10 @@ def swept_keys(task_overrides: list[str], sweeper_params: dict | None = None) ->
     return keys + [k for k in (sweeper_params or {}) if k not in keys and k not in fixed]
 
 
-def job_params(job_overrides: list[str], keys: list[str]) -> dict:
-    """This job's value of each swept key, from its own overrides: {"optim.lr": 0.0001, ...}."""
+def job_params(job_overrides: list[str], keys: list[str] | None) -> dict:
+    """This job's value of each swept key (None: of every key it overrides): {"optim.lr": 0.0001, ...}."""
     parsed = {o.key_or_group: o for o in OverridesParser.create().parse_overrides(list(job_overrides))}
-    return {key: parsed[key].value() for key in keys if key in parsed}
+    return {key: parsed[key].value() for key in (parsed if keys is None else keys) if key in parsed}
 
 
 def format_params(params: dict) -> str:
@@ -138,16 +138,22 @@ class SweepCallback(Callback):
 
 
 # --- one job ---------------------------------------------------------------------------------------------
+def check_objective(objective: DictConfig | dict | None) -> bool:
+    """Whether a run has an objective; a clear error for a bad one (before training, not after)."""
+    if not objective or not objective.get("metric"):
+        return False
+    if objective.get("reduce") not in ("best", "last"):
+        raise ValueError(f"objective.reduce must be best or last, got {objective.get('reduce')!r}")
+    if objective.get("direction") not in ("minimize", "maximize"):
+        raise ValueError(f"objective.direction must be minimize or maximize, got {objective.get('direction')!r}")
+    return True
+
+
 def objective_value(objective: DictConfig | dict | None, final: dict, rows: list[dict]) -> float | None:
     """The value a sweeper optimises: ``objective.metric``'s best (``reduce: best``) or last value in the run."""
-    if not objective or not objective.get("metric"):
+    if not check_objective(objective):
         return None
-    metric, reduce, direction = objective["metric"], objective.get("reduce", "best"), objective.get("direction",
-                                                                                                   "minimize")
-    if reduce not in ("best", "last"):
-        raise ValueError(f"objective.reduce must be best or last, got {reduce!r}")
-    if direction not in ("minimize", "maximize"):
-        raise ValueError(f"objective.direction must be minimize or maximize, got {direction!r}")
+    metric, reduce, direction = objective["metric"], objective["reduce"], objective["direction"]
     values = [row[metric] for row in rows if row.get(metric) is not None]
     if metric in final:
         values.append(final[metric])
@@ -160,7 +166,7 @@ def objective_value(objective: DictConfig | dict | None, final: dict, rows: list
 
 
 def _worst(objective) -> float | None:
-    if not objective or not objective.get("metric"):
+    if not check_objective(objective):
         return None
     return -math.inf if objective.get("direction") == "maximize" else math.inf
 
@@ -176,11 +182,9 @@ def _sweep_job(cfg: DictConfig) -> dict | None:
     except FileNotFoundError:  # no SweepCallback in the hydra config: every override of the job is a parameter
         sweep = {"group": f"{cfg.name}-{sweep_dir.name}", "params": None}
     overrides = list(hydra.overrides.task)
-    keys = sweep["params"] if sweep["params"] is not None else [o.split("=", 1)[0].lstrip("+~") for o in overrides]
-    num = int(hydra.job.num)
-    output_dir = Path(hydra.runtime.output_dir)
-    return {"num": num, "dir": os.path.relpath(output_dir, sweep_dir), "sweep_dir": sweep_dir,
-            "group": sweep["group"], "params": job_params(overrides, keys), "overrides": overrides}
+    return {"num": int(hydra.job.num), "dir": os.path.relpath(hydra.runtime.output_dir, sweep_dir),
+            "sweep_dir": sweep_dir, "group": sweep["group"], "params": job_params(overrides, sweep["params"]),
+            "overrides": overrides}
 
 
 def _train(cfg: DictConfig, train_fn: Callable[[DictConfig], dict]) -> dict:
@@ -206,6 +210,7 @@ def run_job(cfg: DictConfig, train_fn: Callable[[DictConfig], dict]) -> float | 
                 cfg.logger.group = cfg.logger.group or job["group"]
                 cfg.logger.name = name
     objective = cfg.get("objective")
+    check_objective(objective)
     if job is None:
         metrics = _train(cfg, train_fn)
         return objective_value(objective, metrics, read_metrics(Path(cfg.paths.output_dir) / METRICS))

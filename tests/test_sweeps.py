@@ -186,9 +186,11 @@ def test_swept_keys_and_job_params():
     params = job_params(["optim.lr=0.0003", "trainer.max_steps=2", "+diffusion.min_snr_gamma=5",
                          "diffusion.cfg_dropout=0.05"], keys)
     assert params == {"optim.lr": 3e-4, "diffusion.min_snr_gamma": 5, "diffusion.cfg_dropout": 0.05}
-    assert run_name("shapes", 2, params) == "shapes-2 optim.lr=0.0003,diffusion.min_snr_gamma=5,diffusion.cfg_dropout=0.05"
+    assert run_name("shapes", 2, params) == ("shapes-2 optim.lr=0.0003,diffusion.min_snr_gamma=5,"
+                                             "diffusion.cfg_dropout=0.05")
     assert run_name("shapes", 0, {"optim.lr": 0.00012520653814999459}) == "shapes-0 optim.lr=0.0001252"
     assert run_name("shapes", 1, {}) == "shapes-1"
+    assert job_params(["optim.lr=0.0003", "+trainer.max_steps=2"], None) == {"optim.lr": 3e-4, "trainer.max_steps": 2}
 
 
 def test_objective_value():
@@ -204,6 +206,8 @@ def test_objective_value():
         objective_value({**fid, "metric": "val/kid"}, {}, rows)
     with pytest.raises(ValueError, match="objective.reduce must be best or last"):
         objective_value({**fid, "reduce": "mean"}, {}, rows)
+    with pytest.raises(ValueError, match="objective.direction must be minimize or maximize"):
+        objective_value({**fid, "direction": "down"}, {}, rows)
     assert math.isinf(objective_value({**fid, "metric": "train/loss", "reduce": "last"}, {"train/loss": math.inf},
                                       rows))
 
