@@ -20,10 +20,9 @@ from PIL import Image
 from ldm.launch import ranks_to_launch
 from ldm.lightning.metrics_log import read_metrics
 from ldm.report import main as report_main
-from ldm.sweep import job_params, objective_value, run_job, run_name, swept_keys
-from ldm.train import train
+from ldm.sweep import job_params, objective_value, run_name, swept_keys
 from ldm.utils.wandb_offline import config, history, run_files, run_info
-from tiny import CONF, TINY, TINY_UNET, compose_config, make_tiny_root
+from tiny import CONF, TINY, TINY_UNET, make_tiny_root
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +47,11 @@ def _job_dirs(sweep):
 
 # --- through the CLI ------------------------------------------------------------------------------------
 def test_ddp_sweep_gives_one_run_per_job_and_marks_the_failed_one(tiny_root, tmp_path):
-    """2 jobs x 2 gloo ranks; the first job fails at train time (AdamW refuses lr=-1), the second still runs."""
+    """2 jobs x 2 gloo ranks; the first job fails at train time (AdamW refuses lr=-1), the second still runs
+    and returns its FID (measured at step 2 of 3) as the objective."""
     sweep = tmp_path / "lr_sweep"
-    out = ldm_train(tmp_path, "-m", *tiny_args(tiny_root), "callbacks.fid=null", "logger=wandb",
+    out = ldm_train(tmp_path, "-m", *tiny_args(tiny_root), "logger=wandb", "trainer.max_steps=3",
+                    "callbacks.fid.every_n_steps=2", "callbacks.fid.at_end=false", "objective.metric=val/fid",
                     "trainer.devices=2", "trainer.strategy=ddp", "optim.lr=-1,1e-4", f"hydra.sweep.dir={sweep}")
     assert out.returncode == 0, out.stderr[-4000:]
     log = out.stdout + out.stderr
@@ -64,8 +65,15 @@ def test_ddp_sweep_gives_one_run_per_job_and_marks_the_failed_one(tiny_root, tmp
     assert (failed["num"], failed["status"], failed["params"]) == (0, "failed", {"optim.lr": -1.0})
     assert "Invalid learning rate" in failed["error"] and failed["error"].startswith("RanksFailed: rank ")
     assert (done["num"], done["status"], done["params"]) == (1, "completed", {"optim.lr": 1e-4})
-    assert done["metrics"]["train/images_seen"] == 2 * 4 * 2  # 2 ranks x batch 4 x 2 steps: both ranks trained
-    assert (sweep / "0" / "error.txt").is_file()
+    assert done["metrics"]["train/images_seen"] == 2 * 4 * 3  # 2 ranks x batch 4 x 3 steps: both ranks trained
+    assert (sweep / "0" / "error.txt").is_file() and "objective" not in failed
+
+    # the FID callback's own record of its evaluation, the metrics log and the objective agree
+    (evaluation,) = json.loads((sweep / "1" / "fid" / "history.json").read_text())
+    rows = read_metrics(sweep / "1" / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [1, 2, 3]  # every step (trainer.log_every_n_steps=1), rank 0 only
+    assert ["val/fid" in row for row in rows] == [False, True, False]  # at the step it was measured, once
+    assert rows[1]["val/fid"] == pytest.approx(evaluation["val/fid"]) == done["objective"]
 
     runs = {f.relative_to(sweep).parts[0]: f for f in run_files(sweep)}
     assert sorted(runs) == ["0", "1"]  # one W&B run per job, in the job's own directory (rank 0 only)
@@ -78,13 +86,16 @@ def test_ddp_sweep_gives_one_run_per_job_and_marks_the_failed_one(tiny_root, tmp
         assert logged["optim"]["lr"] == job["params"]["optim.lr"]
         assert logged["sweep"] == {"group": index["group"], "job": job["num"], "params": job["params"]}
         assert logged["trainer"]["devices"] == 2
-    assert max(row.get("train/images_seen", 0) for row in history(runs["1"])) == 16
+    assert max(row.get("train/images_seen", 0) for row in history(runs["1"])) == 24
 
     report_main([str(sweep)])
     lines = (sweep / "report.md").read_text().splitlines()
-    assert lines[0].startswith("| job | status | optim.lr |")
-    assert lines[2].startswith("| 0 | failed | -1 |") and "Invalid learning rate" in lines[2]
-    assert lines[3].startswith("| 1 | completed | 0.0001 |")
+    assert lines[0].startswith("| job | status | optim.lr | val/fid best | val/fid final |")
+    assert lines[2].startswith("| 0 | failed | -1 |  |  |") and "Invalid learning rate" in lines[2]
+    fid = f"{done['objective']:.4g}"
+    assert lines[3].startswith(f"| 1 | completed | 0.0001 | {fid} | {fid} |")
+    with Image.open(sweep / "fid_curves.png") as png:
+        assert png.size == (700, 450)
 
 
 @pytest.mark.slow  # three processes that import everything, four FID evaluations: ~2 min on 2 cores
@@ -133,21 +144,6 @@ def _csv_rows(path):
 
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-def test_a_run_returns_its_fid_and_logs_each_evaluation_once(tiny_root, tmp_path):
-    """In process (no sweep): run_job adds the metrics log and returns objective.metric's value."""
-    cfg = compose_config(tiny_root, tmp_path, ["logger=none", "callbacks.export=null", "trainer.max_steps=3",
-                                               "callbacks.fid.every_n_steps=2", "callbacks.fid.at_end=false",
-                                               "objective.metric=val/fid"])
-    value = run_job(cfg, train)
-    evaluations = json.loads((tmp_path / "fid" / "history.json").read_text())  # the FID callback's own record
-    assert [row["step"] for row in evaluations] == [2]
-    rows = read_metrics(tmp_path / "metrics.jsonl")
-    assert [row["step"] for row in rows] == [1, 2, 3]  # every step (trainer.log_every_n_steps=1)
-    assert all("train/loss" in row for row in rows)
-    assert ["val/fid" in row for row in rows] == [False, True, False]  # at the step it was measured, once
-    assert rows[1]["val/fid"] == pytest.approx(evaluations[0]["val/fid"]) == value
 
 
 def test_report_refuses_a_directory_that_is_not_a_sweep(tmp_path, capsys):
