@@ -4,6 +4,7 @@
     python -m ldm.train experiment=shapes trainer.max_steps=50 logger=csv
     python -m ldm.train experiment=shapes ckpt_path=runs/.../checkpoints/last.ckpt   # resume
     python -m ldm.train experiment=shapes resume=auto     # continue the newest valid checkpoint of this run
+    python -m ldm.train -m experiment=shapes optim.lr=1e-4,3e-4                     # a sweep (ldm/sweep.py)
 
 Every run writes its checkpoints, samples and resolved config under its own Hydra run directory.
 """
@@ -22,6 +23,7 @@ from pytorch_lightning.loggers import WandbLogger
 from ldm.lightning.checkpoint import CheckpointError
 from ldm.lightning.preemption import Preempted
 from ldm.lightning.resume import resolve_resume
+from ldm.sweep import run_job
 from ldm.utils.secrets import redact, redact_argv, redact_files
 from ldm.validate import ConfigError, validate_config
 
@@ -47,7 +49,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()
@@ -55,7 +57,7 @@ def main(cfg: DictConfig) -> None:
     if hydra_cfg.output_subdir:
         redact_files(Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir)
     try:
-        train(cfg)
+        return run_job(cfg, train)  # sweeps (ldm/sweep.py): W&B group, job index, DDP ranks, failures, objective
     except (ConfigError, CheckpointError) as error:
         sys.exit(f"error: {error}")
     except Preempted as preempted:

@@ -1,0 +1,94 @@
+"""Every run's metrics as JSON lines in its own directory, whatever the logger (W&B, CSV or none).
+
+    MetricsLog("runs/x/metrics.jsonl")        # rows {"step": 10, "train/loss": 0.12, "val/fid": 80.1, ...}
+    rows = read_metrics("runs/x/metrics.jsonl")
+
+A row holds every scalar in `trainer.callback_metrics`, the latest value of each key, with `val/` keys only in
+the row of the step they were measured at (an evaluation at the end of training adds a row of its own). Rank 0
+writes one every `trainer.log_every_n_steps` steps, after every evaluation (an FID) and at the end, flushed
+line by line so a run that dies keeps what it logged. Every run of `python -m ldm.train` has it (ldm/sweep.py
+adds it): a sweep's report and the value an Optuna sweeper minimises read it, offline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+
+def _scalars(metrics: dict) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                continue
+            value = value.item()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = float(value)
+    return out
+
+
+class MetricsLog(pl.Callback):
+    def __init__(self, path: str):
+        self.path = Path(path)
+        self._file = None
+        self._last_val: dict[str, float] = {}
+        self._last_step = -1
+
+    def on_fit_start(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a")
+
+    def _write(self, trainer, only_val: bool = False):
+        row = _scalars(trainer.callback_metrics)
+        val = {k: v for k, v in row.items() if k.startswith("val/")}
+        if only_val:
+            row = val
+        elif val == self._last_val:  # no evaluation since the last row: its values belong to an earlier step
+            row = {k: v for k, v in row.items() if k not in val}
+        self._last_val = val
+        self._last_step = trainer.global_step
+        # JSON has no NaN/inf: a diverged loss is written as null rather than breaking the file
+        row = {k: (v if math.isfinite(v) else None) for k, v in row.items()}
+        self._file.write(json.dumps({"step": trainer.global_step, **row}) + "\n")
+        self._file.flush()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._file is None:
+            return
+        val = {k: v for k, v in _scalars(trainer.callback_metrics).items() if k.startswith("val/")}
+        if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0 or val != self._last_val:
+            self._write(trainer)
+
+    def on_train_end(self, trainer, pl_module):
+        if self._file is None:
+            return
+        val = {k: v for k, v in _scalars(trainer.callback_metrics).items() if k.startswith("val/")}
+        if trainer.global_step != self._last_step:
+            self._write(trainer)
+        elif val != self._last_val:  # an evaluation at the end of training, after this step's row
+            self._write(trainer, only_val=True)
+
+    def teardown(self, trainer, pl_module, stage):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a `metrics.jsonl` (none when the file does not exist); a torn last line is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # the line a killed run was writing
+    return rows
