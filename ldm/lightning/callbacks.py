@@ -165,3 +165,15 @@ class ExportVAE(pl.Callback):
     def on_fit_end(self, trainer, pl_module):
         pl_module.export(self.out_dir, trainer.datamodule.train_dataloader(), self.max_batches)
         rank_zero_info(f"exported VAE (scaling_factor={pl_module.vae.config.scaling_factor:.4f}) -> {self.out_dir}")
+
+
+class ExportOpenCLIP(pl.Callback):
+    """At the end of fit, write the CLIP as an open_clip directory (`open_clip_config.json` + safetensors)."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    @rank_zero_only
+    def on_fit_end(self, trainer, pl_module):
+        pl_module.export(self.out_dir)
+        rank_zero_info(f"exported open_clip model -> {self.out_dir} (open_clip: 'local-dir:{self.out_dir}')")

@@ -7,7 +7,7 @@ from the validation shards, image i with caption i and seed ``seed + i`` (the sa
 many ranks: rank r makes images r, r + W, ...), with the EMA weights when EMA is on. FID compares them with
 reference statistics of the validation images (computed once, cached on disk, held by rank 0 only, so the
 states torchmetrics sums over ranks count every real image once). Logs `val/fid` (W&B summary: its minimum),
-`val/clip_score` when a CLIP is given, `val/images_seen`, `val/fid_seconds` and a sample grid; at the end of
+`val/clip_score` when a CLIP is given (``clip_model``: an open_clip or HF CLIP directory), `val/images_seen`, `val/fid_seconds` and a sample grid; at the end of
 training writes `fid_curve.png` (FID and CLIP score against images seen) and `fid/history.json`.
 """
 

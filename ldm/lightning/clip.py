@@ -1,0 +1,144 @@
+"""Stage 0: train an open_clip CLIP (vision + text towers) with the contrastive loss, then export it.
+
+Radford et al. 2021: a symmetric cross-entropy over the image-text similarity matrix of a batch, scaled by a
+learned temperature (logit scale, clamped at 100). open_clip's own `ClipLoss` computes it; under DDP it gathers
+the features of every rank (with gradients), so the negatives are the whole global batch.
+
+    model, model_cfg = build_open_clip("ViT-B-32", embed_dim=64, ...)     # ldm.models.clip
+    module = CLIPModule(model, model_cfg)
+    trainer.fit(module, datamodule)          # logs train/loss, train/logit_scale, val/i2t_top1, val/t2i_top1
+    module.export("data/models/clip-shapes")  # open_clip.create_model_and_transforms("local-dir:...") loads it
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ldm.lightning.optim import configure_optimizers
+from ldm.models.clip import save_open_clip_dir
+
+MAX_LOGIT_SCALE = math.log(100)  # CLIP clips the temperature so logits are scaled by at most 100
+
+
+def retrieval_top1(image_features: Tensor, text_features: Tensor, captions: list[str]) -> tuple[float, float]:
+    """Zero-shot retrieval accuracy among all pairs: image -> text and text -> image top-1, where a hit is a
+    retrieved item whose caption is the same string (identical captions are interchangeable)."""
+    logits = image_features @ text_features.T  # (N, N), features L2-normalised
+    ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    caption_ids = torch.tensor([ids[c] for c in captions])  # (N,)
+    i2t = (caption_ids[logits.argmax(1).cpu()] == caption_ids).float().mean()
+    t2i = (caption_ids[logits.argmax(0).cpu()] == caption_ids).float().mean()
+    return float(i2t), float(t2i)
+
+
+class CLIPModule(pl.LightningModule):
+    def __init__(
+        self,
+        clip: tuple[nn.Module, dict],
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        lr_scheduler: Callable[..., Any] | None = None,
+        val_max_images: int = 1000,
+    ):
+        """clip: (open_clip model, its model config), what `ldm.models.clip.build_open_clip` returns."""
+        super().__init__()
+        import open_clip
+
+        self.model, self.model_cfg = clip
+        if not hasattr(self.model, "encode_image") or not hasattr(self.model, "logit_scale"):
+            raise TypeError(f"{type(self.model).__name__} is not an open_clip CLIP model")
+        if "hf_tokenizer_name" in self.model_cfg.get("text_cfg", {}):
+            raise ValueError("CLIPModule trains towers that use open_clip's CLIP BPE tokenizer, not a HF tokenizer")
+        text = getattr(self.model, "text", self.model)
+        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=text.context_length)
+        preprocess = open_clip.get_model_preprocess_cfg(self.model)
+        self.image_size = preprocess["size"]
+        self.register_buffer("mean", torch.tensor(preprocess["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(preprocess["std"]).view(1, 3, 1, 1), persistent=False)
+        self.optimizer_factory = optimizer or torch.optim.AdamW
+        self.lr_scheduler_factory = lr_scheduler
+        self.val_max_images = val_max_images
+        self.run_config: dict | None = None
+        self._val: list[tuple[Tensor, Tensor, list[str]]] = []
+
+    # --- the towers ------------------------------------------------------------------------
+    def normalize(self, pixel_values: Tensor) -> Tensor:
+        """(B, 3, H, W) in [-1, 1] (the data module's range) -> what open_clip's own preprocessing gives."""
+        size = self.image_size if isinstance(self.image_size, (tuple, list)) else (self.image_size,) * 2
+        if tuple(pixel_values.shape[-2:]) != tuple(size):
+            raise ValueError(f"images are {tuple(pixel_values.shape[-2:])} px, the CLIP's image_size is {tuple(size)}:"
+                             " set data.resolution to match")
+        return ((pixel_values.float() + 1) / 2 - self.mean) / self.std
+
+    def features(self, pixel_values: Tensor, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """L2-normalised image and text embeddings, (B, E) each."""
+        ids = self.tokenizer(list(captions)).to(self.device)
+        image = self.model.encode_image(self.normalize(pixel_values), normalize=True)
+        text = self.model.encode_text(ids, normalize=True)
+        return image, text
+
+    def contrastive_loss(self, pixel_values: Tensor, captions: list[str]) -> Tensor:
+        """open_clip's ClipLoss; under torch.distributed it uses every rank's features as negatives."""
+        from open_clip.loss import ClipLoss
+
+        distributed = dist.is_available() and dist.is_initialized()
+        loss_fn = ClipLoss(gather_with_grad=True, rank=dist.get_rank() if distributed else 0,
+                           world_size=dist.get_world_size() if distributed else 1)
+        image, text = self.features(pixel_values, captions)
+        return loss_fn(image, text, self.model.logit_scale.exp())
+
+    # --- training --------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss = self.contrastive_loss(batch["pixel_values"], batch["caption"])
+        b = len(batch["caption"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        self.log("train/logit_scale", self.model.logit_scale.exp(), batch_size=b)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+    # --- zero-shot retrieval on the held-out shards ------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val = []
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if sum(len(c) for _, _, c in self._val) >= self.val_max_images:
+            return
+        image, text = self.features(batch["pixel_values"], batch["caption"])
+        self._val.append((image, text, list(batch["caption"])))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val:
+            return
+        image = torch.cat([i for i, _, _ in self._val])[: self.val_max_images]
+        text = torch.cat([t for _, t, _ in self._val])[: self.val_max_images]
+        captions = [c for _, _, cs in self._val for c in cs][: self.val_max_images]
+        i2t, t2i = retrieval_top1(image, text, captions)
+        # every rank sees the whole val set (ShardDataModule), so every rank computes the same numbers
+        self.log_dict({"val/i2t_top1": i2t, "val/t2i_top1": t2i, "val/retrieval_chance": 1 / len(set(captions))},
+                      batch_size=len(captions))
+        self._val = []
+
+    def configure_optimizers(self):
+        # CLIP's recipe: no weight decay on gains, biases, embeddings' scale and the temperature
+        decay = [p for p in self.model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return configure_optimizers(groups, self.optimizer_factory, self.lr_scheduler_factory)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.run_config is not None:
+            checkpoint["config"] = self.run_config
+
+    def export(self, out_dir: str | Path) -> Path:
+        """An open_clip model directory: `open_clip.create_model_and_transforms(f"local-dir:{out_dir}")`."""
+        return save_open_clip_dir(self.model, self.model_cfg, out_dir)
