@@ -59,3 +59,8 @@ $(DATA)/cifar10/%/manifest.json: | .venv/.installed
 
 .PHONY: cifar10
 cifar10: $(DATA)/cifar10/train/manifest.json $(DATA)/cifar10/test/manifest.json
+
+# --- GPU training throughput of an SD-1.5-shaped model vs a diffusers-example-style step (docs/benchmarks.md) ---
+.PHONY: bench
+bench: .venv/.installed
+	$(PY) scripts/bench_train.py $(ARGS)
