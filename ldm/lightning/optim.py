@@ -30,11 +30,12 @@ def configure_optimizers(
     return {"optimizer": opt, "lr_scheduler": {"scheduler": lr_scheduler(optimizer=opt), "interval": "step"}}
 
 
-def _with_fused_default(optimizer: Callable[..., Any], params: list[torch.nn.Parameter]) -> Callable[..., Any]:
+def _with_fused_default(optimizer: Callable[..., Any], params: list) -> Callable[..., Any]:
     if not isinstance(optimizer, functools.partial) or optimizer.keywords.get("fused", False) is not None:
         return optimizer
     keywords = dict(optimizer.keywords)
     del keywords["fused"]
-    if params and all(p.is_cuda for p in params) and "fused" in inspect.signature(optimizer.func).parameters:
+    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]  # params or param groups
+    if tensors and all(t.is_cuda for t in tensors) and "fused" in inspect.signature(optimizer.func).parameters:
         keywords["fused"] = True
     return functools.partial(optimizer.func, *optimizer.args, **keywords)
