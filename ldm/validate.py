@@ -86,6 +86,8 @@ def _text_width(text_encoder: DictConfig) -> int | None:
 
         arch = _get(text_encoder, "arch", prefix="model.text_encoder")
         pretrained = _get(text_encoder, "pretrained", prefix="model.text_encoder")
+        if str(arch).startswith("local-dir:") and not (Path(str(arch)[len("local-dir:"):]) / "open_clip_config.json").is_file():
+            raise ConfigError(f"model.text_encoder.arch={arch}: no open_clip model directory (open_clip_config.json) there")
         config = open_clip.get_model_config(arch)
         if config is None:
             raise ConfigError(f"model.text_encoder.arch={arch}: not an open_clip architecture")

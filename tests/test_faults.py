@@ -413,7 +413,9 @@ def test_an_infinite_gradient_of_a_finite_loss_is_skipped(guarded):
 
 @pytest.mark.parametrize("override,message", [
     ("model.vae.path=/nonexistent/vae", r"^model\.vae\.path=/nonexistent/vae: no such model directory$"),
-    ("model.text_encoder.path=/nonexistent/clip", r"^model\.text_encoder\.path=/nonexistent/clip: no such model"),
+    ("model/text_encoder=hf_clip model.text_encoder.path=/nonexistent/clip",
+     r"^model\.text_encoder\.path=/nonexistent/clip: no such model"),
+    ("paths.clip_dir=/nonexistent/clip", r"^model\.text_encoder\.arch=local-dir:/nonexistent/clip: no open_clip model"),
     ("data.resolution=17", r"^data\.resolution=17 is not a multiple of the VAE's downsampling factor 2"),
     ("model.unet.cross_attention_dim=48", r"^model\.unet\.cross_attention_dim=48 does not match the text encoder's "
                                           r"hidden size 32"),
@@ -425,7 +427,7 @@ def test_an_infinite_gradient_of_a_finite_loss_is_skipped(guarded):
     ("data.batch_size=64", r"^data\.batch_size=64 is larger than the 48 samples of data\.train_shards="),
 ])  # fmt: skip
 def test_invalid_config_is_one_line_naming_the_setting(tiny_root, tmp_path, override, message):
-    cfg = compose_config(tiny_root, tmp_path, [override])
+    cfg = compose_config(tiny_root, tmp_path, override.split(" "))
     start = time.monotonic()
     with pytest.raises(ConfigError, match=message) as caught:
         validate_config(cfg)
