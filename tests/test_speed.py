@@ -52,3 +52,29 @@ def test_channels_last_gives_the_same_loss(root, tmp_path):
         torch.manual_seed(0)
         losses.append(module.diffusion_step(latents, cond).item())
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+class SleepAtEnd(__import__("pytorch_lightning").Callback):
+    """Stands in for slow end-of-fit work (Lightning's final checkpoint of a large model)."""
+
+    def on_train_end(self, trainer, pl_module):
+        import time
+
+        time.sleep(3.0)
+
+
+def test_step_timer_times_only_the_steps_after_warm_up(root, tmp_path):
+    import json
+
+    out = tmp_path / "timer.json"
+    cfg = compose_config(root, tmp_path, [
+        "logger=none", "trainer.max_steps=3", "~callbacks.fid", "~callbacks.export", "~callbacks.sample_grid",
+        "+callbacks.end._target_=tests.test_speed.SleepAtEnd",  # runs before the timer's on_train_end
+        "+callbacks.timer._target_=ldm.lightning.callbacks.StepTimer", "+callbacks.timer.warmup=1",
+        f"+callbacks.timer.out={out}",
+    ])  # fmt: skip
+    train(cfg)
+    result = json.loads(out.read_text())
+    assert result["steps"] == 2 and result["batch_size"] == 4 and result["world_size"] == 1
+    assert result["step_seconds"] < 1.5  # the 3 s of end-of-fit work is outside the window
+    assert result["images_per_sec"] == pytest.approx(4 / result["step_seconds"], rel=1e-6)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from ldm.data.datamodule import ShardDataModule
 from ldm.data.health import DataHealth
-from ldm.data.shards import _write_manifest_file, shard_record
+from ldm.data.shards import IMAGE_EXTENSIONS, ShardSink, _write_manifest_file
 from ldm.data.transforms import ImageTransform, to_model_range
 from ldm.data.webdataset import (
     ReadShards,
@@ -89,7 +89,7 @@ class _SourceSamples:
     def __call__(self, samples):
         for sample in samples:
             try:
-                data = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
+                data = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
                 if data is None:
                     raise ValueError("no image")
                 texts = {e: _decode_text(sample[e]) for e in ("txt", "json") if e in sample}
@@ -157,44 +157,27 @@ def precompute_latents(
         wds.batched(batch_size, collation_fn=_collate_source, partial=True),
     )
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=min(num_workers, len(urls)))
-    shards, writer, tmp, count = [], None, None, 0
+    shards: list[dict] = []
+    latent_shape = None
     total = sum(shard_counts(urls).values()) or None
-    bar = tqdm(total=total, desc=f"encoding -> {out}", unit="img", disable=not progress)
-    try:
+    with ShardSink(out, shards) as sink, tqdm(total=total, desc=f"encoding -> {out}", unit="img",
+                                              disable=not progress) as bar:  # fmt: skip
         for batch in loader:
             for key, arrays in zip(batch["key"], encode_batch(vae, text_encoder, batch["pixels"], batch["captions"], flip)):
-                if writer is None:
-                    tmp = out / f"{len(shards):06d}.tar.tmp"
-                    writer = wds.TarWriter(str(tmp), encoder=False)
+                latent_shape = latent_shape or list(arrays["mean.npy"].shape)
                 record = {"__key__": key, "json": json.dumps(arrays.pop("json")).encode()}
                 record.update({name: npy_bytes(a) for name, a in arrays.items()})
-                writer.write(record)
-                count += 1
-                if count == samples_per_shard:
-                    writer.close()
-                    os.replace(tmp, tmp.with_suffix(""))
-                    shards.append(shard_record(tmp.with_suffix("")))
-                    writer, count = None, 0
+                sink.write(record)
+                if sink.count == samples_per_shard:
+                    sink.finish()
             bar.update(len(batch["key"]))
-    except BaseException:
-        if writer is not None:  # never publish a half-written shard
-            writer.close()
-            tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        bar.close()
-    if writer is not None:
-        writer.close()
-        os.replace(tmp, tmp.with_suffix(""))
-        shards.append(shard_record(tmp.with_suffix("")))
     if not shards:
         raise ValueError(f"{image_shards}: no sample could be encoded")
     empty = text_encoder.encode([""]).half().cpu().numpy()  # (1, L, D)
     np.save(out / EMPTY, empty, allow_pickle=False)
-    latent = np.load(io.BytesIO(_first_member(shards, out, "mean.npy")), allow_pickle=False)
     meta = {
         "resolution": resolution,
-        "latent_shape": list(latent.shape),
+        "latent_shape": latent_shape,
         "text_shape": list(empty.shape[1:]),
         "flip": flip,
         "scaling_factor": vae.config.scaling_factor,
@@ -206,14 +189,6 @@ def precompute_latents(
     manifest = {"shards": shards, "total": sum(s["count"] for s in shards), "image_format": "latents"}
     _write_manifest_file(out, manifest)
     return manifest
-
-
-def _first_member(shards: list[dict], out: Path, suffix: str) -> bytes:
-    import tarfile
-
-    with tarfile.open(out / shards[0]["name"]) as tar:
-        member = next(m for m in tar if m.name.endswith("." + suffix))
-        return tar.extractfile(member).read()
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -303,5 +278,5 @@ class LatentShardDataModule(ShardDataModule):
 
 
 def latent_samples(urls) -> Iterator[dict]:
-    """Every sample of latent shards in order, unflipped, first caption (for checks and tests)."""
+    """Every sample of latent shards in shard order, unflipped (captions chosen as in training)."""
     return iter(make_latent_dataset(urls, random_flip=False, shuffle_buffer=0, shardshuffle=False))

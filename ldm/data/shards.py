@@ -238,6 +238,45 @@ def _complete_shards(out_dir: Path) -> list[Path]:
     return done
 
 
+class ShardSink:
+    """Writes samples into tar shards `000000.tar, ...` under `out_dir`, each as `*.tar.tmp` renamed to its
+    final name only when `finish()` closes it; `abort()` drops an unfinished one. Published shards' records
+    (name, count, bytes, sha256) are appended to `records`. As a context manager it finishes the last shard,
+    or aborts it when an exception (a crash, Ctrl-C) ends the block."""
+
+    def __init__(self, out_dir: Path, records: list[dict]):
+        self.out_dir, self.records = out_dir, records
+        self.writer, self.tmp_path, self.count = None, None, 0
+
+    def write(self, sample: dict) -> None:
+        if self.writer is None:
+            self.tmp_path = self.out_dir / f"{len(self.records):06d}.tar.tmp"
+            self.writer = wds.TarWriter(str(self.tmp_path), encoder=False)
+        self.writer.write(sample)
+        self.count += 1
+
+    def finish(self) -> None:
+        if self.writer is None:
+            return
+        self.writer.close()
+        final = self.tmp_path.with_suffix("")  # 000000.tar.tmp -> 000000.tar
+        os.replace(self.tmp_path, final)
+        self.records.append(shard_record(final))
+        self.writer, self.count = None, 0
+
+    def abort(self) -> None:
+        if self.writer is not None:  # never publish a half-written shard
+            self.writer.close()
+            self.tmp_path.unlink(missing_ok=True)
+            self.writer, self.count = None, 0
+
+    def __enter__(self) -> "ShardSink":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:  # the last shard is published, unless an error ends the writing
+        self.abort() if exc_type is not None else self.finish()
+
+
 def write_shards(
     samples: Iterable[tuple[str, ImageLike, str]],
     out_dir: str | os.PathLike,
@@ -283,18 +322,9 @@ def write_shards(
 
     seen: set[str] = set()
     skipped = 0
-    writer, tmp_path, count, size = None, None, 0, 0
-
-    def finish_shard() -> None:
-        nonlocal writer, count, size
-        writer.close()
-        final = tmp_path.with_suffix("")  # 000000.tar.tmp -> 000000.tar
-        os.replace(tmp_path, final)
-        shards.append(shard_record(final))
-        writer, count, size = None, 0, 0
-
-    bar = tqdm(samples, total=total, desc=f"writing {out_dir}", unit="img", disable=not progress)
-    try:
+    size = 0
+    with ShardSink(out_dir, shards) as sink, tqdm(samples, total=total, desc=f"writing {out_dir}", unit="img",
+                                                   disable=not progress) as bar:  # fmt: skip
         for key, image, caption in bar:
             if not key or "." in key or key.startswith("_") or key in seen:
                 raise ValueError(f"bad sample key {key!r}: must be unique, non-empty, no '.', not start with '_'")
@@ -307,25 +337,13 @@ def write_shards(
                 warnings.warn(f"{out_dir}: skipping sample {key} ({error!r})", stacklevel=2)
                 skipped += 1
                 continue
-            if writer is None:
-                tmp_path = out_dir / f"{len(shards):06d}.tar.tmp"
-                writer = wds.TarWriter(str(tmp_path), encoder=False)
             text = caption.encode("utf-8")
-            writer.write({"__key__": key, extension: data, "txt": text})
+            sink.write({"__key__": key, extension: data, "txt": text})
             size += _tar_bytes(len(data)) + _tar_bytes(len(text))
-            count += 1
-            if count >= samples_per_shard or (max_shard_bytes is not None and size >= max_shard_bytes):
-                finish_shard()
+            if sink.count >= samples_per_shard or (max_shard_bytes is not None and size >= max_shard_bytes):
+                sink.finish()
+                size = 0
             bar.set_postfix(shards=len(shards), skipped=skipped, refresh=False)
-    except BaseException:
-        if writer is not None:  # don't publish the half-written shard
-            writer.close()
-            tmp_path.unlink(missing_ok=True)
-        raise
-    finally:
-        bar.close()
-    if writer is not None:
-        finish_shard()
     if not shards:
         raise ValueError(f"{out_dir}: no samples to write")
 
