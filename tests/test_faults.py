@@ -342,11 +342,13 @@ def _with_callbacks(monkeypatch, *extra):
     monkeypatch.setattr(train_module, "instantiate", instantiate)
 
 
-def test_a_nan_batch_skips_the_step_and_is_counted(tiny_root, tmp_path, monkeypatch):
+# fused=true: the fused AdamW (the GPU default) skips on the device through `found_inf`, no host sync
+@pytest.mark.parametrize("fused", ["null", "true"])
+def test_a_nan_batch_skips_the_step_and_is_counted(tiny_root, tmp_path, monkeypatch, fused):
     from fault_helpers import PoisonBatches
 
     _with_callbacks(monkeypatch, PoisonBatches([1]))  # the batch of step 2
-    metrics = train(compose_config(tiny_root, tmp_path, [*FAST, "trainer.max_steps=3"]))
+    metrics = train(compose_config(tiny_root, tmp_path, [*FAST, "trainer.max_steps=3", f"optim.optimizer.fused={fused}"]))
     assert metrics["train/nonfinite_steps"] == 1.0
     step1 = read_checkpoint(tmp_path / "checkpoints" / "epoch=0-step=1.ckpt")
     step2 = read_checkpoint(tmp_path / "checkpoints" / "epoch=0-step=2.ckpt")
@@ -373,6 +375,23 @@ def test_n_nan_steps_in_a_row_stop_the_run_naming_the_step(tiny_root, tmp_path, 
     assert last["global_step"] == 4
     for key, value in good["state_dict"].items():
         assert torch.equal(last["state_dict"][key], value), key
+
+
+def test_the_fused_path_stops_at_its_next_check_naming_the_step(tiny_root, tmp_path, monkeypatch):
+    from fault_helpers import PoisonBatches
+
+    from ldm.lightning.nonfinite import NonFiniteLossError
+
+    _with_callbacks(monkeypatch, PoisonBatches([2, 3, 4]))
+    cfg = compose_config(tiny_root, tmp_path, [*FAST, "trainer.max_steps=12", "callbacks.nonfinite.max_in_a_row=3",
+                                               "callbacks.nonfinite.check_every_n_steps=4", "optim.optimizer.fused=true"])  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 5, 3 steps in a row"):
+        train(cfg)
+    last = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 7  # stopped at the check after step 8, before its checkpoint; 6-8 were good
+    assert last["callbacks"]["NonFiniteLoss"] == {"skipped": 3, "in_a_row": 0}
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+    assert all(s["step"] == 4 for s in last["optimizer_states"][0]["state"].values())  # 7 steps, 3 skipped
 
 
 @pytest.mark.parametrize("guarded", [True, False])

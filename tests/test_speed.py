@@ -3,6 +3,8 @@ channels_last gives the same loss as the default memory format."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -54,13 +56,46 @@ def test_channels_last_gives_the_same_loss(root, tmp_path):
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
+def test_under_bf16_the_frozen_vae_runs_in_bf16_and_encodes_like_fp32(root, tmp_path):
+    cfg = compose_config(root, tmp_path)
+    module = instantiate(cfg.model, _convert_="all")
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.manual_seed(0)
+    reference = module.encode_images(pixels)  # fp32 VAE
+
+    class Trainer:
+        precision = "bf16-mixed"
+
+    module.trainer = Trainer  # configure_model reads trainer.precision only
+    module.configure_model()
+    assert module.vae.dtype == torch.bfloat16 and module.unet.dtype == torch.float32
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as in training: the VAE turns autocast off for itself
+        latents = module.encode_images(pixels)
+    assert latents.dtype == torch.float32
+    assert torch.allclose(latents, reference, rtol=0.05, atol=0.05 * reference.abs().max().item())
+    assert module.decode_latents(latents).dtype == torch.float32
+
+
 class SleepAtEnd(__import__("pytorch_lightning").Callback):
-    """Stands in for slow end-of-fit work (Lightning's final checkpoint of a large model)."""
+    """Stands in for slow end-of-fit work (Lightning's final checkpoint of a large model), and notes when each
+    training batch starts and ends (an independent clock for the timer's window)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def _note(self, kind: str, step: int) -> None:
+        with open(self.path, "a") as f:
+            f.write(f"{kind} {step} {time.perf_counter()}\n")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._note("start", trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._note("end", trainer.global_step)
 
     def on_train_end(self, trainer, pl_module):
-        import time
-
-        time.sleep(3.0)
+        time.sleep(5.0)
 
 
 def test_step_timer_times_only_the_steps_after_warm_up(root, tmp_path):
@@ -70,11 +105,17 @@ def test_step_timer_times_only_the_steps_after_warm_up(root, tmp_path):
     cfg = compose_config(root, tmp_path, [
         "logger=none", "trainer.max_steps=3", "~callbacks.fid", "~callbacks.export", "~callbacks.sample_grid",
         "+callbacks.end._target_=tests.test_speed.SleepAtEnd",  # runs before the timer's on_train_end
+        f"+callbacks.end.path={tmp_path / 'clock.txt'}",
         "+callbacks.timer._target_=ldm.lightning.callbacks.StepTimer", "+callbacks.timer.warmup=1",
         f"+callbacks.timer.out={out}",
     ])  # fmt: skip
     train(cfg)
+    times = [(kind, int(step), float(t)) for kind, step, t in map(str.split, (tmp_path / "clock.txt").read_text().splitlines())]
     result = json.loads(out.read_text())
     assert result["steps"] == 2 and result["batch_size"] == 4 and result["world_size"] == 1
-    assert result["step_seconds"] < 1.5  # the 3 s of end-of-fit work is outside the window
+    # the window runs from the start of step 2 (after 1 warm-up step) to the end of step 3, and leaves out the
+    # 5 s of end-of-fit work: within 1 s of what the independent clock saw, however slow the steps are
+    first = next(t for kind, step, t in times if kind == "start" and step == 1)
+    last = next(t for kind, step, t in times if kind == "end" and step == 3)
+    assert abs(result["step_seconds"] * 2 - (last - first)) < 1.0
     assert result["images_per_sec"] == pytest.approx(4 / result["step_seconds"], rel=1e-6)

@@ -14,13 +14,15 @@ first use. Training on cached latents (`data=latents`, batches with "latent_mean
 run only loads them when it samples, evaluates or exports.
 
 Speed options (all off by default, harmless on CPU): `channels_last`, `compile` (torch.compile of the
-U-Net in place; True or a dict of torch.compile options such as {"mode": "max-autotune-no-cudagraphs"}),
-`gradient_checkpointing`. Attention goes through PyTorch's scaled_dot_product_attention (diffusers'
+U-Net in place, and of the VAE encoder when it encodes on the fly; True or a dict of torch.compile options
+such as {"mode": "max-autotune-no-cudagraphs"}), `gradient_checkpointing`. `vae_bf16` (on): under bf16 mixed
+precision the frozen VAE runs in plain bf16. Attention goes through PyTorch's scaled_dot_product_attention (diffusers'
 default processor), which picks the flash kernel under bf16 on the GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -29,7 +31,7 @@ import pytorch_lightning as pl
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import Tensor
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from ldm.diffusion import (
     add_noise,
@@ -45,6 +47,7 @@ from ldm.diffusion import alpha_bar as alpha_bar_of
 from ldm.diffusion import betas as make_betas
 from ldm.diffusion import rescale_zero_terminal_snr, snr
 from ldm.data.transforms import to_model_range
+from ldm.lightning.ema import GatedEMA
 from ldm.lightning.optim import configure_optimizers
 from ldm.models.vae import downsample_factor
 
@@ -100,6 +103,7 @@ class LatentDiffusion(pl.LightningModule):
         channels_last: bool = False,
         compile: bool | Mapping[str, Any] = False,
         gradient_checkpointing: bool = False,
+        vae_bf16: bool = True,
     ):
         super().__init__()
         self.unet = unet
@@ -111,6 +115,7 @@ class LatentDiffusion(pl.LightningModule):
             else:
                 self._frozen_factories[name] = part
         self.channels_last = channels_last
+        self.vae_bf16 = vae_bf16
         self.compile_options = ({} if compile is True else dict(compile)) if compile else None
         if gradient_checkpointing:
             unet.enable_gradient_checkpointing()
@@ -133,11 +138,8 @@ class LatentDiffusion(pl.LightningModule):
         self.register_buffer("alpha_bar", alpha_bar_of(b).float(), persistent=False)  # (T,)
 
         # EMA of the U-Net weights (torch's AveragedModel); sampling uses it when present.
-        self.ema = (
-            AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
-            if ema_decay
-            else None
-        )
+        self._ema_fn = GatedEMA(ema_decay) if ema_decay else None
+        self.ema = AveragedModel(unet, multi_avg_fn=self._ema_fn, use_buffers=True) if ema_decay else None
         if self.ema is not None:
             self.ema.requires_grad_(False)
         self._empty_hidden: Tensor | None = None
@@ -159,6 +161,8 @@ class LatentDiffusion(pl.LightningModule):
         factories = self.__dict__.get("_frozen_factories", {})
         if name in factories:
             part = factories.pop(name)().to(self.device)
+            if name == "vae" and self._vae_in_bf16():
+                part.to(torch.bfloat16)
             if name == "text_encoder":
                 self._check_text_width(part.hidden_size, "the text encoder's hidden size")
             self.add_module(name, part)
@@ -171,7 +175,16 @@ class LatentDiffusion(pl.LightningModule):
             self.unet.to(memory_format=torch.channels_last)
         if self.compile_options is not None and not getattr(self, "_compiled", False):
             self.unet.compile(**self.compile_options)  # in place: parameter names (and checkpoints) unchanged
+            if "vae" in self._modules:  # encoding on the fly (cached latents leave the VAE unbuilt)
+                self.vae.encoder.compile(**self.compile_options)
             self._compiled = True
+        if "vae" in self._modules and self._vae_in_bf16():
+            self.vae.to(torch.bfloat16)
+
+    def _vae_in_bf16(self) -> bool:
+        """Under bf16 mixed precision the frozen VAE runs in plain bf16, weights and activations (autocast off),
+        as diffusers' training scripts run it: autocast would keep its GroupNorms in fp32 on full-size activations."""
+        return self.vae_bf16 and self._trainer is not None and "bf16" in str(self.trainer.precision)
 
     # --- frozen encoders -------------------------------------------------------------------
     @property
@@ -186,8 +199,9 @@ class LatentDiffusion(pl.LightningModule):
     @torch.no_grad()
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, H, W) in [-1, 1] (or uint8) -> scaled latents (B, C, H/f, W/f), sampled from the posterior."""
-        posterior = self.vae.encode(to_model_range(pixel_values).to(self.vae.dtype)).latent_dist
-        latents = posterior.sample()
+        with self._vae_precision():
+            posterior = self.vae.encode(to_model_range(pixel_values).to(self.vae.dtype)).latent_dist
+            latents = posterior.sample()
         shift = self.vae.config.shift_factor or 0.0
         return ((latents - shift) * self.vae.config.scaling_factor).float()
 
@@ -196,8 +210,15 @@ class LatentDiffusion(pl.LightningModule):
         """Scaled latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1]."""
         shift = self.vae.config.shift_factor or 0.0
         z = latents / self.vae.config.scaling_factor + shift
-        images = self.vae.decode(z.to(self.vae.dtype)).sample
+        with self._vae_precision():
+            images = self.vae.decode(z.to(self.vae.dtype)).sample
         return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def _vae_precision(self):
+        """Autocast off for a bf16 VAE (plain bf16 throughout); as it is for an fp32 one."""
+        if self.vae.dtype == torch.bfloat16:
+            return torch.autocast(self.device.type, enabled=False)
+        return contextlib.nullcontext()
 
     @torch.no_grad()
     def encode_captions(self, captions: Sequence[str]) -> Tensor:
@@ -239,12 +260,14 @@ class LatentDiffusion(pl.LightningModule):
         return hidden
 
     # --- training --------------------------------------------------------------------------
-    def diffusion_step(self, latents: Tensor, cond: Tensor) -> Tensor:
-        """One denoising loss on latents (B, C, h, w) with conditioning (B, L, D)."""
+    def diffusion_step(self, latents: Tensor, cond: Tensor, noise: Tensor | None = None, t: Tensor | None = None) -> Tensor:
+        """One denoising loss on latents (B, C, h, w) with conditioning (B, L, D); the noise (B, C, h, w) and
+        timesteps (B,) are drawn here unless given."""
         b = latents.shape[0]
-        # randn of the shape, not randn_like: the same noise whatever the memory format (channels_last)
-        noise = offset_noise(torch.randn(latents.shape, device=latents.device), self.offset_noise)
-        t = sample_timesteps(b, self.scheduler_config["num_train_timesteps"], device=latents.device)
+        if noise is None:  # randn of the shape, not randn_like: the same noise whatever the memory format
+            noise = offset_noise(torch.randn(latents.shape, device=latents.device), self.offset_noise)
+        if t is None:
+            t = sample_timesteps(b, self.scheduler_config["num_train_timesteps"], device=latents.device)
         ab = self.alpha_bar[t]  # (B,)
         x_t = add_noise(latents, noise, ab)
         if self.channels_last:
@@ -282,12 +305,21 @@ class LatentDiffusion(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
         return loss
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         # EMA right after the update: a checkpoint saved at this step's end (callbacks run before the
         # module's on_train_batch_end) then holds the EMA of this step too, so resumed runs match. A step
-        # whose gradients were dropped (non-finite loss) updated nothing, and neither does the EMA.
-        if self.ema is not None and any(p.grad is not None for p in self.unet.parameters()):
+        # whose gradients were dropped (non-finite loss) updated nothing, and neither does the EMA; nor does a
+        # step a fused optimizer skipped on the device (`found_inf`, set by NonFiniteLoss): no host sync.
+        if self.ema is None:
+            return
+        found_inf = getattr(getattr(optimizer, "optimizer", optimizer), "found_inf", None)  # LightningOptimizer wraps
+        if found_inf is not None:
+            self._ema_fn.keep = 1 - found_inf
+            self.ema.update_parameters(self.unet)
+            self._ema_fn.keep = None
+            self.ema.n_averaged -= found_inf.to(self.ema.n_averaged)  # a skipped step is not counted either
+        elif any(p.grad is not None for p in self.unet.parameters()):
             self.ema.update_parameters(self.unet)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:

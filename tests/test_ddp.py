@@ -1,0 +1,89 @@
+"""Data-parallel training computes what one device computes on the doubled batch: two DDP ranks (gloo on CPU,
+NCCL on two GPUs) each take half of a batch; their averaged gradients and the weights after a fused-or-not
+AdamW step equal one process's on the whole batch (same latents, captions, noise and timesteps)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ldm.lightning.latent_diffusion import LatentDiffusion
+from ldm.models.unet import build_unet
+
+UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=[16, 32], layers_per_block=1,
+            down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+            norm_num_groups=8, attention_head_dim=4, cross_attention_dim=32)  # fmt: skip
+BATCH = 8  # the whole batch; each of the 2 ranks takes 4
+
+
+def _module(device) -> LatentDiffusion:
+    torch.manual_seed(0)
+    module = LatentDiffusion(build_unet(**UNET), vae=lambda: None, text_encoder=lambda: None,
+                             diffusion=dict(min_snr_gamma=5.0), ema_decay=None)  # frozen parts never built
+    return module.to(device)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(BATCH, 4, 8, 8, generator=g)
+    cond = torch.randn(BATCH, 7, 32, generator=g)
+    noise = torch.randn(BATCH, 4, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (BATCH,), generator=g)
+    return latents, cond, noise, t
+
+
+def _step(module, unet, batch, rows, device, fused):
+    """Loss on the given rows, backward, one AdamW step; returns (gradients, weights after the step)."""
+    latents, cond, noise, t = (x[rows].to(device) for x in batch)
+    module.unet = unet  # (the DDP wrapper on the ranks)
+    module.diffusion_step(latents, cond, noise, t).backward()
+    params = list(module.unet.parameters())
+    grads = [p.grad.detach().cpu().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=fused)
+    optimizer.step()
+    return grads, [p.detach().cpu().clone() for p in params]
+
+
+def _rank(rank, world_size, init_file, backend, fused, out):
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        module = _module(device)
+        ddp = torch.nn.parallel.DistributedDataParallel(module.unet, device_ids=[rank] if device.type == "cuda" else None)
+        half = BATCH // world_size
+        result = _step(module, ddp, _batch(), slice(rank * half, (rank + 1) * half), device, fused)
+        torch.save(result, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _check(tmp_path, backend, fused, device):
+    reference = _module(device)
+    expected = _step(reference, reference.unet, _batch(), slice(0, BATCH), device, fused)
+    out = str(tmp_path / "result")
+    mp.spawn(_rank, args=(2, str(tmp_path / "init"), backend, fused, out), nprocs=2, join=True)
+    for rank in range(2):
+        grads, weights = torch.load(f"{out}.{rank}")
+        for i, (a, b) in enumerate(zip(grads, expected[0])):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * max(1.0, b.abs().max().item()),
+                                       msg=lambda m: f"rank {rank} gradient {i}: {m}")  # fmt: skip
+        # Adam's first step moves each weight by about lr (1e-3) whatever the gradient's size, so gradients
+        # within rounding of zero can move it differently: the weights agree to 1 % of a step
+        for i, (a, b) in enumerate(zip(weights, expected[1])):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=lambda m: f"rank {rank} weight {i}: {m}")
+
+
+def test_two_gloo_ranks_equal_one_process_on_the_doubled_batch(tmp_path):
+    _check(tmp_path, "gloo", False, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpus_equal_one_gpu_on_the_doubled_batch(tmp_path):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    _check(tmp_path, "nccl", True, "cuda:0")
