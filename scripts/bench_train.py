@@ -113,7 +113,7 @@ def ldm_train(work: Path, resolution: int, batch: int, mode: str, steps: int, wa
         "~callbacks.checkpoint", "~callbacks.data_health",
         "+callbacks.timer._target_=ldm.lightning.callbacks.StepTimer", f"+callbacks.timer.warmup={warmup}",
         f"+callbacks.timer.out={out}", f"hydra.run.dir={work}/runs/{out.stem}", f"name=bench-{mode}{resolution}",
-        *(["trainer.strategy=ddp"] if devices > 1 else []), *extra,
+        *(["+trainer/strategy=ddp"] if devices > 1 else []), *extra,
     ]  # fmt: skip
     log = (Path(log_dir) if log_dir else out.parent) / f"{out.stem}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
