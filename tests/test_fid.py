@@ -230,6 +230,32 @@ def test_clip_score_matches_cosine_similarity(tmp_path):
 
 
 # --- during training --------------------------------------------------------------------------------
+def test_the_time_budget_rule():
+    from ldm.lightning.fid_callback import within_budget
+
+    assert within_budget(0.0, None, 0.0, 0.1)  # the first evaluation always runs
+    assert within_budget(10.0, 10.0, 200.0, 0.1) and not within_budget(10.0, 10.0, 199.0, 0.1)
+    assert within_budget(1e9, 1e9, 0.0, None)  # no cap
+
+
+def test_evaluations_are_put_off_to_keep_within_the_time_budget(tmp_path):
+    """Tiny steps take far less than an evaluation: with a 10 % cap only the first due evaluation and the final
+    one run (with no cap, every step's: test_training_logs_fid_to_wandb_and_plots)."""
+    import json
+
+    from tiny import compose_config, make_tiny_root
+
+    from ldm.train import train
+
+    root, run_dir = make_tiny_root(tmp_path / "root"), tmp_path / "run"
+    cfg = compose_config(root, run_dir, ["logger=none", "trainer.max_steps=4", "callbacks.fid.every_n_steps=1",
+                                         "callbacks.fid.max_time_fraction=0.1", "callbacks.export=null"])  # fmt: skip
+    train(cfg)
+    rows = json.loads((run_dir / "fid" / "history.json").read_text())
+    assert [row["step"] for row in rows] == [1, 4]  # steps 2 and 3 were put off
+    assert rows[0]["val/fid_time_fraction"] > 0.1 and rows[1]["val/fid_time_fraction"] > 0.1  # first, final: uncapped
+
+
 def test_training_logs_fid_to_wandb_and_plots(tmp_path, monkeypatch):
     from tiny import compose_config, make_tiny_root
 

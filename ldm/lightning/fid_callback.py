@@ -9,6 +9,11 @@ reference statistics of the validation images (computed once, cached on disk, he
 states torchmetrics sums over ranks count every real image once). Logs `val/fid` (W&B summary: its minimum),
 `val/clip_score` when a CLIP is given (``clip_model``: an open_clip or HF CLIP directory), `val/images_seen`, `val/fid_seconds` and a sample grid; at the end of
 training writes `fid_curve.png` (FID and CLIP score against images seen) and `fid/history.json`.
+
+Cost cap: with ``max_time_fraction`` (default 0.1), an evaluation that falls due is put off to a later due
+point while running it would lift the time spent evaluating above that fraction of the time spent training
+(its cost taken as the last evaluation's). The first and the final evaluation always run. Each evaluation logs
+`val/fid_time_fraction`, the share so far. Rank 0 decides, so all ranks evaluate together.
 """
 
 from __future__ import annotations
@@ -29,6 +34,15 @@ from ldm.metrics.generated import cycle_to, rank_share, update_generated
 from ldm.metrics.plot import plot_curves
 from ldm.metrics.reference import reference_states
 from ldm.utils.images import captioned_grid
+
+
+def within_budget(eval_seconds: float, last_eval_seconds: float | None, train_seconds: float,
+                  fraction: float | None) -> bool:
+    """Whether one more evaluation (costing about `last_eval_seconds`) keeps evaluation time at most
+    `fraction` of training time. No cap, or no evaluation yet to estimate the cost from: yes."""
+    if fraction is None or last_eval_seconds is None:
+        return True
+    return eval_seconds + last_eval_seconds <= fraction * train_seconds
 
 
 class FIDCallback(pl.Callback):
@@ -54,6 +68,7 @@ class FIDCallback(pl.Callback):
         at_end: bool = True,
         grid_images: int = 16,
         dirname: str = "fid",
+        max_time_fraction: float | None = 0.1,
     ):
         self.every_n_steps = every_n_steps
         self.every_n_images = every_n_images
@@ -73,6 +88,14 @@ class FIDCallback(pl.Callback):
         self.at_end = at_end
         self.grid_images = grid_images
         self.dirname = dirname
+        if max_time_fraction is not None and not max_time_fraction > 0:
+            raise ValueError(f"max_time_fraction must be > 0 or null, got {max_time_fraction}")
+        self.max_time_fraction = max_time_fraction
+        self.eval_seconds = 0.0  # in all, and the wall time of training (evaluations excluded), kept in checkpoints
+        self.train_seconds = 0.0
+        self._last_eval_seconds: float | None = None
+        self._clock: float | None = None
+        self.deferred = 0
         self.images_seen = 0
         self.history: list[dict] = []
         self._last_step = -1
@@ -99,6 +122,7 @@ class FIDCallback(pl.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger) and trainer.is_global_zero:
                 logger.experiment.define_metric("val/fid", summary="min", step_metric="trainer/global_step")
+        self._clock = time.perf_counter()  # training time counts from here (reference statistics are done)
 
     # --- when -----------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -108,10 +132,25 @@ class FIDCallback(pl.Callback):
         due_steps = bool(self.every_n_steps) and step % self.every_n_steps == 0
         due_images = bool(self.every_n_images) and self.images_seen // self.every_n_images > before // self.every_n_images
         if step > 0 and (due_steps or due_images):
-            self.evaluate(trainer, pl_module)
+            self._tick()
+            go = within_budget(self.eval_seconds, self._last_eval_seconds, self.train_seconds, self.max_time_fraction)
+            if trainer.strategy.broadcast(go, src=0):  # rank 0's clock decides for all ranks
+                self.evaluate(trainer, pl_module)
+            else:
+                self.deferred += 1
+                rank_zero_info(f"step {step}: FID evaluation put off ({self.eval_seconds:.0f} s evaluating against "
+                               f"{self.train_seconds:.0f} s training; max_time_fraction={self.max_time_fraction})")
+
+    def _tick(self) -> None:
+        """Add the wall time since the last tick to training time."""
+        now = time.perf_counter()
+        if self._clock is not None:
+            self.train_seconds += now - self._clock
+        self._clock = now
 
     def on_train_end(self, trainer, pl_module):
         if self.at_end and self._last_step != trainer.global_step:
+            self._tick()
             self.evaluate(trainer, pl_module)
         if trainer.is_global_zero and self.history:
             root = Path(trainer.default_root_dir)
@@ -147,6 +186,10 @@ class FIDCallback(pl.Callback):
         if self.clip is not None:
             row["val/clip_score"] = float(self.clip.compute())
         row["val/fid_seconds"] = time.perf_counter() - t0
+        self._last_eval_seconds = row["val/fid_seconds"]
+        self.eval_seconds += row["val/fid_seconds"]
+        row["val/fid_time_fraction"] = self.eval_seconds / max(self.train_seconds, 1e-9)
+        self._clock = time.perf_counter()  # the evaluation is not training time
         self.history.append(row)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in row.items() if k.startswith("val/")})
         if trainer.is_global_zero:
@@ -173,8 +216,12 @@ class FIDCallback(pl.Callback):
                 logger.log_image(key=key, images=paths, caption=captions, step=trainer.global_step)
 
     def state_dict(self):
-        return {"images_seen": self.images_seen, "history": self.history}
+        return {"images_seen": self.images_seen, "history": self.history, "eval_seconds": self.eval_seconds,
+                "train_seconds": self.train_seconds, "last_eval_seconds": self._last_eval_seconds}  # fmt: skip
 
     def load_state_dict(self, state_dict):
         self.images_seen = state_dict["images_seen"]
         self.history = list(state_dict["history"])
+        self.eval_seconds = state_dict.get("eval_seconds", 0.0)
+        self.train_seconds = state_dict.get("train_seconds", 0.0)
+        self._last_eval_seconds = state_dict.get("last_eval_seconds")
