@@ -109,6 +109,25 @@ def test_wrong_image_size_is_a_clear_error():
         module.contrastive_loss(torch.zeros(2, 3, 32, 32), ["a", "b"])
 
 
+def test_uint8_pixels_are_normalised_as_open_clip_preprocesses_the_image():
+    """The data module delivers uint8 (data.uint8): the towers must see what the export sees at inference."""
+    import random
+
+    import numpy as np
+    import open_clip
+
+    from ldm.data.shapes import render
+
+    module = CLIPModule(build_open_clip(**TINY_OPEN_CLIP))
+    _, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", **module.model_cfg)
+    rng = random.Random(0)
+    images = [render(rng, size=16)[0] for _ in range(3)]
+    uint8 = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images])  # (3, 3, 16, 16)
+    expected = torch.stack([preprocess(im) for im in images])
+    torch.testing.assert_close(module.normalize(uint8), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(module.normalize(uint8.float() / 127.5 - 1), expected, atol=1e-5, rtol=1e-5)
+
+
 # --- DDP: features gathered across ranks ----------------------------------------------------------
 def _batch(n: int = 8):
     gen = torch.Generator().manual_seed(3)
@@ -201,3 +220,4 @@ def test_latent_diffusion_logs_clip_score_in_training_and_evaluation(tmp_path, m
                        "--n", "4", "--clip-model", str(root / "models" / "clip-shapes"), "--cache-dir",
                        str(tmp_path / "cache"), "--out", str(tmp_path / "metrics.json")])
     assert result["val/clip_score"] == pytest.approx(scores[-1], abs=1e-3)  # the same images for the same seeds
+

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ldm.data.transforms import to_model_range
 from ldm.lightning.optim import configure_optimizers
 from ldm.models.clip import save_open_clip_dir
 
@@ -70,12 +71,13 @@ class CLIPModule(pl.LightningModule):
 
     # --- the towers ------------------------------------------------------------------------
     def normalize(self, pixel_values: Tensor) -> Tensor:
-        """(B, 3, H, W) in [-1, 1] (the data module's range) -> what open_clip's own preprocessing gives."""
+        """(B, 3, H, W) uint8, or float in [-1, 1] (what the data module delivers) -> what open_clip's own
+        preprocessing gives."""
         size = self.image_size if isinstance(self.image_size, (tuple, list)) else (self.image_size,) * 2
         if tuple(pixel_values.shape[-2:]) != tuple(size):
             raise ValueError(f"images are {tuple(pixel_values.shape[-2:])} px, the CLIP's image_size is {tuple(size)}:"
                              " set data.resolution to match")
-        return ((pixel_values.float() + 1) / 2 - self.mean) / self.std
+        return ((to_model_range(pixel_values).float() + 1) / 2 - self.mean) / self.std
 
     def features(self, pixel_values: Tensor, captions: list[str]) -> tuple[Tensor, Tensor]:
         """L2-normalised image and text embeddings, (B, E) each."""
