@@ -56,7 +56,7 @@ def test_clip_experiment_trains_and_open_clip_ranks_held_out_captions(tmp_path, 
         "model.clip.embed_dim=32", "model.clip.vision_cfg.patch_size=4", "model.clip.vision_cfg.width=32",
         "model.clip.vision_cfg.layers=1", "model.clip.text_cfg.width=32", "model.clip.text_cfg.heads=2",
         "model.clip.text_cfg.layers=2", "model.clip.text_cfg.context_length=16",
-        "trainer.accelerator=cpu", "trainer.max_steps=120", "trainer.val_check_interval=40",
+        "trainer.accelerator=cpu", "trainer.max_steps=200", "trainer.val_check_interval=40",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=5",
         "optim.lr=3e-3", "optim.warmup_steps=10",
     ]
