@@ -56,7 +56,7 @@ def test_clip_experiment_trains_and_open_clip_ranks_held_out_captions(tmp_path, 
         "model.clip.embed_dim=32", "model.clip.vision_cfg.patch_size=4", "model.clip.vision_cfg.width=32",
         "model.clip.vision_cfg.layers=1", "model.clip.text_cfg.width=32", "model.clip.text_cfg.heads=2",
         "model.clip.text_cfg.layers=2", "model.clip.text_cfg.context_length=16",
-        "trainer.accelerator=cpu", "trainer.max_steps=120", "trainer.val_check_interval=40",
+        "trainer.accelerator=cpu", "trainer.max_steps=200", "trainer.val_check_interval=40",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=5",
         "optim.lr=3e-3", "optim.warmup_steps=10",
     ]
@@ -107,6 +107,25 @@ def test_wrong_image_size_is_a_clear_error():
     module = CLIPModule(build_open_clip(**TINY_OPEN_CLIP))
     with pytest.raises(ValueError, match="data.resolution"):
         module.contrastive_loss(torch.zeros(2, 3, 32, 32), ["a", "b"])
+
+
+def test_uint8_pixels_are_normalised_as_open_clip_preprocesses_the_image():
+    """The data module delivers uint8 (data.uint8): the towers must see what the export sees at inference."""
+    import random
+
+    import numpy as np
+    import open_clip
+
+    from ldm.data.shapes import render
+
+    module = CLIPModule(build_open_clip(**TINY_OPEN_CLIP))
+    _, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", **module.model_cfg)
+    rng = random.Random(0)
+    images = [render(rng, size=16)[0] for _ in range(3)]
+    uint8 = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images])  # (3, 3, 16, 16)
+    expected = torch.stack([preprocess(im) for im in images])
+    torch.testing.assert_close(module.normalize(uint8), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(module.normalize(uint8.float() / 127.5 - 1), expected, atol=1e-5, rtol=1e-5)
 
 
 # --- DDP: features gathered across ranks ----------------------------------------------------------
@@ -201,3 +220,61 @@ def test_latent_diffusion_logs_clip_score_in_training_and_evaluation(tmp_path, m
                        "--n", "4", "--clip-model", str(root / "models" / "clip-shapes"), "--cache-dir",
                        str(tmp_path / "cache"), "--out", str(tmp_path / "metrics.json")])
     assert result["val/clip_score"] == pytest.approx(scores[-1], abs=1e-3)  # the same images for the same seeds
+
+
+# --- hard negatives: swapped-phrase captions --------------------------------------------------------
+def test_caption_swaps_replace_the_longest_phrase_and_never_return_the_true_caption():
+    import random
+
+    from ldm.data.shapes import POSITIONS
+    from ldm.lightning.hard_negatives import CaptionSwaps
+
+    positions = [phrase for phrase, _, _ in POSITIONS.values()]
+    swaps = CaptionSwaps({"position": positions, "size": ["small", "large"]})
+    variants, true = swaps.variants("at the top left, a small red circle", "position")
+    assert true == 0 and variants[1] == "at the top, a small red circle"  # "at the top" is not what it holds
+    assert variants[4] == "in the center, a small red circle" and len(variants) == 9
+    assert swaps.variants("a red circle", "size") is None  # no phrase of the group: no negative
+
+    captions = ["a small red circle at the bottom", "a red cross", "a large blue square on the left"]
+    negatives, owner, group = swaps.negatives(captions, random.Random(0))
+    assert owner == [0, 0, 2, 2] and group == [0, 1, 0, 1]
+    for neg, i in zip(negatives, owner):
+        assert neg != captions[i] and len(neg.split(",")) == 1
+    seen = {swaps.negatives(captions[:1], random.Random(s))[0][0] for s in range(200)}
+    assert seen == {f"a small red circle {p}" for p in positions if p != "at the bottom"}  # every other position
+    with pytest.raises(ValueError, match="group 'size' needs at least 2 distinct phrases"):
+        CaptionSwaps({"size": ["small", "small"]})
+
+
+def test_hard_negative_loss_is_cross_entropy_over_the_own_caption_and_its_swaps():
+    import random
+
+    from ldm.lightning.hard_negatives import CaptionSwaps
+
+    groups = {"color": ["red", "blue", "green"], "shape": ["circle", "square"]}
+    module = CLIPModule(build_open_clip(**TINY_OPEN_CLIP), caption_groups=groups, hard_negative_weight=1.0)
+    images, _ = _batch(3)
+    captions = ["a red circle", "a blue thing", "a sky"]  # two swaps, one swap, none
+    with torch.no_grad():
+        image, text = module.features(images, captions)
+        loss = module.hard_negative_loss(image, text, captions, random.Random(5))
+        # reference: per image, softmax over its own caption and the negatives drawn with the same rng
+        negatives, owner, _ = CaptionSwaps(groups).negatives(captions, random.Random(5))
+        expected = []
+        for i, caption in enumerate(captions):
+            candidates = [caption] + [n for n, o in zip(negatives, owner) if o == i]
+            _, t = module.features(images[i:i + 1].expand(len(candidates), -1, -1, -1), candidates)
+            logits = module.model.logit_scale.exp() * (image[i] @ t.T)
+            expected.append(-torch.log_softmax(logits, 0)[0])
+    assert [sum(o == i for o in owner) for i in range(3)] == [2, 1, 0]
+    torch.testing.assert_close(loss, torch.stack(expected).mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_shapes_clip_hard_negative_groups_are_the_data_sets_vocabulary(tmp_path):
+    from ldm.data.shapes import COLORS, POSITIONS, SHAPES, SIZES
+
+    cfg = compose_config(tmp_path / "data", tmp_path / "run", [], experiment="shapes_clip", tiny=False)
+    groups = cfg.model.caption_groups
+    assert list(groups.position) == [phrase for phrase, _, _ in POSITIONS.values()]
+    assert list(groups.color) == list(COLORS) and list(groups.shape) == list(SHAPES) and list(groups.size) == list(SIZES)
