@@ -87,3 +87,24 @@ def test_two_gloo_ranks_equal_one_process_on_the_doubled_batch(tmp_path):
 def test_two_gpus_equal_one_gpu_on_the_doubled_batch(tmp_path):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     _check(tmp_path, "nccl", True, "cuda:0")
+
+
+def test_the_ddp_strategy_config_builds_lightnings_ddp_and_is_launched_with_torchrun():
+    """`+trainer/strategy=ddp`: Lightning's DDPStrategy with bucket views and a static graph, whose ranks
+    ldm.launch starts (a dict strategy, not one of Lightning's in-process launchers)."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from pytorch_lightning.strategies import DDPStrategy
+
+    from ldm.launch import ranks_to_launch
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["+trainer/strategy=ddp", "trainer.devices=2",
+                                                      "trainer.accelerator=cpu"])  # fmt: skip
+    strategy = instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, DDPStrategy)
+    assert strategy._ddp_kwargs == {"gradient_as_bucket_view": True, "static_graph": True}
+    assert ranks_to_launch(cfg.trainer) == 2

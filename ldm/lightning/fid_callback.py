@@ -95,7 +95,6 @@ class FIDCallback(pl.Callback):
         self.train_seconds = 0.0
         self._last_eval_seconds: float | None = None
         self._clock: float | None = None
-        self.deferred = 0
         self.images_seen = 0
         self.history: list[dict] = []
         self._last_step = -1
@@ -137,7 +136,6 @@ class FIDCallback(pl.Callback):
             if trainer.strategy.broadcast(go, src=0):  # rank 0's clock decides for all ranks
                 self.evaluate(trainer, pl_module)
             else:
-                self.deferred += 1
                 rank_zero_info(f"step {step}: FID evaluation put off ({self.eval_seconds:.0f} s evaluating against "
                                f"{self.train_seconds:.0f} s training; max_time_fraction={self.max_time_fraction})")
 
