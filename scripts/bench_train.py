@@ -106,7 +106,7 @@ def ldm_train(work: Path, resolution: int, batch: int, mode: str, steps: int, wa
         *data, f"data.batch_size={batch}", f"data.num_workers={workers}", "data.samples_per_epoch=100000000",
         "data.val_shards=null", "model/unet=sd15", f"model.unet.sample_size={resolution // 8}", *(TINY_UNET if tiny else []),
         f"model.vae.path={work}/models/vae", "model.vae.subfolder=null", f"model.text_encoder.path={work}/models/clip",
-        f"model.compile={compile_}",
+        f"model.compile={compile_}", "+trainer.benchmark=true",  # cuDNN picks its fastest conv algorithms (+3 %)
         f"trainer.precision={'bf16-mixed' if gpu else '32-true'}", f"trainer.devices={devices}",
         f"trainer.max_steps={warmup + steps}", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "+trainer.enable_checkpointing=false",
         "trainer.log_every_n_steps=1000000", "logger=none", "~callbacks.fid", "~callbacks.sample_grid", "~callbacks.export",

@@ -1,37 +1,76 @@
-"""GatedEMA against torch's own EMA function, and the device-side skip."""
+"""The sync-free EMA against torch's own (AveragedModel + get_ema_multi_avg_fn), and the device-side skip."""
 
+import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ldm.lightning.ema import GatedEMA
+from ldm.lightning.ema import EMA
 
 
-def _models():
+def _net(device="cpu"):
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
-    return net, AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2)).to(device)
 
 
-def test_gated_ema_matches_torch_and_a_zero_gate_changes_nothing():
-    net, reference = _models()
-    fn = GatedEMA(0.9)
-    ours = AveragedModel(net, multi_avg_fn=fn, use_buffers=True)
-    for step in range(4):
-        with torch.no_grad():
-            for p in net.parameters():
-                p.add_(torch.randn_like(p))
-        net(torch.randn(5, 4))  # moves the BatchNorm buffers (use_buffers=True averages them too)
-        reference.update_parameters(net)
-        fn.keep = torch.tensor(1.0) if step % 2 else None  # an open gate is the plain update
-        ours.update_parameters(net)
-    for (name, a), b in zip(reference.module.state_dict().items(), ours.module.state_dict().values()):
-        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
-    before = {k: v.clone() for k, v in ours.module.state_dict().items()}
+def _train_a_bit(net):
     with torch.no_grad():
         for p in net.parameters():
-            p.add_(1.0)
-    fn.keep = torch.tensor(0.0)
-    ours.update_parameters(net)
-    for name, value in ours.module.state_dict().items():
-        if value.is_floating_point():
-            assert torch.equal(value, before[name]), name
+            p.add_(torch.randn_like(p))
+    net(torch.randn(5, 4, device=next(net.parameters()).device))  # moves the BatchNorm buffers, integer count too
+
+
+def test_ema_matches_torch_and_an_open_gate_is_the_plain_update():
+    net = _net()
+    reference = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    ours = EMA(net, 0.9)
+    for step in range(4):
+        _train_a_bit(net)
+        reference.update_parameters(net)  # its first update copies the weights, as ours must
+        ours.update(net, keep=torch.tensor(1.0) if step % 2 else None)
+    assert ours.state_dict().keys() == reference.state_dict().keys()  # checkpoints keep torch's layout
+    for (name, a), b in zip(reference.state_dict().items(), ours.state_dict().values()):
+        assert a.dtype == b.dtype and torch.allclose(a.float(), b.float(), atol=1e-6), name
+    assert int(ours.n_averaged) == 4
+
+
+def test_a_closed_gate_changes_nothing_not_even_the_count():
+    net = _net()
+    ours = EMA(net, 0.9)
+    _train_a_bit(net)
+    ours.update(net)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    _train_a_bit(net)
+    ours.update(net, keep=torch.tensor(0))
+    for name, value in ours.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_the_first_update_skipped_leaves_the_next_one_a_copy():
+    net = _net()
+    ours = EMA(net, 0.5)
+    _train_a_bit(net)
+    ours.update(net, keep=torch.tensor(0.0))  # skipped: still nothing averaged
+    _train_a_bit(net)
+    ours.update(net)
+    for (name, a), b in zip(net.state_dict().items(), ours.module.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_bad_decay_is_refused():
+    with pytest.raises(ValueError, match="ema decay"):
+        EMA(_net(), 1.5)
+
+
+@pytest.mark.gpu
+def test_update_never_waits_for_the_gpu():
+    net = _net("cuda")
+    ours = EMA(net, 0.999)
+    _train_a_bit(net)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for keep in (None, torch.tensor(1.0, device="cuda"), torch.tensor(0.0, device="cuda")):
+            ours.update(net, keep=keep)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert int(ours.n_averaged) == 2

@@ -1,34 +1,53 @@
-"""The EMA update for torch's AveragedModel, cancellable by a flag that stays on the device.
+"""An EMA of a model's weights that updates without host syncs, cancellable by a flag that stays on the device.
 
-    ema_fn = GatedEMA(0.999)
-    ema = AveragedModel(unet, multi_avg_fn=ema_fn, use_buffers=True)
-    ema.update_parameters(unet)                   # ema <- ema + (1 - decay) * (param - ema)
-    ema_fn.keep = 1 - optimizer.found_inf         # a step the fused optimizer skipped on the device:
-    ema.update_parameters(unet)                   # the EMA skips it too, and the host never waits
+    ema = EMA(unet, decay=0.999)          # torch's AveragedModel layout: ema.module, ema.n_averaged
+    ema.update(unet)                      # first update: a copy; then ema <- ema + (1 - decay) * (param - ema)
+    ema.update(unet, keep=1 - optimizer.found_inf)   # a step the fused optimizer skipped on the device:
+                                                     # the EMA skips it too, and the host never waits
 
-With `keep` unset it is torch's `get_ema_multi_avg_fn(decay)`; with `keep` a 0-dim tensor of 0 or 1 the
-lerp weight of floating-point tensors is (1 - decay) * keep.
+The arithmetic is torch's `get_ema_multi_avg_fn` over parameters and buffers (`use_buffers=True`), but
+torch's `AveragedModel.update_parameters` reads `n_averaged` (a tensor on the model's device) on the host
+twice per update, which drains the GPU's queue every training step. Here the first-update copy is a lerp of
+weight 1 chosen on the device, and `n_averaged` only ever changes there.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections import defaultdict
+
 import torch
-from torch import Tensor
-from torch.optim.swa_utils import get_ema_multi_avg_fn
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 
 
-class GatedEMA:
-    def __init__(self, decay: float):
+class EMA(AveragedModel):
+    def __init__(self, model: nn.Module, decay: float):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"ema decay must be in [0, 1], got {decay}")
+        super().__init__(model, use_buffers=True)
         self.decay = decay
-        self.keep: Tensor | None = None
-        self._plain = get_ema_multi_avg_fn(decay)
+        self.requires_grad_(False)
 
     @torch.no_grad()
-    def __call__(self, ema: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
-        if self.keep is None or not torch.is_floating_point(ema[0]):  # (integer buffers: torch's rule)
-            self._plain(ema, current, num_averaged)
-            return
-        weight = (1.0 - self.decay) * self.keep.to(ema[0].device, ema[0].dtype)
-        torch._foreach_lerp_(ema, current, [weight] * len(ema))  # a 0-dim weight broadcasts per tensor
+    def update(self, model: nn.Module, keep: Tensor | None = None) -> None:
+        """One EMA step towards ``model``'s parameters and buffers; ``keep``: a 0-dim 0/1 tensor (0: skip it)."""
+        first = self.n_averaged == 0
+        weight = torch.where(first, 1.0, 1.0 - self.decay)  # 0-dim float32 on the device
+        if keep is not None:
+            weight = weight * keep.to(weight)
+        groups: dict[torch.dtype, tuple[list[Tensor], list[Tensor]]] = defaultdict(lambda: ([], []))
+        mine = itertools.chain(self.module.parameters(), self.module.buffers())
+        theirs = itertools.chain(model.parameters(), model.buffers())
+        for averaged, current in zip(mine, theirs, strict=True):
+            current = current.detach().to(averaged.device)
+            if averaged.is_floating_point():
+                groups[averaged.dtype][0].append(averaged.detach())
+                groups[averaged.dtype][1].append(current)
+            else:  # integer buffers (e.g. BatchNorm's batch count): torch's EMA rule, rounded down
+                mixed = (averaged * self.decay + current * (1 - self.decay)).to(averaged.dtype)
+                averaged.copy_(torch.where(weight == 0, averaged, torch.where(first, current, mixed)))
+        for dtype, (averaged, current) in groups.items():
+            w = weight.to(dtype)
+            torch._foreach_lerp_(averaged, current, [w] * len(averaged))  # a 0-dim weight broadcasts per tensor
+        self.n_averaged += 1 if keep is None else keep.to(self.n_averaged)

@@ -31,7 +31,6 @@ import pytorch_lightning as pl
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import Tensor
-from torch.optim.swa_utils import AveragedModel
 
 from ldm.diffusion import (
     add_noise,
@@ -47,7 +46,7 @@ from ldm.diffusion import alpha_bar as alpha_bar_of
 from ldm.diffusion import betas as make_betas
 from ldm.diffusion import rescale_zero_terminal_snr, snr
 from ldm.data.transforms import to_model_range
-from ldm.lightning.ema import GatedEMA
+from ldm.lightning.ema import EMA
 from ldm.lightning.optim import configure_optimizers
 from ldm.models.vae import downsample_factor
 
@@ -137,11 +136,8 @@ class LatentDiffusion(pl.LightningModule):
             b = rescale_zero_terminal_snr(b)
         self.register_buffer("alpha_bar", alpha_bar_of(b).float(), persistent=False)  # (T,)
 
-        # EMA of the U-Net weights (torch's AveragedModel); sampling uses it when present.
-        self._ema_fn = GatedEMA(ema_decay) if ema_decay else None
-        self.ema = AveragedModel(unet, multi_avg_fn=self._ema_fn, use_buffers=True) if ema_decay else None
-        if self.ema is not None:
-            self.ema.requires_grad_(False)
+        # EMA of the U-Net weights (torch's AveragedModel layout, updated without host syncs); sampling uses it.
+        self.ema = EMA(unet, ema_decay) if ema_decay else None
         self._empty_hidden: Tensor | None = None
         # The text encoder is frozen, so a caption always encodes the same: data sets with few distinct
         # captions (class templates, the built-in shapes) skip most text-encoder work with this cache.
@@ -315,12 +311,9 @@ class LatentDiffusion(pl.LightningModule):
             return
         found_inf = getattr(getattr(optimizer, "optimizer", optimizer), "found_inf", None)  # LightningOptimizer wraps
         if found_inf is not None:
-            self._ema_fn.keep = 1 - found_inf
-            self.ema.update_parameters(self.unet)
-            self._ema_fn.keep = None
-            self.ema.n_averaged -= found_inf.to(self.ema.n_averaged)  # a skipped step is not counted either
+            self.ema.update(self.unet, keep=1 - found_inf)  # a skipped step is not counted either
         elif any(p.grad is not None for p in self.unet.parameters()):
-            self.ema.update_parameters(self.unet)
+            self.ema.update(self.unet)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Lightning's mixed-precision plugin refuses to clip for a fused optimizer, because with fp16 such an
