@@ -8,7 +8,8 @@
 The arithmetic is torch's `get_ema_multi_avg_fn` over parameters and buffers (`use_buffers=True`), but
 torch's `AveragedModel.update_parameters` reads `n_averaged` (a tensor on the model's device) on the host
 twice per update, which drains the GPU's queue every training step. Here the first-update copy is a lerp of
-weight 1 chosen on the device, and `n_averaged` only ever changes there.
+weight 1 chosen on the device, and `n_averaged` only ever changes there. Integer buffers (a BatchNorm's batch
+count; the U-Net has none) are copied, where torch averages them and rounds down.
 """
 
 from __future__ import annotations
@@ -44,9 +45,8 @@ class EMA(AveragedModel):
             if averaged.is_floating_point():
                 groups[averaged.dtype][0].append(averaged.detach())
                 groups[averaged.dtype][1].append(current)
-            else:  # integer buffers (e.g. BatchNorm's batch count): torch's EMA rule, rounded down
-                mixed = (averaged * self.decay + current * (1 - self.decay)).to(averaged.dtype)
-                averaged.copy_(torch.where(weight == 0, averaged, torch.where(first, current, mixed)))
+            else:  # integer buffers (BatchNorm's batch count) are copied: an average of counts means nothing
+                averaged.copy_(current)
         for dtype, (averaged, current) in groups.items():
             w = weight.to(dtype)
             torch._foreach_lerp_(averaged, current, [w] * len(averaged))  # a 0-dim weight broadcasts per tensor
