@@ -12,6 +12,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from contextlib import nullcontext
 
 import pytest
@@ -23,9 +26,10 @@ from omegaconf import OmegaConf
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
+from ldm.lightning.fsdp import full_optimizer_state, load_full_optimizer_state
 from ldm.lightning.latent_diffusion import LatentDiffusion
 from ldm.models.unet import build_unet
-from tiny import CONF
+from tiny import CONF, TINY, TINY_UNET, make_tiny_root
 
 UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=[16, 32], layers_per_block=1,
             down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
@@ -53,7 +57,7 @@ def _batch():
 
 def _train(module, batch, rows, device, fused):
     """Two steps on the given rows (loss, backward, AdamW, EMA via the module's optimizer_step); returns
-    (first step's gradients, weights, EMA weights), full tensors on the CPU."""
+    (first step's gradients, weights, EMA weights), full tensors on the CPU, and the optimizer."""
     latents, cond, noise, t = (x[rows].to(device) for x in batch)
     optimizer = torch.optim.AdamW(module.unet.parameters(), lr=1e-3, fused=fused)
     for step in range(2):
@@ -65,7 +69,12 @@ def _train(module, batch, rows, device, fused):
         module.optimizer_step(0, step, optimizer)
     with FSDP.summon_full_params(module.unet) if isinstance(module.unet, FSDP) else nullcontext():
         weights = [p.detach().cpu().clone() for p in module.unet.parameters()]
-    return grads, weights, [p.detach().cpu().clone() for p in module.ema.module.parameters()]
+    return (grads, weights, [p.detach().cpu().clone() for p in module.ema.module.parameters()]), optimizer
+
+
+def _moments(state: dict) -> list:
+    """AdamW's (step, exp_avg, exp_avg_sq) per parameter, in parameter order, on the CPU."""
+    return [[state["state"][i][k].cpu() for k in ("step", "exp_avg", "exp_avg_sq")] for i in sorted(state["state"])]
 
 
 def _rank(rank, world_size, init_file, backend, fused, checkpointing, out):
@@ -80,19 +89,30 @@ def _rank(rank, world_size, init_file, backend, fused, checkpointing, out):
         module.unet = FSDP(module.unet, auto_wrap_policy=policy, device_id=device, use_orig_params=True)
         assert len([m for m in module.unet.modules() if isinstance(m, FSDP)]) > 1  # blocks are units of their own
         half = BATCH // world_size
-        result = _train(module, _batch(), slice(rank * half, (rank + 1) * half), device, fused)
-        torch.save(result, f"{out}.{rank}")
+        result, optimizer = _train(module, _batch(), slice(rank * half, (rank + 1) * half), device, fused)
+        # checkpoints: the gathered optimizer state (rank 0's), and that state loaded back into fresh shards
+        full = full_optimizer_state(module.unet, optimizer, device)
+        shared = [full]
+        dist.broadcast_object_list(shared, src=0)
+        fresh = torch.optim.AdamW(module.unet.parameters(), lr=1e-3, fused=fused)
+        load_full_optimizer_state(module.unet, fresh, shared[0], device)
+        for p in module.unet.parameters():  # (a parameter wholly in the other rank's shard has no state here)
+            for key, value in optimizer.state[p].items():
+                assert torch.equal(fresh.state[p][key].cpu(), value.cpu()), f"rank {rank}: reloaded {key} differs"
+        assert sum(len(optimizer.state[p]) for p in module.unet.parameters()) > 0
+        torch.save((*result, _moments(full) if rank == 0 else None, full.get("param_groups")), f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
 def _check(tmp_path, backend, fused, device, checkpointing=False):
     reference = _module(device, checkpointing)
-    expected = _train(reference, _batch(), slice(0, BATCH), device, fused)
+    expected, optimizer = _train(reference, _batch(), slice(0, BATCH), device, fused)
+    expected_state = optimizer.state_dict()
     out = str(tmp_path / "result")
     mp.spawn(_rank, args=(2, str(tmp_path / "init"), backend, fused, checkpointing, out), nprocs=2, join=True)
     for rank in range(2):
-        grads, weights, ema = torch.load(f"{out}.{rank}")
+        grads, weights, ema, moments, param_groups = torch.load(f"{out}.{rank}")
         for i, (a, b) in enumerate(zip(grads, expected[0], strict=True)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * max(1.0, b.abs().max().item()),
                                        msg=lambda m: f"rank {rank} gradient {i}: {m}")  # fmt: skip
@@ -101,6 +121,12 @@ def _check(tmp_path, backend, fused, device, checkpointing=False):
         for name, got, want in (("weight", weights, expected[1]), ("ema", ema, expected[2])):
             for i, (a, b) in enumerate(zip(got, want, strict=True)):
                 torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=lambda m: f"rank {rank} {name} {i}: {m}")
+    _, _, _, moments, param_groups = torch.load(f"{out}.0")  # the optimizer state a checkpoint holds
+    assert [g["params"] for g in param_groups] == [g["params"] for g in expected_state["param_groups"]]
+    for i, (got, want) in enumerate(zip(moments, _moments(expected_state), strict=True)):
+        for name, a, b in zip(("step", "exp_avg", "exp_avg_sq"), got, want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item(),
+                                       msg=lambda m: f"optimizer {name} {i}: {m}")  # within rounding of the largest  # fmt: skip
     moved = max((a - b).abs().max().item() for a, b in zip(expected[2], [p.cpu() for p in _module("cpu").unet.parameters()]))
     assert moved > 1e-4  # the EMA did move away from the initial weights: the comparison above can fail
 
@@ -114,3 +140,67 @@ def test_two_fsdp_gloo_ranks_equal_one_process_on_the_doubled_batch(tmp_path):
 def test_two_fsdp_gpus_equal_one_gpu_on_the_doubled_batch(tmp_path):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     _check(tmp_path, "nccl", True, "cuda:0")
+
+
+# --- through the real CLI: `ldm.train` on 2 FSDP ranks (gloo), compared with DDP ------------------------------
+def _ldm_train(cwd, run_dir, root, *args) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", HYDRA_FULL_ERROR="1")
+    command = [sys.executable, "-m", "ldm.train", "experiment=shapes", f"paths.data_dir={root}", *TINY, *TINY_UNET,
+               "logger=csv", "trainer.gradient_clip_val=0.01", f"hydra.run.dir={run_dir}", *args]
+    out = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    return out
+
+
+def _assert_same_checkpoint(got: dict, want: dict, exact: bool = False) -> None:
+    """Weights, EMA and AdamW moments equal (to rounding: two ranks reduce in another order than one), same step."""
+    assert got["global_step"] == want["global_step"]
+    assert got["state_dict"].keys() == want["state_dict"].keys()
+    tolerance = {"rtol": 0, "atol": 0} if exact else {"rtol": 1e-5, "atol": 1e-7}
+    for key, value in want["state_dict"].items():
+        torch.testing.assert_close(got["state_dict"][key], value, **tolerance, msg=lambda m: f"{key}: {m}")
+    assert [g["params"] for g in got["optimizer_states"][0]["param_groups"]] == [
+        g["params"] for g in want["optimizer_states"][0]["param_groups"]]
+    for i, _ in enumerate(want["optimizer_states"][0]["state"]):
+        for name, value in want["optimizer_states"][0]["state"][i].items():
+            torch.testing.assert_close(got["optimizer_states"][0]["state"][i][name], value, rtol=tolerance["rtol"],
+                                       atol=0 if exact else 1e-5 * value.abs().max().item(),
+                                       msg=lambda m: f"optimizer {name} {i}: {m}")  # fmt: skip
+
+
+@pytest.mark.slow  # four 2-rank runs and a one-process run of ldm.train: ~6 min on 2 cores
+def test_fsdp_training_run_equals_ddp_resumes_exactly_and_exports(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from ldm.lightning.checkpoint import read_checkpoint
+
+    root = make_tiny_root(tmp_path / "tiny")
+    fsdp, ddp, resumed, single = (tmp_path / name for name in ("fsdp", "ddp", "resumed", "single"))
+    _ldm_train(tmp_path, fsdp, root, "trainer.devices=2", "+trainer/strategy=fsdp")
+    _ldm_train(tmp_path, ddp, root, "trainer.devices=2", "+trainer/strategy=ddp")
+    step1 = fsdp / "checkpoints" / "epoch=0-step=1.ckpt"
+    got, want = (read_checkpoint(run / "checkpoints" / "last.ckpt") for run in (fsdp, ddp))
+    _assert_same_checkpoint(got, want)
+    assert sum(k.startswith("ema.module.") for k in got["state_dict"]) > 0
+    assert not any(k.startswith(("vae.", "text_encoder.")) for k in got["state_dict"])  # frozen parts left out
+    # the clip bound, over all shards: AdamW's first moment after step 1 is (1 - beta1) * the clipped gradient
+    first = read_checkpoint(step1)["optimizer_states"][0]["state"]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s["exp_avg"]) for s in first.values()]))
+    torch.testing.assert_close(norm.item(), 0.1 * 0.01, rtol=1e-5, atol=0)
+
+    # resumed under FSDP from step 1: the step-2 checkpoint of the uninterrupted run, bit for bit
+    _ldm_train(tmp_path, resumed, root, "trainer.devices=2", "+trainer/strategy=fsdp", f"ckpt_path='{step1}'")
+    _assert_same_checkpoint(read_checkpoint(resumed / "checkpoints" / "last.ckpt"), got, exact=True)
+
+    # the FSDP checkpoint in one process: training resumes from it (its AdamW moments restored) ...
+    _ldm_train(tmp_path, single, root, "trainer.devices=1", f"ckpt_path='{step1}'", "trainer.max_steps=2")
+    state = read_checkpoint(single / "checkpoints" / "last.ckpt")["optimizer_states"][0]["state"]
+    assert all(s["step"].item() == 2 for s in state.values())
+    # ... and `ldm.export` writes a pipeline holding its EMA weights, as did the run's own export callback
+    subprocess.run([sys.executable, "-m", "ldm.export", str(fsdp / "checkpoints" / "last.ckpt"), str(tmp_path / "exported")],
+                   check=True, cwd=tmp_path, capture_output=True)  # fmt: skip
+    for folder in (tmp_path / "exported", fsdp / "pipeline"):
+        unet = StableDiffusionPipeline.from_pretrained(folder).unet
+        for name, value in unet.state_dict().items():
+            torch.testing.assert_close(value, got["state_dict"][f"ema.module.{name}"], rtol=0, atol=0)

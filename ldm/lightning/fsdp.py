@@ -31,11 +31,14 @@ from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 
-def full_state_dict(module: torch.nn.Module, rank0_only: bool):
-    """The context in which every FSDP unit inside ``module`` reads and writes full (unsharded) tensors, on the CPU."""
+def full_state_dict(module: torch.nn.Module, rank0_only: bool, device: torch.device):
+    """The context in which every FSDP unit inside ``module`` reads and writes full (unsharded) tensors, copied to
+    the CPU from an accelerator. Not "offloaded" when already on the CPU: there (torch 2.15, gloo) FSDP's offload
+    hands back one buffer for every state of a parameter, so a saved AdamW `exp_avg` reads as `exp_avg_sq`."""
+    offload = device.type != "cpu"
     return FSDP.state_dict_type(module, StateDictType.FULL_STATE_DICT,
-                                FullStateDictConfig(offload_to_cpu=True, rank0_only=rank0_only),
-                                FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=rank0_only))  # fmt: skip
+                                FullStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
+                                FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only))  # fmt: skip
 
 
 def full_params(module: torch.nn.Module):
@@ -44,6 +47,26 @@ def full_params(module: torch.nn.Module):
     if isinstance(module, FSDP):
         return FSDP.summon_full_params(module, writeback=False)
     return contextlib.nullcontext()
+
+
+def full_optimizer_state(sharded: FSDP, optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, Any]:
+    """The optimizer's state gathered from all ranks (a collective) in torch.optim's one-process layout: keyed by
+    position in ``sharded.parameters()``; the full state on rank 0, {} elsewhere."""
+    with full_state_dict(sharded, True, device):
+        state = FSDP.optim_state_dict(sharded, optimizer)
+    if torch.distributed.get_rank() != 0:
+        return {}
+    return FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, sharded)
+
+
+def load_full_optimizer_state(sharded: FSDP, optimizer: torch.optim.Optimizer, state: Mapping[str, Any],
+                              device: torch.device) -> None:
+    """Load a full optimizer state (`full_optimizer_state`'s, or a one-process run's) into this rank's shards;
+    every rank passes the full state."""
+    with full_state_dict(sharded, False, device):
+        if state["state"] and all(isinstance(k, int) for k in state["state"]):
+            state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_NAME, sharded)
+        optimizer.load_state_dict(FSDP.optim_state_dict_to_load(sharded, optimizer, state))
 
 
 class ShardedUNetStrategy(FSDPStrategy):
@@ -89,18 +112,11 @@ class ShardedUNetStrategy(FSDPStrategy):
 
     # --- checkpoints: full state dicts, the optimizer keyed as in a one-process run ---------------------
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        with full_state_dict(self.model, rank0_only=True):  # every rank gathers; rank 0 keeps the tensors
+        with full_state_dict(self.model, True, self.root_device):  # every rank gathers; rank 0 keeps the tensors
             return self.model.state_dict()
 
     def optimizer_state(self, optimizer) -> dict[str, Any]:
-        optimizer = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer
-        sharded = self._sharded()
-        with full_state_dict(self.model, rank0_only=True):
-            state = FSDP.optim_state_dict(sharded, optimizer)
-        if self.global_rank != 0:
-            return {}
-        # keyed by position in module.unet.parameters(): the layout torch.optim writes in a one-process run
-        return FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, sharded)
+        return full_optimizer_state(self._sharded(), getattr(optimizer, "_optimizer", optimizer), self.root_device)
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         """Read the file as the trainer's CheckpointIO reads it (weights only), load the optimizer states into the
@@ -114,14 +130,10 @@ class ShardedUNetStrategy(FSDPStrategy):
             return checkpoint
         if len(states) != len(self.optimizers):
             raise RuntimeError(f"{path} holds {len(states)} optimizer states, the run has {len(self.optimizers)}")
-        sharded = self._sharded()
-        with full_state_dict(self.model, rank0_only=False):
-            for optimizer, state in zip(self.optimizers, states):
-                if state["state"] and all(isinstance(k, int) for k in state["state"]):
-                    state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_NAME, sharded)
-                optimizer.load_state_dict(FSDP.optim_state_dict_to_load(sharded, optimizer, state))
+        for optimizer, state in zip(self.optimizers, states):
+            load_full_optimizer_state(self._sharded(), optimizer, state, self.root_device)
         return checkpoint
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        with full_state_dict(self.model, rank0_only=False):  # every rank reads the full tensors, keeps its shard
+        with full_state_dict(self.model, False, self.root_device):  # every rank reads the full tensors, keeps its shard
             self.model.load_state_dict(checkpoint["state_dict"], strict=strict)
