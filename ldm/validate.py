@@ -174,6 +174,9 @@ def _check_fsdp(cfg: DictConfig) -> None:
     if model.get("compile"):
         raise ConfigError("model.compile with +trainer/strategy=fsdp is not supported (untested with the "
                           "sharded U-Net): use +trainer/strategy=ddp for compiled training")  # fmt: skip
+    if model.get("channels_last"):
+        raise ConfigError("model.channels_last with +trainer/strategy=fsdp is not supported (FSDP's flat parameters "
+                          "do not keep the layout, and its optimizer state does not round-trip with it)")  # fmt: skip
     if str(_get(cfg, "trainer.precision", "")) == "16-mixed" and _get(cfg, "trainer.gradient_clip_val"):
         raise ConfigError("trainer.precision=16-mixed with +trainer/strategy=fsdp and trainer.gradient_clip_val: "
                           "clipping scaled sharded gradients is not supported; use bf16-mixed")  # fmt: skip

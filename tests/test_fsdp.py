@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 from contextlib import nullcontext
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,11 +39,12 @@ BATCH = 8  # the whole batch; each of the 2 ranks takes 4
 STRATEGY = OmegaConf.load(CONF / "trainer" / "strategy" / "fsdp.yaml")
 
 
-def _module(device, gradient_checkpointing=False) -> LatentDiffusion:
+def _module(device, checkpointing=False) -> LatentDiffusion:
     torch.manual_seed(0)
     module = LatentDiffusion(build_unet(**UNET), vae=lambda: None, text_encoder=lambda: None,
                              diffusion=dict(min_snr_gamma=5.0), ema_decay=0.5,
-                             gradient_checkpointing=gradient_checkpointing)  # frozen parts never built
+                             gradient_checkpointing=checkpointing)  # frozen parts never built
+    module.configure_model()  # (what Lightning calls before the strategy wraps the U-Net)
     return module.to(device)
 
 
@@ -132,7 +134,7 @@ def _check(tmp_path, backend, fused, device, checkpointing=False):
 
 
 def test_two_fsdp_gloo_ranks_equal_one_process_on_the_doubled_batch(tmp_path):
-    _check(tmp_path, "gloo", False, "cpu", checkpointing=True)  # with the U-Net's activation checkpointing on
+    _check(tmp_path, "gloo", False, "cpu", checkpointing=True)  # with the U-Net's activation checkpointing
 
 
 @pytest.mark.gpu
@@ -163,6 +165,7 @@ def test_the_fsdp_config_builds_the_strategy_with_a_block_wrap_policy_and_launch
     (["model.ema_decay=null"], r"^model\.ema_decay=null with \+trainer/strategy=fsdp: "),
     (["callbacks.fid.use_ema=false"], r"^callbacks\.fid\.use_ema=false with \+trainer/strategy=fsdp"),
     (["model.compile=true"], r"^model\.compile with \+trainer/strategy=fsdp is not supported"),
+    (["model.channels_last=true"], r"^model\.channels_last with \+trainer/strategy=fsdp is not supported"),
     (["trainer.precision=16-mixed"], r"^trainer\.precision=16-mixed with \+trainer/strategy=fsdp"),
 ])  # fmt: skip
 def test_what_fsdp_cannot_do_is_refused_in_one_line(tmp_path, overrides, message):
@@ -202,7 +205,8 @@ def test_a_refused_fsdp_config_stops_the_command_line_before_any_rank_starts(tmp
 # --- through the real CLI: `ldm.train` on 2 FSDP ranks (gloo), compared with DDP ------------------------------
 def _ldm_train(cwd, run_dir, root, *args, device_args=()) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true", HYDRA_FULL_ERROR="1")
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", HYDRA_FULL_ERROR="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")]))  # fault_helpers
     command = [sys.executable, "-m", "ldm.train", "experiment=shapes", f"paths.data_dir={root}", *TINY, *TINY_UNET,
                "logger=csv", "trainer.gradient_clip_val=0.01", f"hydra.run.dir={run_dir}", *args]
     out = subprocess.run([*command, *device_args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
@@ -271,3 +275,25 @@ def test_fsdp_training_run_equals_ddp_resumes_exactly_and_exports(tmp_path, devi
         unet = StableDiffusionPipeline.from_pretrained(folder).unet
         for name, value in unet.state_dict().items():
             torch.testing.assert_close(value, got["state_dict"][f"ema.module.{name}"], rtol=0, atol=0)
+
+
+@pytest.mark.slow  # one 2-rank run of ldm.train: ~1.5 min on 2 cores
+def test_a_nan_batch_under_fsdp_skips_the_step_on_both_ranks(tmp_path):
+    """The non-finite guard (callbacks.nonfinite) judges each rank's gradient shard and all ranks skip together:
+    the poisoned step changes no weight, EMA or AdamW moment; the next step trains."""
+    from ldm.lightning.checkpoint import read_checkpoint
+
+    root = make_tiny_root(tmp_path / "tiny")
+    run = tmp_path / "run"
+    _ldm_train(tmp_path, run, root, "trainer.devices=2", "+trainer/strategy=fsdp", "trainer.max_steps=3",
+               "callbacks.fid=null", "callbacks.export=null", "callbacks.sample_grid=null",
+               "+callbacks.poison._target_=fault_helpers.PoisonBatches", "+callbacks.poison.steps=[1]")  # fmt: skip
+    step1, step2, last = (read_checkpoint(run / "checkpoints" / name)
+                          for name in ("epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt", "last.ckpt"))  # fmt: skip
+    for key, value in step1["state_dict"].items():
+        assert torch.equal(step2["state_dict"][key], value), key
+    assert all(s["step"] == 1 for s in step2["optimizer_states"][0]["state"].values())
+    assert all(s["step"] == 2 for s in last["optimizer_states"][0]["state"].values())
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+    assert any(not torch.equal(last["state_dict"][k], v) for k, v in step2["state_dict"].items() if k.startswith("unet."))
+    assert last["callbacks"]["NonFiniteLoss"]["skipped"] == 1
