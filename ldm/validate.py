@@ -6,7 +6,8 @@ Checks, from config files only (model configs are JSON, shard counts come from m
 headers; no weights are loaded): required values are set; model paths exist (a local path, or a hub id
 when the hub is not offline); the resolution is a multiple of the VAE's downsampling factor; the U-Net's
 cross-attention width equals the text encoder's hidden size; sampler, LR schedule, noise schedule and
-prediction type are known names; the shard patterns match files; a batch is no larger than the data.
+prediction type are known names; the shard patterns match files; a batch is no larger than the data;
++trainer/strategy=fsdp is not combined with what it cannot do (no EMA, compile, channels_last, ...).
 """
 
 from __future__ import annotations
