@@ -34,6 +34,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from ldm.launch import launch, ranks_to_launch
 from ldm.lightning.metrics_log import read_metrics
+from ldm.validate import validate_config
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,7 @@ def _sweep_job(cfg: DictConfig) -> dict | None:
 def _train(cfg: DictConfig, train_fn: Callable[[DictConfig], dict]) -> dict:
     nprocs = ranks_to_launch(cfg.trainer)
     if nprocs:
+        validate_config(cfg)  # a config mistake in one line here, before any rank starts (each rank checks again)
         return launch(cfg, cfg.paths.output_dir, nprocs)
     return train_fn(cfg)
 

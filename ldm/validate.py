@@ -6,7 +6,8 @@ Checks, from config files only (model configs are JSON, shard counts come from m
 headers; no weights are loaded): required values are set; model paths exist (a local path, or a hub id
 when the hub is not offline); the resolution is a multiple of the VAE's downsampling factor; the U-Net's
 cross-attention width equals the text encoder's hidden size; sampler, LR schedule, noise schedule and
-prediction type are known names; the shard patterns match files; a batch is no larger than the data.
+prediction type are known names; the shard patterns match files; a batch is no larger than the data;
++trainer/strategy=fsdp is not combined with what it cannot do (no EMA, compile, channels_last, ...).
 """
 
 from __future__ import annotations
@@ -152,9 +153,40 @@ def _check_data(cfg: DictConfig) -> None:
             raise ConfigError(f"data.batch_size={batch} is larger than the {total} samples of data.{key}={spec}")
 
 
+def _check_fsdp(cfg: DictConfig) -> None:
+    """What `+trainer/strategy=fsdp` (ldm/lightning/fsdp.py) cannot do, named before anything starts."""
+    strategy = _get(cfg, "trainer.strategy")
+    if isinstance(strategy, str) and strategy.startswith("fsdp"):
+        raise ConfigError(f"trainer.strategy={strategy}: Lightning's FSDP would shard the frozen VAE, text encoder "
+                          f"and EMA with the U-Net; use +trainer/strategy=fsdp")  # fmt: skip
+    if not (isinstance(strategy, DictConfig) and str(strategy.get("_target_", "")).endswith("ShardedUNetStrategy")):
+        return
+    model = cfg.get("model") or {}
+    if not str(model.get("_target_", "")).endswith("LatentDiffusion"):
+        raise ConfigError(f"+trainer/strategy=fsdp shards the latent-diffusion U-Net; model={model.get('_target_')} "
+                          f"has none: use +trainer/strategy=ddp")  # fmt: skip
+    if not model.get("ema_decay"):
+        raise ConfigError("model.ema_decay=null with +trainer/strategy=fsdp: sample grids, FID and export sample "
+                          "with the EMA, the one U-Net every rank holds whole; set model.ema_decay")  # fmt: skip
+    for key in ("callbacks.fid.use_ema", "callbacks.sample_grid.use_ema"):
+        if _get(cfg, key, True) is False:
+            raise ConfigError(f"{key}=false with +trainer/strategy=fsdp: the raw U-Net is sharded, only the EMA "
+                              f"can sample")  # fmt: skip
+    if model.get("compile"):
+        raise ConfigError("model.compile with +trainer/strategy=fsdp is not supported (untested with the "
+                          "sharded U-Net): use +trainer/strategy=ddp for compiled training")  # fmt: skip
+    if model.get("channels_last"):
+        raise ConfigError("model.channels_last with +trainer/strategy=fsdp is not supported (FSDP's flat parameters "
+                          "do not keep the layout, and its optimizer state does not round-trip with it)")  # fmt: skip
+    if str(_get(cfg, "trainer.precision", "")) == "16-mixed" and _get(cfg, "trainer.gradient_clip_val"):
+        raise ConfigError("trainer.precision=16-mixed with +trainer/strategy=fsdp and trainer.gradient_clip_val: "
+                          "clipping scaled sharded gradients is not supported; use bf16-mixed")  # fmt: skip
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Raise ConfigError (one line) for the first problem found."""
     _check_names(cfg)
+    _check_fsdp(cfg)
     model = cfg.get("model")
     resolution = _get(cfg, "data.resolution")
     if model is not None and model.get("vae") is not None:

@@ -47,6 +47,7 @@ from ldm.diffusion import betas as make_betas
 from ldm.diffusion import rescale_zero_terminal_snr, snr
 from ldm.data.transforms import to_model_range
 from ldm.lightning.ema import EMA
+from ldm.lightning.fsdp import FSDP, full_params
 from ldm.lightning.optim import configure_optimizers
 from ldm.models.vae import downsample_factor
 
@@ -309,11 +310,14 @@ class LatentDiffusion(pl.LightningModule):
         # step a fused optimizer skipped on the device (`found_inf`, set by NonFiniteLoss): no host sync.
         if self.ema is None:
             return
+        # Under FSDP the EMA (whole on every rank) is updated from the gathered full weights (all ranks).
         found_inf = getattr(getattr(optimizer, "optimizer", optimizer), "found_inf", None)  # LightningOptimizer wraps
         if found_inf is not None:
-            self.ema.update(self.unet, keep=1 - found_inf)  # a skipped step is not counted either
+            with full_params(self.unet):
+                self.ema.update(self.unet, keep=1 - found_inf)  # a skipped step is not counted either
         elif any(p.grad is not None for p in self.unet.parameters()):
-            self.ema.update(self.unet)
+            with full_params(self.unet):
+                self.ema.update(self.unet)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Lightning's mixed-precision plugin refuses to clip for a fused optimizer, because with fp16 such an
@@ -323,6 +327,8 @@ class LatentDiffusion(pl.LightningModule):
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        elif isinstance(self.unet, FSDP):  # sharded (ldm/lightning/fsdp.py): the norm over all ranks' shards
+            self.unet.clip_grad_norm_(gradient_clip_val)
         else:
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
@@ -347,7 +353,12 @@ class LatentDiffusion(pl.LightningModule):
 
     # --- sampling ----------------------------------------------------------------------------
     def sampling_unet(self, use_ema: bool = True) -> UNet2DConditionModel:
-        return self.ema.module if (use_ema and self.ema is not None) else self.unet
+        if use_ema and self.ema is not None:
+            return self.ema.module
+        if isinstance(self.unet, FSDP):  # its forward is a collective: rank 0 sampling alone would wait forever
+            raise RuntimeError("sampling with the raw U-Net is not possible while it is sharded by FSDP: sample "
+                               "with the EMA (model.ema_decay), which every rank holds whole")  # fmt: skip
+        return self.unet
 
     @torch.no_grad()
     def generate(
