@@ -96,7 +96,8 @@ def unet_config(resolution: int, tiny: bool) -> dict:
 
 
 def ldm_train(work: Path, resolution: int, batch: int, mode: str, steps: int, warmup: int, workers: int,
-              devices: int, tiny: bool, compile_: bool, extra: list[str], log_dir: str | None = None) -> dict:  # fmt: skip
+              devices: int, tiny: bool, compile_: bool, extra: list[str], log_dir: str | None = None,
+              strategy: str = "ddp") -> dict:  # fmt: skip
     """One timed run of `python -m ldm.train`; returns StepTimer's JSON."""
     out = work / "results" / f"{mode}{resolution}-b{batch}-d{devices}-{int(time.time())}.json"
     gpu = torch.cuda.is_available()
@@ -113,7 +114,7 @@ def ldm_train(work: Path, resolution: int, batch: int, mode: str, steps: int, wa
         "~callbacks.checkpoint", "~callbacks.data_health",
         "+callbacks.timer._target_=ldm.lightning.callbacks.StepTimer", f"+callbacks.timer.warmup={warmup}",
         f"+callbacks.timer.out={out}", f"hydra.run.dir={work}/runs/{out.stem}", f"name=bench-{mode}{resolution}",
-        *(["+trainer/strategy=ddp"] if devices > 1 else []), *extra,
+        *([f"+trainer/strategy={strategy}"] if devices > 1 else []), *extra,
     ]  # fmt: skip
     log = (Path(log_dir) if log_dir else out.parent) / f"{out.stem}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -210,6 +211,8 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--workers", type=int, default=8, help="dataloader workers per GPU")
     parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"],
+                        help="with --devices > 1: conf/trainer/strategy/<this>.yaml (fsdp runs eager: --runs eager)")
     parser.add_argument("--images", type=int, default=1024, help="synthetic images per resolution")
     parser.add_argument("--work", default="data/bench_train", help="models, shards, results (kept)")
     parser.add_argument("--tiny", action="store_true", help="tiny models (CPU smoke test of the script)")
@@ -246,7 +249,7 @@ def main(argv=None) -> None:
             data_mode = "cached" if mode == "eager" else mode
             compile_ = mode != "eager" and torch.cuda.is_available()
             result = ldm_train(work, resolution, batch, data_mode, args.steps, args.warmup, args.workers, args.devices,
-                               args.tiny, compile_, args.extra, args.log_dir)  # fmt: skip
+                               args.tiny, compile_, args.extra, args.log_dir, args.strategy)  # fmt: skip
             name = {"cached": "ldm cached latents", "onthefly": "ldm on-the-fly encode", "eager": "ldm cached, eager"}[mode]
             print(line(f"{resolution}px {name}", result, flops, peak, base), flush=True)
 
