@@ -68,7 +68,7 @@ def test_bad_decay_is_refused():
 def test_update_never_waits_for_the_gpu_unlike_torchs():
     net = _net("cuda")
     ours = EMA(net, 0.999)
-    torchs = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.999), use_buffers=True)
+    torchs = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.999), use_buffers=True).to("cuda")  # as Lightning moves it
     gates = (None, torch.tensor(1.0, device="cuda"), torch.tensor(0.0, device="cuda"))
     _train_a_bit(net)
     torch.cuda.synchronize()

@@ -26,17 +26,18 @@ class EMA(AveragedModel):
     def __init__(self, model: nn.Module, decay: float):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"ema decay must be in [0, 1], got {decay}")
-        super().__init__(model, use_buffers=True)
+        device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+        super().__init__(model, device=device, use_buffers=True)  # the counter too lives where the model does
         self.decay = decay
         self.requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module, keep: Tensor | None = None) -> None:
         """One EMA step towards ``model``'s parameters and buffers; ``keep``: a 0-dim 0/1 tensor (0: skip it)."""
-        first = self.n_averaged == 0
-        weight = torch.where(first, 1.0, 1.0 - self.decay)  # 0-dim float32 on the device
+        # 1 (a copy) while nothing is averaged yet, else 1 - decay: 0-dim float32 on the counter's device
+        weight = 1.0 - self.decay * (self.n_averaged > 0).float()
         if keep is not None:
-            weight = weight * keep.to(weight)
+            weight = weight * keep  # (keep.to(weight) counts as a synchronizing call in CUDA's sync debug mode)
         groups: dict[torch.dtype, tuple[list[Tensor], list[Tensor]]] = defaultdict(lambda: ([], []))
         mine = itertools.chain(self.module.parameters(), self.module.buffers())
         theirs = itertools.chain(model.parameters(), model.buffers())
@@ -50,4 +51,4 @@ class EMA(AveragedModel):
         for dtype, (averaged, current) in groups.items():
             w = weight.to(dtype)
             torch._foreach_lerp_(averaged, current, [w] * len(averaged))  # a 0-dim weight broadcasts per tensor
-        self.n_averaged += 1 if keep is None else keep.to(self.n_averaged)
+        self.n_averaged += 1 if keep is None else keep.long()
