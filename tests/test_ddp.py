@@ -11,11 +11,7 @@ import torch.multiprocessing as mp
 
 from ldm.lightning.latent_diffusion import LatentDiffusion
 from ldm.models.unet import build_unet
-
-UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=[16, 32], layers_per_block=1,
-            down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-            norm_num_groups=8, attention_head_dim=4, cross_attention_dim=32)  # fmt: skip
-BATCH = 8  # the whole batch; each of the 2 ranks takes 4
+from data_parallel import BATCH, UNET, fixed_batch
 
 
 def _module(device) -> LatentDiffusion:
@@ -23,15 +19,6 @@ def _module(device) -> LatentDiffusion:
     module = LatentDiffusion(build_unet(**UNET), vae=lambda: None, text_encoder=lambda: None,
                              diffusion=dict(min_snr_gamma=5.0), ema_decay=None)  # frozen parts never built
     return module.to(device)
-
-
-def _batch():
-    g = torch.Generator().manual_seed(1)
-    latents = torch.randn(BATCH, 4, 8, 8, generator=g)
-    cond = torch.randn(BATCH, 7, 32, generator=g)
-    noise = torch.randn(BATCH, 4, 8, 8, generator=g)
-    t = torch.randint(0, 1000, (BATCH,), generator=g)
-    return latents, cond, noise, t
 
 
 def _step(module, unet, batch, rows, device, fused):
@@ -56,7 +43,7 @@ def _rank(rank, world_size, init_file, backend, fused, out):
         module = _module(device)
         ddp = torch.nn.parallel.DistributedDataParallel(module.unet, device_ids=[rank] if device.type == "cuda" else None)
         half = BATCH // world_size
-        result = _step(module, ddp, _batch(), slice(rank * half, (rank + 1) * half), device, fused)
+        result = _step(module, ddp, fixed_batch(), slice(rank * half, (rank + 1) * half), device, fused)
         torch.save(result, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -64,7 +51,7 @@ def _rank(rank, world_size, init_file, backend, fused, out):
 
 def _check(tmp_path, backend, fused, device):
     reference = _module(device)
-    expected = _step(reference, reference.unet, _batch(), slice(0, BATCH), device, fused)
+    expected = _step(reference, reference.unet, fixed_batch(), slice(0, BATCH), device, fused)
     out = str(tmp_path / "result")
     mp.spawn(_rank, args=(2, str(tmp_path / "init"), backend, fused, out), nprocs=2, join=True)
     for rank in range(2):

@@ -30,12 +30,9 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from ldm.lightning.fsdp import full_optimizer_state, load_full_optimizer_state
 from ldm.lightning.latent_diffusion import LatentDiffusion
 from ldm.models.unet import build_unet
+from data_parallel import BATCH, UNET, fixed_batch
 from tiny import CONF, TINY, TINY_UNET, compose_config, make_tiny_root
 
-UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=[16, 32], layers_per_block=1,
-            down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-            norm_num_groups=8, attention_head_dim=4, cross_attention_dim=32)  # fmt: skip
-BATCH = 8  # the whole batch; each of the 2 ranks takes 4
 STRATEGY = OmegaConf.load(CONF / "trainer" / "strategy" / "fsdp.yaml")
 
 
@@ -46,15 +43,6 @@ def _module(device, checkpointing=False) -> LatentDiffusion:
                              gradient_checkpointing=checkpointing)  # frozen parts never built
     module.configure_model()  # (what Lightning calls before the strategy wraps the U-Net)
     return module.to(device)
-
-
-def _batch():
-    g = torch.Generator().manual_seed(1)
-    latents = torch.randn(BATCH, 4, 8, 8, generator=g)
-    cond = torch.randn(BATCH, 7, 32, generator=g)
-    noise = torch.randn(BATCH, 4, 8, 8, generator=g)
-    t = torch.randint(0, 1000, (BATCH,), generator=g)
-    return latents, cond, noise, t
 
 
 def _train(module, batch, rows, device, fused):
@@ -94,7 +82,7 @@ def _rank(rank, world_size, init_file, backend, fused, checkpointing, out):
         assert not any(isinstance(m, FSDP) for name, m in module.named_modules() if not name.startswith("unet"))
         assert len([m for m in module.unet.modules() if isinstance(m, FSDP)]) > 1  # blocks are units of their own
         half = BATCH // world_size
-        result, optimizer = _train(module, _batch(), slice(rank * half, (rank + 1) * half), device, fused)
+        result, optimizer = _train(module, fixed_batch(), slice(rank * half, (rank + 1) * half), device, fused)
         # checkpoints: the gathered optimizer state (rank 0's), and that state loaded back into fresh shards
         full = full_optimizer_state(module.unet, optimizer, device)
         shared = [full]
@@ -112,7 +100,7 @@ def _rank(rank, world_size, init_file, backend, fused, checkpointing, out):
 
 def _check(tmp_path, backend, fused, device, checkpointing=False):
     reference = _module(device, checkpointing)
-    expected, optimizer = _train(reference, _batch(), slice(0, BATCH), device, fused)
+    expected, optimizer = _train(reference, fixed_batch(), slice(0, BATCH), device, fused)
     expected_state = optimizer.state_dict()
     out = str(tmp_path / "result")
     mp.spawn(_rank, args=(2, str(tmp_path / "init"), backend, fused, checkpointing, out), nprocs=2, join=True)

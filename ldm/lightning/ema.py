@@ -37,7 +37,7 @@ class EMA(AveragedModel):
         # 1 (a copy) while nothing is averaged yet, else 1 - decay: 0-dim float32 on the counter's device
         weight = 1.0 - self.decay * (self.n_averaged > 0).float()
         if keep is not None:
-            weight = weight * keep  # (keep.to(weight) counts as a synchronizing call in CUDA's sync debug mode)
+            weight = weight * keep
         groups: dict[torch.dtype, tuple[list[Tensor], list[Tensor]]] = defaultdict(lambda: ([], []))
         mine = itertools.chain(self.module.parameters(), self.module.buffers())
         theirs = itertools.chain(model.parameters(), model.buffers())

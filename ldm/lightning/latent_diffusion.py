@@ -312,12 +312,10 @@ class LatentDiffusion(pl.LightningModule):
             return
         # Under FSDP the EMA (whole on every rank) is updated from the gathered full weights (all ranks).
         found_inf = getattr(getattr(optimizer, "optimizer", optimizer), "found_inf", None)  # LightningOptimizer wraps
-        if found_inf is not None:
-            with full_params(self.unet):
-                self.ema.update(self.unet, keep=1 - found_inf)  # a skipped step is not counted either
-        elif any(p.grad is not None for p in self.unet.parameters()):
-            with full_params(self.unet):
-                self.ema.update(self.unet)
+        if found_inf is None and all(p.grad is None for p in self.unet.parameters()):
+            return  # gradients dropped: the step was skipped on the host
+        with full_params(self.unet):
+            self.ema.update(self.unet, keep=None if found_inf is None else 1 - found_inf)  # skipped: not counted
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Lightning's mixed-precision plugin refuses to clip for a fused optimizer, because with fp16 such an
