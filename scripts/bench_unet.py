@@ -1,0 +1,179 @@
+"""Where an SD-1.5-shaped U-Net training step spends its GPU time, and what each speed option buys.
+
+Times the U-Net step alone (bf16 autocast forward + backward, gradient clipping, fused AdamW) on GPU-resident
+latents, one variant after another in one process, with CUDA events around the timed steps; optionally
+profiles one variant and sums its kernels by kind (convolution, matrix product, attention, fused elementwise
+/ normalisation, optimizer, ...). `scripts/bench_train.py` then measures the chosen options through the real
+`ldm.train`; this script is for choosing them.
+
+    python scripts/bench_unet.py --resolution 512 --batch-size 32 --variants compiled compiled+channels_last --profile compiled
+    python scripts/bench_unet.py --resolution 32 --batch-size 2 --tiny --variants eager --steps 2 --warmup 1   # CPU smoke
+
+Variants (composable with '+', e.g. 'compiled+channels_last+b48'): eager, compiled, fuse_qkv (diffusers' fused
+q/k/v projections), channels_last (U-Net weights and input in NHWC), bN (batch N instead of --batch-size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import PEAK_BF16_TFLOPS, unet_config, unet_flops  # noqa: E402
+
+KERNEL_KINDS = [  # (kind, substrings of the CUDA kernel name), first match wins
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn::fusion")),
+    ("layout transposes (cuDNN NCHW<->NHWC)", ("nchwtonhwc", "nhwctonchw")),
+    ("convolution", ("conv", "implicit_gemm", "dgrad", "wgrad", "fprop", "xmma_fprop", "sm90_xmma")),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "norm_kernel", "lpnorm")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "sm90_", "cublas")),
+    ("triton (fused elementwise, norms)", ("triton",)),
+    ("copies / casts", ("copy", "cast", "convert")),
+]
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def parse_variant(spec: str, batch: int) -> dict:
+    opts = {"compile": False, "fuse_qkv": False, "channels_last": False, "batch": batch}
+    for part in spec.split("+"):
+        if part == "compiled":
+            opts["compile"] = True
+        elif part in ("fuse_qkv", "channels_last"):
+            opts[part] = True
+        elif part.startswith("b") and part[1:].isdigit():
+            opts["batch"] = int(part[1:])
+        elif part != "eager":
+            raise SystemExit(f"unknown variant part {part!r} in {spec!r}")
+    return opts
+
+
+def run_variant(spec: str, args, device: str) -> dict:
+    from ldm.models.unet import build_unet
+
+    opts = parse_variant(spec, args.batch_size)
+    b, s = opts["batch"], args.resolution // 8
+    unet = build_unet(**unet_config(args.resolution, args.tiny)).to(device).train()
+    if opts["fuse_qkv"]:
+        unet.fuse_qkv_projections()
+    fmt = torch.channels_last if opts["channels_last"] else torch.contiguous_format
+    unet.to(memory_format=fmt)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device == "cuda")
+    if opts["compile"]:
+        unet.compile()
+    gen = torch.Generator(device).manual_seed(0)
+    batches = [(torch.randn(b, 4, s, s, device=device, generator=gen).contiguous(memory_format=fmt),
+                torch.randn(b, 77, unet.config.cross_attention_dim, device=device, generator=gen),
+                torch.randint(0, 1000, (b,), device=device, generator=gen)) for _ in range(3)]  # fmt: skip
+
+    def step(i: int) -> None:
+        x, cond, t = batches[i % len(batches)]
+        with torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
+            pred = unet(x, t, encoder_hidden_states=cond).sample
+        torch.nn.functional.mse_loss(pred.float(), x).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    for i in range(args.warmup):
+        step(i)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    warm_s = time.perf_counter() - t0
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        step(i)
+    if device == "cuda":
+        end.record()
+    sync()
+    seconds = (start.elapsed_time(end) / 1000 if device == "cuda" else time.perf_counter() - t0) / args.steps
+    result = {"variant": spec, "batch": b, "step_s": seconds, "img_s": b / seconds, "warmup_s": warm_s,
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}  # fmt: skip
+    if spec == args.profile:
+        result["kinds"] = profile(step, device)
+    del unet, optimizer, batches
+    torch._dynamo.reset()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def profile(step, device: str, n: int = 3) -> list[tuple[str, float, int]]:
+    """GPU time per step by kernel kind: [(kind, ms per step, kernels per step)], largest first."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    activities = [ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
+    with torch_profile(activities=activities) as prof:
+        for i in range(n):
+            step(i)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    per_kind: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    top: dict[str, float] = defaultdict(float)
+    for evt in prof.events():
+        if device == "cuda" and evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = evt.device_time if device == "cuda" else evt.cpu_time
+        per_kind[kind_of(evt.name)][0] += us
+        per_kind[kind_of(evt.name)][1] += 1
+        top[evt.name] += us
+    print("# top kernels (ms per step):")
+    for name, us in sorted(top.items(), key=lambda kv: -kv[1])[:25]:
+        print(f"#   {us / n / 1000:8.2f}  {kind_of(name):<12} {name[:110]}")
+    return sorted(((k, v[0] / n / 1000, v[1] // n) for k, v in per_kind.items()), key=lambda r: -r[1])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--variants", nargs="+", default=["eager", "compiled"])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--profile", default=None, help="a variant (as spelled in --variants) to profile too")
+    parser.add_argument("--tiny", action="store_true", help="a tiny U-Net (CPU smoke test)")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True
+    flops = unet_flops(args.resolution, args.tiny)
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in torch.cuda.get_device_name()), None) if device == "cuda" else None
+    print(f"# {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}; "
+          f"{args.resolution} px, U-Net forward+backward {flops / 1e12:.3f} TFLOP/image", flush=True)  # fmt: skip
+    results = []
+    for spec in args.variants:
+        try:
+            r = run_variant(spec, args, device)
+        except Exception as e:  # one failing variant should not cost the others
+            print(f"# {spec}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        mfu = f"{r['img_s'] * flops / (peak * 1e12):6.1%}" if peak else "   -  "
+        mem = f"{r['peak_gib']:5.1f} GiB" if r["peak_gib"] is not None else "  -"
+        r["line"] = (f"{spec:<28} batch {r['batch']:>3}  {1000 * r['step_s']:7.1f} ms/step  {r['img_s']:7.1f} img/s  "
+                     f"MFU {mfu}  peak {mem}  (warm-up {r['warmup_s']:.0f} s)")  # fmt: skip
+        print(r["line"], flush=True)
+        if "kinds" in r:
+            total = sum(ms for _, ms, _ in r["kinds"])
+            print(f"# {spec}: GPU time by kernel kind, {total:.1f} ms per step in kernels")
+            for kind, ms, count in r["kinds"]:
+                print(f"#   {kind:<34} {ms:8.2f} ms  {ms / total:6.1%}  {count:6d} kernels")
+        results.append(r)
+    print("\n".join(["# summary"] + [r["line"] for r in results]))
+
+
+if __name__ == "__main__":
+    main()
