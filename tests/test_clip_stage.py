@@ -89,6 +89,19 @@ def test_clip_experiment_trains_and_open_clip_ranks_held_out_captions(tmp_path, 
     assert not any(p.requires_grad for p in encoder.parameters())
 
 
+@pytest.mark.slow
+def test_the_default_clip_recipe_tells_all_four_attributes_apart(tmp_path):
+    """The built-in stage 0 as `make train` runs it (the full shapes data, the experiment unchanged): after its 500
+    steps held-out images rank their own caption first among the captions that differ only in position (the
+    attribute learned last; chance 1/9), colour, shape or size. Measured: 98.8 / 100 / 99.6 / 100 %. ~2.5 min."""
+    root = tmp_path / "data"
+    write_shapes_dataset(root / "shapes", seed=0)  # the defaults of `python -m ldm.data.shapes`, as `make shapes`
+    overrides = ["logger=none", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+    metrics = train(compose_config(root, tmp_path / "run", overrides, experiment="shapes_clip", tiny=False))
+    assert metrics["val/swap_top1/position"] > 0.9, metrics
+    assert min(metrics[f"val/swap_top1/{k}"] for k in ("color", "shape", "size")) > 0.95, metrics
+
+
 def test_open_clip_config_overrides_merge_key_by_key():
     cfg = open_clip_config("ViT-B-32", text_cfg=dict(width=32))
     assert cfg["text_cfg"]["width"] == 32 and cfg["text_cfg"]["layers"] == 12  # untouched keys kept
