@@ -44,12 +44,14 @@ class PixelFeatures(nn.Module):
         super().__init__()
         with torch.random.fork_rng(devices=[]):  # the same projection in every process
             torch.manual_seed(0)
-            self.proj = nn.Linear(3 * 4 * 4, self.num_features)
+            self.proj = nn.Linear(3 * 4 * 4, self.num_features).double()
 
     @torch.no_grad()
     def forward(self, images):
-        x = nn.functional.adaptive_avg_pool2d(images.float() / 255, 4).flatten(1)
-        return self.proj(x).double()
+        # float64 throughout: an image's features must not depend on the batch it came in (float32 GEMMs of
+        # other batch sizes round differently, ~1e-8 relative), so that rank sharding changes only sum order
+        x = nn.functional.adaptive_avg_pool2d(images.double() / 255, 4).flatten(1)
+        return self.proj(x)
 
 
 # --- the network and its preprocessing --------------------------------------------------------------
