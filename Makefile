@@ -39,10 +39,13 @@ text-encoder: $(DATA)/models/clip-tiny/text_encoder/config.json
 train: shapes clip vae
 	$(PY) -m ldm.train experiment=shapes $(ARGS)
 
+# the import layers (pyproject.toml [tool.importlinter]) are checked first: a second, then the tests
 test: .venv/.installed
+	$(UV) run --frozen lint-imports
 	$(UV) run --frozen pytest -q $(ARGS)
 
 test-all: .venv/.installed
+	$(UV) run --frozen lint-imports
 	$(UV) run --frozen pytest -q -m "" $(ARGS)
 
 clean-default:

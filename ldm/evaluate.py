@@ -15,7 +15,35 @@ import argparse
 import json
 from pathlib import Path
 
-from ldm.metrics.evaluation import checkpoint_generator, evaluate_generator, fid_between, pipeline_generator
+import torch
+from diffusers import StableDiffusionPipeline
+
+from ldm.metrics.evaluation import evaluate_generator, fid_between
+from ldm.metrics.generated import Generate
+from ldm.stages.load import load_module
+from ldm.training.loggers import wandb_logger
+
+
+def checkpoint_generator(path: str, device: str = "cpu", **generate_kwargs) -> tuple[Generate, int]:
+    """A training checkpoint's generator (EMA weights when it has them) and its resolution."""
+    module = load_module(path).to(device)
+    return (lambda prompts, seeds: module.generate(prompts, seed=seeds, **generate_kwargs)), module.resolution
+
+
+def pipeline_generator(path: str, device: str = "cpu", guidance_scale: float | None = None,
+                       num_inference_steps: int | None = None) -> tuple[Generate, int]:
+    """An exported diffusers StableDiffusionPipeline directory's generator (one generator per image)."""
+    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    options = {k: v for k, v in dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps).items()
+               if v is not None}
+
+    def generate(prompts, seeds):
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        return pipe(prompts, generator=generators, output_type="pt", **options).images.float()
+
+    return generate, pipe.unet.config.sample_size * pipe.vae_scale_factor
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,8 +89,6 @@ def main(argv=None) -> dict:
     out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     if args.wandb:
-        from ldm.lightning.loggers import wandb_logger
-
         logger = wandb_logger(project=args.project, save_dir=str(out.parent), job_type="eval",
                               name=f"eval-{Path(args.paths[0]).name}")
         logger.experiment.config.update({"eval": vars(args)})

@@ -10,8 +10,8 @@ import argparse
 from pathlib import Path
 
 from ldm.diffusion import SCHEDULERS
-from ldm.lightning.checkpoint import load_module
 from ldm.models.export import export_pipeline
+from ldm.stages.load import load_module
 
 
 def main(argv=None) -> Path:

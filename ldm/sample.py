@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from ldm.diffusion import SCHEDULERS
-from ldm.lightning.checkpoint import load_module
+from ldm.stages.load import load_module
 from ldm.utils.images import captioned_grid, to_pil
 
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from ldm.data.synthetic import synthetic_shards
-from ldm.lightning.latent_diffusion import LatentDiffusion
 from ldm.metrics.evaluation import evaluate_generator
 from ldm.models.text_encoders import hf_clip_text_encoder, save_random_hf_clip
 from ldm.models.unet import build_unet
 from ldm.models.vae import build_vae, load_vae
+from ldm.stages.latent_diffusion import LatentDiffusion
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {  # name: (resolution, U-Net config group, VAE blocks: f = 2**(len-1))

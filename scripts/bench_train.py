@@ -112,7 +112,7 @@ def ldm_train(work: Path, resolution: int, batch: int, mode: str, steps: int, wa
         f"trainer.max_steps={warmup + steps}", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "+trainer.enable_checkpointing=false",
         "trainer.log_every_n_steps=1000000", "logger=none", "~callbacks.fid", "~callbacks.sample_grid", "~callbacks.export",
         "~callbacks.checkpoint", "~callbacks.data_health",
-        "+callbacks.timer._target_=ldm.lightning.callbacks.StepTimer", f"+callbacks.timer.warmup={warmup}",
+        "+callbacks.timer._target_=ldm.callbacks.throughput.StepTimer", f"+callbacks.timer.warmup={warmup}",
         f"+callbacks.timer.out={out}", f"hydra.run.dir={work}/runs/{out.stem}", f"name=bench-{mode}{resolution}",
         *([f"+trainer/strategy={strategy}"] if devices > 1 else []), *extra,
     ]  # fmt: skip

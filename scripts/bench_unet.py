@@ -114,7 +114,8 @@ def run_variant(spec: str, args, device: str) -> dict:
 
 def profile(step, device: str, n: int = 3) -> list[tuple[str, float, int]]:
     """GPU time per step by kernel kind: [(kind, ms per step, kernels per step)], largest first."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
     with torch_profile(activities=activities) as prof:

@@ -44,7 +44,7 @@ def main(argv=None) -> dict:
         rendered = [render(rng, 32) for _ in range(args.prompts)]
         images, attrs = [np.asarray(img) for img, _, _ in rendered], [a for _, _, a in rendered]
     else:
-        from ldm.lightning.checkpoint import load_module
+        from ldm.stages.load import load_module
 
         module = load_module(args.checkpoint)
         prompts = [caption_for(a["shape"], a["color"], a["position"], a["size"], a["template"]) for a in attrs]

@@ -15,12 +15,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from ldm.data.format import write_manifest
 from ldm.data.shards import (
     IMAGE_FORMATS,
     samples_from_class_folders,
     samples_from_folder,
     samples_from_shards,
-    write_manifest,
     write_shards,
 )
 

@@ -41,8 +41,8 @@ def main(argv=None) -> None:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="train", overrides=args.overrides)
     shards = cfg.data.train_shards if args.split == "train" else cfg.data.val_shards
-    vae = instantiate(cfg.model.vae).to(args.device)
-    text_encoder = instantiate(cfg.model.text_encoder).to(args.device)
+    vae = instantiate(cfg.model.vae, _partial_=False).to(args.device)  # the stage builds it lazily; here now
+    text_encoder = instantiate(cfg.model.text_encoder, _partial_=False).to(args.device)
     manifest = precompute_latents(
         shards,
         args.out_dir,

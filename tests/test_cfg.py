@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from hydra.utils import instantiate
+from tiny import compose_config, make_tiny_root
 
 from ldm.diffusion import guided
-from ldm.lightning.latent_diffusion import drop_mask
-from tiny import compose_config, make_tiny_root
+from ldm.stages.latent_diffusion import drop_mask
 
 
 @pytest.fixture(scope="module")

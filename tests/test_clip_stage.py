@@ -12,14 +12,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tiny import TINY_OPEN_CLIP, compose_config
+from wandb_offline import history, run_files
 
 from ldm.data.shapes import write_shapes_dataset
-from ldm.lightning.clip import CLIPModule, retrieval_top1
 from ldm.models.clip import build_open_clip, open_clip_config
 from ldm.models.text_encoders import open_clip_text_encoder
-from ldm.train import train
-from ldm.utils.wandb_offline import history, run_files
-from tiny import TINY_OPEN_CLIP, compose_config
+from ldm.run.fit import train
+from ldm.stages.clip import CLIPModule, retrieval_top1
 
 RANK_HELD_OUT = r"""
 import io, json, sys, tarfile
@@ -215,8 +215,9 @@ def test_clip_score_of_an_open_clip_directory_matches_open_clip(tmp_path):
 
 def test_latent_diffusion_logs_clip_score_in_training_and_evaluation(tmp_path, monkeypatch):
     """The built-in recipe conditions on the stage-0 CLIP's text tower and scores its samples with that CLIP."""
-    from ldm.evaluate import main as evaluate
     from tiny import make_tiny_root
+
+    from ldm.evaluate import main as evaluate
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -240,7 +241,7 @@ def test_caption_swaps_replace_the_longest_phrase_and_never_return_the_true_capt
     import random
 
     from ldm.data.shapes import POSITIONS
-    from ldm.lightning.hard_negatives import CaptionSwaps
+    from ldm.stages.hard_negatives import CaptionSwaps
 
     positions = [phrase for phrase, _, _ in POSITIONS.values()]
     swaps = CaptionSwaps({"position": positions, "size": ["small", "large"]})
@@ -263,7 +264,7 @@ def test_caption_swaps_replace_the_longest_phrase_and_never_return_the_true_capt
 def test_hard_negative_loss_is_cross_entropy_over_the_own_caption_and_its_swaps():
     import random
 
-    from ldm.lightning.hard_negatives import CaptionSwaps
+    from ldm.stages.hard_negatives import CaptionSwaps
 
     groups = {"color": ["red", "blue", "green"], "shape": ["circle", "square"]}
     module = CLIPModule(build_open_clip(**TINY_OPEN_CLIP), caption_groups=groups, hard_negative_weight=1.0)

@@ -11,12 +11,13 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from omegaconf import OmegaConf
+from tiny import CONF, compose_config, make_tiny_root
 
-from ldm.lightning.checkpoint import load_checkpoint, load_module
 from ldm.models.export import export_pipeline
 from ldm.models.text_encoders import save_open_clip_checkpoint
-from ldm.train import train
-from tiny import CONF, compose_config, make_tiny_root
+from ldm.run.fit import train
+from ldm.stages.load import load_module
+from ldm.training.checkpoint import load_checkpoint
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
@@ -25,7 +26,7 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 def test_every_experiment_composes_and_resolves(experiment, tmp_path):
     cfg = compose_config(tmp_path, tmp_path / "run", experiment=experiment, tiny=False)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    assert resolved["model"]["_target_"].startswith("ldm.lightning.")
+    assert resolved["model"]["_target_"].startswith("ldm.stages.")
     assert resolved["trainer"]["max_steps"] > 0
 
 

@@ -19,11 +19,12 @@ import webdataset as wds
 from PIL import Image
 
 from ldm.data.datamodule import ShardDataModule
+from ldm.data.format import expand_urls
 from ldm.data.shapes import main as shapes_main
-from ldm.data.shapes import render, shape_prompts, write_shapes_dataset
+from ldm.data.shapes import render, write_shapes_dataset
 from ldm.data.shards import samples_from_folder, write_shards
 from ldm.data.transforms import ImageTransform
-from ldm.data.webdataset import collate, expand_urls, make_shard_dataset
+from ldm.data.webdataset import collate, make_shard_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -349,15 +350,6 @@ def test_shapes_match_their_captions(size):
         # nothing is cut off at the border
         assert xs.min() > 0 and ys.min() > 0 and xs.max() < size - 1 and ys.max() < size - 1, caption
     assert len(seen) == 4 + 8 + 9 + 2  # every shape, colour, position and size occurs
-
-
-def test_shape_prompts_name_known_attributes():
-    prompts = shape_prompts()
-    assert 6 <= len(prompts) <= 12 and len(set(prompts)) == len(prompts)
-    for prompt in prompts:
-        assert any(s in prompt for s in ("circle", "square", "triangle", "cross"))
-        assert any(s in prompt.split() for s in ("small", "large"))
-        assert any(c in prompt.split() for c in LOOKS_LIKE)
 
 
 def test_write_shapes_dataset_is_readable(shapes_root):

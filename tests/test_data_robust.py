@@ -19,16 +19,10 @@ import webdataset as wds
 from PIL import Image
 
 from ldm.data.datamodule import EpochLoader, ShardDataModule
+from ldm.data.format import expand_urls, read_manifest, write_manifest
 from ldm.data.health import DataError, DataHealth
-from ldm.data.shards import (
-    read_manifest,
-    samples_from_class_folders,
-    samples_from_folder,
-    samples_from_shards,
-    write_manifest,
-    write_shards,
-)
-from ldm.data.webdataset import collate, expand_urls, make_shard_dataset
+from ldm.data.shards import samples_from_class_folders, samples_from_folder, samples_from_shards, write_shards
+from ldm.data.webdataset import collate, make_shard_dataset
 
 
 def image_bytes(color=(200, 30, 30), size=(12, 12), fmt="PNG") -> bytes:
@@ -423,7 +417,7 @@ def test_nothing_valid_stops_training(tmp_path):
 def test_health_monitor_logs_skips_in_a_lightning_run(tmp_path):
     import pytorch_lightning as pl
 
-    from ldm.data.health import DataHealthMonitor
+    from ldm.callbacks.data_health import DataHealthMonitor
 
     damaged_shards(tmp_path / "d")
     write_raw_shard(tmp_path / "d" / "more.tar", [{"__key__": f"more{i}", "png": GOOD, "txt": "m"} for i in range(40)])

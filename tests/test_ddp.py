@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-from ldm.lightning.latent_diffusion import LatentDiffusion
-from ldm.models.unet import build_unet
 from data_parallel import BATCH, UNET, fixed_batch
+
+from ldm.models.unet import build_unet
+from ldm.stages.latent_diffusion import LatentDiffusion
 
 
 def _module(device) -> LatentDiffusion:
@@ -78,14 +78,14 @@ def test_two_gpus_equal_one_gpu_on_the_doubled_batch(tmp_path):
 
 def test_the_ddp_strategy_config_builds_lightnings_ddp_and_is_launched_with_torchrun():
     """`+trainer/strategy=ddp`: Lightning's DDPStrategy with bucket views and a static graph, whose ranks
-    ldm.launch starts (a dict strategy, not one of Lightning's in-process launchers)."""
+    ldm.run.launch starts (a dict strategy, not one of Lightning's in-process launchers)."""
     from pathlib import Path
 
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
     from pytorch_lightning.strategies import DDPStrategy
 
-    from ldm.launch import ranks_to_launch
+    from ldm.run.launch import ranks_to_launch
 
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):

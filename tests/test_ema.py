@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ldm.lightning.ema import EMA
+from ldm.training.ema import EMA
 
 
 def _net(device="cpu"):

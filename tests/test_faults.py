@@ -21,21 +21,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-
 from fault_helpers import by_step, read_losses
-from ldm.lightning.checkpoint import (
+from omegaconf import OmegaConf
+from tiny import CONF, TINY, TINY_UNET, compose_config, make_tiny_root
+
+from ldm.run.fit import train
+from ldm.run.resume import ResumeWarning, find_auto, resolve_resume
+from ldm.run.validate import ConfigError, validate_config
+from ldm.stages.load import load_module
+from ldm.training.checkpoint import (
     AtomicCheckpointIO,
     CheckpointError,
     UnsafeCheckpointError,
     atomic_save,
-    load_module,
     read_checkpoint,
 )
-from ldm.lightning.resume import ResumeWarning, find_auto, resolve_resume
-from ldm.train import train
-from ldm.validate import ConfigError, validate_config
-from tiny import CONF, TINY, TINY_UNET, compose_config, make_tiny_root
 
 pytestmark = pytest.mark.faults
 
@@ -270,7 +270,7 @@ class _FullDisk:
 def test_full_disk_during_a_save_in_training_raises_and_keeps_the_previous_checkpoint(tiny_root, tmp_path, monkeypatch):
     import pytorch_lightning as pl
 
-    import ldm.lightning.checkpoint as checkpoint_module
+    import ldm.training.checkpoint as checkpoint_module
 
     before = {}
 
@@ -295,7 +295,7 @@ def test_full_tmpfs_raises_enospc_and_keeps_the_previous_checkpoint(tmp_path):
     script = f"""
 import sys, subprocess, torch
 sys.path.insert(0, {str(REPO)!r})
-from ldm.lightning.checkpoint import atomic_save, read_checkpoint, CheckpointError
+from ldm.training.checkpoint import atomic_save, read_checkpoint, CheckpointError
 from pathlib import Path
 d = Path({str(tmp_path / "mnt")!r})
 atomic_save({{"state_dict": {{"w": torch.ones(50_000)}}}}, d / "last.ckpt")         # 200 kB: fits
@@ -330,7 +330,7 @@ def test_atomic_checkpoint_io_is_lightnings_io(tmp_path):
 
 
 def _with_callbacks(monkeypatch, *extra):
-    from ldm import train as train_module
+    from ldm.run import fit as train_module
 
     real = train_module.instantiate
 
@@ -364,7 +364,7 @@ def test_a_nan_batch_skips_the_step_and_is_counted(tiny_root, tmp_path, monkeypa
 def test_n_nan_steps_in_a_row_stop_the_run_naming_the_step(tiny_root, tmp_path, monkeypatch):
     from fault_helpers import PoisonBatches
 
-    from ldm.lightning.nonfinite import NonFiniteLossError
+    from ldm.callbacks.nonfinite import NonFiniteLossError
 
     _with_callbacks(monkeypatch, PoisonBatches([2, 3, 4]))
     cfg = compose_config(tiny_root, tmp_path, [*FAST, "trainer.max_steps=8", "callbacks.nonfinite.max_in_a_row=3"])
@@ -380,7 +380,7 @@ def test_n_nan_steps_in_a_row_stop_the_run_naming_the_step(tiny_root, tmp_path, 
 def test_the_fused_path_stops_at_its_next_check_naming_the_step(tiny_root, tmp_path, monkeypatch):
     from fault_helpers import PoisonBatches
 
-    from ldm.lightning.nonfinite import NonFiniteLossError
+    from ldm.callbacks.nonfinite import NonFiniteLossError
 
     _with_callbacks(monkeypatch, PoisonBatches([2, 3, 4]))
     cfg = compose_config(tiny_root, tmp_path, [*FAST, "trainer.max_steps=12", "callbacks.nonfinite.max_in_a_row=3",
@@ -399,7 +399,7 @@ def test_an_infinite_gradient_of_a_finite_loss_is_skipped(guarded):
     """d sqrt(w)/dw at w = 0 is inf while sqrt(0) = 0: with gradient clipping, this would make NaN weights."""
     import pytorch_lightning as pl
 
-    from ldm.lightning.nonfinite import NonFiniteLoss
+    from ldm.callbacks.nonfinite import NonFiniteLoss
 
     class Probe(pl.LightningModule):
         def __init__(self):
@@ -526,7 +526,7 @@ class _Silent(http.server.BaseHTTPRequestHandler):
     (_Silent, r"did not answer \(ReadTimeout\)"),
 ])  # fmt: skip
 def test_wandb_falls_back_offline_with_one_warning(tmp_path, monkeypatch, server, reason):
-    import ldm.lightning.loggers as loggers
+    import ldm.training.loggers as loggers
 
     running = _Server(server) if server else None
     url = running.url if running else f"http://127.0.0.1:{_closed_port()}"
@@ -597,7 +597,7 @@ def test_api_keys_never_reach_configs_run_dirs_or_wandb_files(tiny_root, tmp_pat
         data = path.read_bytes()
         for secret in (wandb_key, hf_token, config_secret):
             assert secret.encode() not in data, f"{secret[:6]}... found in {path.relative_to(run_dir)}"
-    from ldm.utils.wandb_offline import config, run_files
+    from wandb_offline import config, run_files
 
     (run_file,) = run_files(run_dir / "wandb")
     logged = config(run_file)

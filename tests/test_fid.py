@@ -234,7 +234,7 @@ def test_clip_score_matches_cosine_similarity(tmp_path):
 
 # --- during training --------------------------------------------------------------------------------
 def test_the_time_budget_rule():
-    from ldm.lightning.fid_callback import within_budget
+    from ldm.callbacks.fid import within_budget
 
     assert within_budget(0.0, None, 0.0, 0.1)  # the first evaluation always runs
     assert within_budget(10.0, 10.0, 200.0, 0.1) and not within_budget(10.0, 10.0, 199.0, 0.1)
@@ -248,7 +248,7 @@ def test_evaluations_are_put_off_to_keep_within_the_time_budget(tmp_path):
 
     from tiny import compose_config, make_tiny_root
 
-    from ldm.train import train
+    from ldm.run.fit import train
 
     root, run_dir = make_tiny_root(tmp_path / "root"), tmp_path / "run"
     cfg = compose_config(root, run_dir, ["logger=none", "trainer.max_steps=4", "callbacks.fid.every_n_steps=1",
@@ -261,9 +261,9 @@ def test_evaluations_are_put_off_to_keep_within_the_time_budget(tmp_path):
 
 def test_training_logs_fid_to_wandb_and_plots(tmp_path, monkeypatch):
     from tiny import compose_config, make_tiny_root
+    from wandb_offline import history, run_files, summary
 
-    from ldm.train import train
-    from ldm.utils.wandb_offline import history, run_files, summary
+    from ldm.run.fit import train
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")

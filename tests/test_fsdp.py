@@ -1,4 +1,4 @@
-"""FSDP (`+trainer/strategy=fsdp`, ldm/lightning/fsdp.py) computes what one process computes on the doubled batch.
+"""FSDP (`+trainer/strategy=fsdp`, ldm/training/fsdp.py) computes what one process computes on the doubled batch.
 
 - Two ranks holding the U-Net sharded by the strategy of conf/trainer/strategy/fsdp.yaml (gloo on CPU, NCCL on two
   GPUs) each take half of a batch: their gathered gradients, the weights after two AdamW steps, the EMA (updated
@@ -23,15 +23,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from data_parallel import BATCH, UNET, fixed_batch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from tiny import CONF, TINY, TINY_UNET, compose_config, make_tiny_root
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-from ldm.lightning.fsdp import full_optimizer_state, load_full_optimizer_state
-from ldm.lightning.latent_diffusion import LatentDiffusion
 from ldm.models.unet import build_unet
-from data_parallel import BATCH, UNET, fixed_batch
-from tiny import CONF, TINY, TINY_UNET, compose_config, make_tiny_root
+from ldm.stages.latent_diffusion import LatentDiffusion
+from ldm.training.fsdp import full_optimizer_state, load_full_optimizer_state
 
 STRATEGY = OmegaConf.load(CONF / "trainer" / "strategy" / "fsdp.yaml")
 
@@ -141,8 +141,8 @@ def test_the_fsdp_config_builds_the_strategy_with_a_block_wrap_policy_and_launch
     from diffusers.models.resnet import ResnetBlock2D
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-    from ldm.launch import ranks_to_launch
-    from ldm.lightning.fsdp import ShardedUNetStrategy
+    from ldm.run.launch import ranks_to_launch
+    from ldm.training.fsdp import ShardedUNetStrategy
 
     cfg = compose_config(tmp_path, tmp_path / "run", ["+trainer/strategy=fsdp", "trainer.devices=2"])
     strategy = instantiate(cfg.trainer.strategy)
@@ -160,7 +160,7 @@ def test_the_fsdp_config_builds_the_strategy_with_a_block_wrap_policy_and_launch
     (["trainer.precision=16-mixed"], r"^trainer\.precision=16-mixed with \+trainer/strategy=fsdp"),
 ])  # fmt: skip
 def test_what_fsdp_cannot_do_is_refused_in_one_line(tmp_path, overrides, message):
-    from ldm.validate import ConfigError, validate_config
+    from ldm.run.validate import ConfigError, validate_config
 
     cfg = compose_config(tmp_path, tmp_path / "run", ["+trainer/strategy=fsdp", "trainer.devices=2", *overrides])
     with pytest.raises(ConfigError, match=message):
@@ -168,7 +168,7 @@ def test_what_fsdp_cannot_do_is_refused_in_one_line(tmp_path, overrides, message
 
 
 def test_fsdp_for_a_stage_without_a_unet_is_refused(tmp_path):
-    from ldm.validate import ConfigError, validate_config
+    from ldm.run.validate import ConfigError, validate_config
 
     cfg = compose_config(tmp_path, tmp_path / "run", ["+trainer/strategy=fsdp"], experiment="shapes_vae", tiny=False)
     with pytest.raises(ConfigError, match=r"^\+trainer/strategy=fsdp shards the latent-diffusion U-Net; model=.*"
@@ -177,7 +177,7 @@ def test_fsdp_for_a_stage_without_a_unet_is_refused(tmp_path):
 
 
 def test_lightnings_own_fsdp_string_is_refused(tmp_path):
-    from ldm.validate import ConfigError, validate_config
+    from ldm.run.validate import ConfigError, validate_config
 
     cfg = compose_config(tmp_path, tmp_path / "run", ["trainer.strategy=fsdp", "trainer.devices=2"])
     with pytest.raises(ConfigError, match=r"^trainer\.strategy=fsdp: .* use \+trainer/strategy=fsdp$"):
@@ -234,7 +234,7 @@ GPU_RUN = ["trainer.accelerator=gpu", "callbacks.fid.num_images=4"]  # fused Ada
 def test_fsdp_training_run_equals_ddp_resumes_exactly_and_exports(tmp_path, device_args):
     from diffusers import StableDiffusionPipeline
 
-    from ldm.lightning.checkpoint import read_checkpoint
+    from ldm.training.checkpoint import read_checkpoint
 
     root = make_tiny_root(tmp_path / "tiny")
     fsdp, ddp, resumed, single = (tmp_path / name for name in ("fsdp", "ddp", "resumed", "single"))
@@ -272,7 +272,7 @@ def test_fsdp_training_run_equals_ddp_resumes_exactly_and_exports(tmp_path, devi
 def test_a_nan_batch_under_fsdp_skips_the_step_on_both_ranks(tmp_path):
     """The non-finite guard (callbacks.nonfinite) judges each rank's gradient shard and all ranks skip together:
     the poisoned step changes no weight, EMA or AdamW moment; the next step trains."""
-    from ldm.lightning.checkpoint import read_checkpoint
+    from ldm.training.checkpoint import read_checkpoint
 
     root = make_tiny_root(tmp_path / "tiny")
     run = tmp_path / "run"

@@ -10,13 +10,18 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from ldm.data.latents import LatentShardDataModule, latent_samples, precompute_latents, read_meta
+from ldm.data.latents import LatentShardDataModule, make_latent_dataset, precompute_latents, read_meta
 from ldm.data.webdataset import collate, make_shard_dataset
-from ldm.lightning.latent_diffusion import LatentDiffusion
 from ldm.models.text_encoders import hf_clip_text_encoder
 from ldm.models.vae import load_vae
-from ldm.train import train
+from ldm.run.fit import train
+from ldm.stages.latent_diffusion import LatentDiffusion
 from tests.tiny import compose_config, make_tiny_root
+
+
+def latent_samples(urls):
+    """Every sample of latent shards in shard order, unflipped (captions chosen as in training)."""
+    return iter(make_latent_dataset(urls, random_flip=False, shuffle_buffer=0, shardshuffle=False))
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +78,12 @@ def test_cached_batch_gives_the_on_the_fly_loss_within_fp16_tolerance(root):
 
 
 def make_latent_raw(root: Path):
-    from ldm.data.latents import _is_latent_file, load_npy
+    from ldm.data.format import expand_urls
     from ldm.data.health import DataHealth
-    from ldm.data.webdataset import ReadShards, expand_urls
+    from ldm.data.latents import is_latent_file, load_npy
+    from ldm.data.webdataset import ReadShards
 
-    reader = ReadShards(DataHealth(), select=_is_latent_file)
+    reader = ReadShards(DataHealth(), select=is_latent_file)
     for sample in reader({"url": u} for u in expand_urls(root / "latents")):
         yield {k: load_npy(v) for k, v in sample.items() if k.endswith(".npy")}
 

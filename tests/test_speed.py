@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from ldm.train import train
+from ldm.run.fit import train
 from tests.tiny import compose_config, make_tiny_root
 
 
@@ -106,7 +106,7 @@ def test_step_timer_times_only_the_steps_after_warm_up(root, tmp_path):
         "logger=none", "trainer.max_steps=3", "~callbacks.fid", "~callbacks.export", "~callbacks.sample_grid",
         "+callbacks.end._target_=tests.test_speed.SleepAtEnd",  # runs before the timer's on_train_end
         f"+callbacks.end.path={tmp_path / 'clock.txt'}",
-        "+callbacks.timer._target_=ldm.lightning.callbacks.StepTimer", "+callbacks.timer.warmup=1",
+        "+callbacks.timer._target_=ldm.callbacks.throughput.StepTimer", "+callbacks.timer.warmup=1",
         f"+callbacks.timer.out={out}",
     ])  # fmt: skip
     train(cfg)

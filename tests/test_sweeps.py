@@ -16,13 +16,15 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
+from tiny import CONF, TINY, TINY_UNET, make_tiny_root, saved_config
+from wandb_offline import config, history, run_files, run_info
 
-from ldm.launch import ranks_to_launch
-from ldm.lightning.metrics_log import read_metrics
+from ldm.callbacks.metrics_log import read_metrics
 from ldm.report import main as report_main
-from ldm.sweep import job_params, objective_value, run_name, swept_keys
-from ldm.utils.wandb_offline import config, history, run_files, run_info
-from tiny import CONF, TINY, TINY_UNET, make_tiny_root
+from ldm.run.launch import ranks_to_launch
+from ldm.sweeps.job import objective_value
+from ldm.training.checkpoint import load_checkpoint
+from ldm.utils.sweep_index import job_params, run_name, swept_keys
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +89,11 @@ def test_ddp_sweep_gives_one_run_per_job_and_marks_the_failed_one(tiny_root, tmp
         assert logged["sweep"] == {"group": index["group"], "job": job["num"], "params": job["params"]}
         assert logged["trainer"]["devices"] == 2
     assert max(row.get("train/images_seen", 0) for row in history(runs["1"])) == 24
+
+    # the job saved the config it trained with: nothing was added to it after Hydra wrote .hydra/config.yaml
+    trained = load_checkpoint(sweep / "1" / "checkpoints" / "last.ckpt")["config"]
+    assert saved_config(sweep / "1") == trained
+    assert trained["logger"]["name"] == "shapes-1 optim.lr=0.0001" and trained["logger"]["group"] == index["group"]
 
     report_main([str(sweep)])
     lines = (sweep / "report.md").read_text().splitlines()

@@ -3,14 +3,14 @@ checkpoint -> resume, sampling and a diffusers pipeline export that StableDiffus
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-
-from ldm.lightning.checkpoint import load_checkpoint, load_module
-from ldm.train import train
-
-import pytest
 from tiny import compose_config, make_tiny_root
+
+from ldm.run.fit import train
+from ldm.stages.load import load_module
+from ldm.training.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_export_loads_in_diffusers_and_matches_ldm_sample(trained, tmp_path):
 
 
 def test_wandb_offline_run_holds_config_metrics_and_samples(tiny_root, tmp_path, monkeypatch):
-    from ldm.utils.wandb_offline import config, history, run_files
+    from wandb_offline import config, history, run_files
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -92,7 +92,7 @@ def test_wandb_offline_run_holds_config_metrics_and_samples(tiny_root, tmp_path,
     train(cfg)
     (run_file,) = run_files(tmp_path / "wandb")
     logged = config(run_file)
-    assert logged["model"]["_target_"] == "ldm.lightning.latent_diffusion.LatentDiffusion"
+    assert logged["model"]["_target_"] == "ldm.stages.latent_diffusion.LatentDiffusion"
     assert logged["diffusion"]["cfg_dropout"] == 0.1
     rows = history(run_file)
     metrics = {k for row in rows for k in row}

@@ -9,15 +9,15 @@ import copy
 
 import pytest
 import torch
+from tiny import compose_config, make_tiny_root
+from wandb_offline import history, run_files
 
 from ldm.data.webdataset import collate, make_shard_dataset
-from ldm.lightning.autoencoder import AutoencoderModule, PatchDiscriminator, hinge_d_loss, latent_scaling_factor, psnr
 from ldm.metrics.fid import make_fid, to_uint8
 from ldm.metrics.reference import shard_images
 from ldm.models.vae import build_vae, load_vae
-from ldm.train import train
-from ldm.utils.wandb_offline import history, run_files
-from tiny import compose_config, make_tiny_root
+from ldm.run.fit import train
+from ldm.stages.autoencoder import AutoencoderModule, PatchDiscriminator, hinge_d_loss, latent_scaling_factor, psnr
 
 VAE_TINY = ["data.resolution=16", "data.batch_size=8", "data.shuffle_buffer=8", "model.vae.block_out_channels=[8,16]",
             "model.vae.norm_num_groups=4", "model.vae.sample_size=16", "trainer.accelerator=cpu",

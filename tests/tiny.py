@@ -40,7 +40,7 @@ TINY = [
     "optim.warmup_steps=1",
     "callbacks.sample_grid.every_n_steps=0",
     "callbacks.checkpoint.every_n_train_steps=1",
-    "+callbacks.throughput.log_every_n_steps=1",
+    "callbacks.throughput.log_every_n_steps=1",
     "callbacks.fid.cpu_num_images=4",  # the FID callback stays on, on a few images
     "callbacks.fid.max_time_fraction=null",  # every due evaluation runs (tiny steps are cheaper than any evaluation)
     "prompts=[a large red circle in the center,a small blue square at the top left]",
@@ -70,3 +70,24 @@ def compose_config(
             overrides=[f"experiment={experiment}", f"paths.data_dir={root}", f"paths.output_dir={run_dir}",
                        *(TINY if tiny else []), *(TINY_UNET if tiny and tiny_unet else []), *overrides],
         )
+
+
+def saved_config(run_dir: Path) -> dict:
+    """A run's `.hydra/config.yaml`, resolved in the run's own Hydra context (its `.hydra/hydra.yaml`): the config
+    the run saved, as it resolved while the run trained."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.utils import setup_globals
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from ldm.utils.sweep_index import register_resolvers
+
+    setup_globals()  # Hydra's ${hydra:...} and ${now:...}
+    register_resolvers()
+    hydra = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml")
+    hydra.hydra.mode = RunMode[hydra.hydra.mode]
+    previous, HydraConfig.instance().cfg = HydraConfig.instance().cfg, hydra
+    try:
+        return OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), resolve=True)
+    finally:
+        HydraConfig.instance().cfg = previous

@@ -28,25 +28,15 @@ with nothing valid, stops training with `DataError`.
 """
 
 import math
-import os
-import tarfile
 import warnings
 
 import pytorch_lightning as pl
 import torch
 import webdataset as wds
 
+from ldm.data.format import expand_urls, sample_counts
 from ldm.data.health import DataHealth
-from ldm.data.webdataset import (
-    _is_remote,
-    collate,
-    expand_urls,
-    make_shard_dataset,
-    rank_and_world_size,
-    read_captions,
-    set_pass,
-    shard_counts,
-)
+from ldm.data.webdataset import collate, make_shard_dataset, rank_and_world_size, set_pass
 
 
 def _cat(batches: list[dict]) -> dict:
@@ -213,14 +203,11 @@ class ShardDataModule(pl.LightningDataModule):
 
     def _rank_samples(self, urls: list[str], world_size: int) -> list[int]:
         """Samples each rank reads in one exact pass (shard i -> rank i % world_size)."""
-        counts = shard_counts(urls)
-        for url in urls:
-            if url not in counts:
-                if _is_remote(url):
-                    raise ValueError(f"{url}: no manifest.json gives its sample count; exact epochs over "
-                                     f"{world_size} ranks need one, or set data.samples_per_epoch")  # fmt: skip
-                with tarfile.open(url) as tar:  # headers only
-                    counts[url] = len({os.path.basename(n).split(".", 1)[0] for n in tar.getnames() if "." in n})
+        try:
+            counts = sample_counts(urls, strict=True)
+        except ValueError as error:
+            raise ValueError(f"{error}; exact epochs over {world_size} ranks need one, or set "
+                             f"data.samples_per_epoch") from None  # fmt: skip
         return [sum(counts[url] for url in urls[rank::world_size]) for rank in range(world_size)]
 
     collate = staticmethod(collate)  # samples -> batch (workers collate; subclasses with other samples replace it)
@@ -293,9 +280,3 @@ class ShardDataModule(pl.LightningDataModule):
         num_workers = min(self.num_workers, len(expand_urls(self.val_shards)))
         return EpochLoader(self._loader(dataset, num_workers), self.batch_size, None, self.val_health,
                            where=str(self.val_shards))  # fmt: skip
-
-    def val_captions(self, n: int) -> list[str]:
-        """The first n captions of the val shards, in shard order (fewer if the set is smaller)."""
-        if self.val_shards is None:
-            raise ValueError("val_captions needs val_shards, which is None")
-        return read_captions(self.val_shards, n)

@@ -1,4 +1,5 @@
-"""Counts of good and skipped samples, shared by the dataloader workers, and the callback that logs them.
+"""Counts of good and skipped samples, shared by the dataloader workers (the callback that logs them is
+`ldm.callbacks.data_health.DataHealthMonitor`).
 
 Workers cannot log, so each one adds to its own row of a shared-memory tensor; the main
 process sums the rows. `DataHealth.check` stops training with a clear error when more than
@@ -12,7 +13,6 @@ process sums the rows. `DataHealth.check` stops training with a clear error when
     (1, 0.25)
 """
 
-import pytorch_lightning as pl
 import torch
 
 FIELDS = ("ok", "skipped", "too_small", "shard_errors")
@@ -72,19 +72,3 @@ class DataHealth:
                 f"({self.bad_fraction():.1%} > max_bad_fraction {self.max_bad_fraction:.1%}); "
                 f"counts {totals}; see the warnings above for shards and keys"
             )
-
-
-class DataHealthMonitor(pl.Callback):
-    """Logs the train data's skip counts every `log_every_n_steps` (the check itself runs in the loader)."""
-
-    def __init__(self, log_every_n_steps: int = 50):
-        self.every = log_every_n_steps
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        health = getattr(trainer.datamodule, "train_health", None) if trainer.datamodule is not None else None
-        if health is None or trainer.global_step % self.every != 0:
-            return
-        totals = health.totals()
-        for field in ("skipped", "too_small", "shard_errors"):
-            pl_module.log(f"data/{field}", float(totals[field]), reduce_fx="sum", sync_dist=True, batch_size=1)
-        pl_module.log("data/bad_fraction", health.bad_fraction(), sync_dist=True, batch_size=1)

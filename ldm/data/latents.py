@@ -25,7 +25,6 @@ import io
 import json
 import os
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +33,17 @@ import webdataset as wds
 from tqdm import tqdm
 
 from ldm.data.datamodule import ShardDataModule
+from ldm.data.format import (
+    caption_choices,
+    decode_texts,
+    expand_urls,
+    image_bytes,
+    shard_counts,
+    shard_folder,
+    write_manifest_file,
+)
 from ldm.data.health import DataHealth
-from ldm.data.shards import IMAGE_EXTENSIONS, ShardSink, _write_manifest_file
+from ldm.data.shards import ShardSink
 from ldm.data.transforms import ImageTransform, to_model_range
 from ldm.data.webdataset import (
     ReadShards,
@@ -43,10 +51,6 @@ from ldm.data.webdataset import (
     ShardList,
     ToTrainingSample,
     ToTrainingSamples,
-    _decode_text,
-    caption_choices,
-    expand_urls,
-    shard_counts,
     warn_and_skip,
 )
 
@@ -64,14 +68,8 @@ def load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def shard_dir(urls) -> Path:
-    """The folder of the first shard (where latents.json lives)."""
-    first = expand_urls(urls)[0]
-    return Path(first) if os.path.isdir(first) else Path(first).parent
-
-
 def read_meta(urls) -> dict:
-    path = shard_dir(urls) / META
+    path = shard_folder(urls) / META
     if not path.exists():
         raise FileNotFoundError(f"data.train_shards={urls}: no {META} beside the shards; these are not latent "
                                 f"shards (write them with scripts/precompute_latents.py)")  # fmt: skip
@@ -89,14 +87,11 @@ class _SourceSamples:
     def __call__(self, samples):
         for sample in samples:
             try:
-                data = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
+                data = image_bytes(sample)
                 if data is None:
                     raise ValueError("no image")
-                texts = {e: _decode_text(sample[e]) for e in ("txt", "json") if e in sample}
-                if "json" in texts:
-                    texts["json"] = json.loads(texts["json"])
                 out = {"key": sample["__key__"], "pixels": self.transform(self.decode.image(data)),
-                       "captions": caption_choices(texts)}  # fmt: skip
+                       "captions": caption_choices(decode_texts(sample))}  # fmt: skip
             except Exception as error:  # counted and named, never fatal: same policy as training reads
                 self.health.add("skipped")
                 warn_and_skip(SampleError(sample.get("__url__"), sample.get("__key__"), repr(error)))
@@ -187,12 +182,12 @@ def precompute_latents(
     }
     (out / META).write_text(json.dumps(meta, indent=1))
     manifest = {"shards": shards, "total": sum(s["count"] for s in shards), "image_format": "latents"}
-    _write_manifest_file(out, manifest)
+    write_manifest_file(out, manifest)
     return manifest
 
 
 # --- reading -----------------------------------------------------------------------------------
-def _is_latent_file(name: str) -> bool:
+def is_latent_file(name: str) -> bool:
     return name.endswith((".npy", ".json"))
 
 
@@ -213,7 +208,7 @@ class ToLatentSample:
         try:
             rng = self.rng(sample)
             prefix = "flip_" if self.random_flip and "flip_mean.npy" in sample and rng.random() < 0.5 else ""
-            captions = json.loads(_decode_text(sample["json"]))
+            captions = decode_texts(sample)["json"]  # the list of every caption, as written
             text = load_npy(sample["text.npy"])  # (K, L, D)
             if text.shape[0] != len(captions):
                 raise ValueError(f"{len(captions)} captions but {text.shape[0]} encodings")
@@ -237,7 +232,7 @@ def make_latent_dataset(urls, random_flip: bool = True, shuffle_buffer: int = 10
     health = health if health is not None else DataHealth()
     stages = [
         ShardList(urls, rank, world_size, shuffle=shardshuffle, seed=seed, resampled=resampled),
-        ReadShards(health, expected_counts=shard_counts(urls), select=_is_latent_file),
+        ReadShards(health, expected_counts=shard_counts(urls), select=is_latent_file),
     ]
     if shuffle_buffer > 0:
         stages.append(wds.detshuffle(shuffle_buffer, initial=min(100, shuffle_buffer), seed=seed))
@@ -268,15 +263,11 @@ class LatentShardDataModule(ShardDataModule):
         super().__init__(train_shards, val_shards, self.meta["resolution"], batch_size, num_workers=num_workers,
                          random_flip=random_flip, shuffle_buffer=shuffle_buffer, seed=seed,
                          samples_per_epoch=samples_per_epoch, max_bad_fraction=max_bad_fraction)  # fmt: skip
-        self.empty_hidden = torch.from_numpy(np.load(shard_dir(train_shards) / EMPTY, allow_pickle=False))
+        self.empty_hidden = torch.from_numpy(np.load(shard_folder(train_shards) / EMPTY, allow_pickle=False))
 
     collate = staticmethod(collate_latents)
+    cached_encodings = True  # batches hold VAE latents and text encodings: the frozen encoders are not needed
 
     def train_dataset(self, urls: list[str], resampled: bool, rank: int, world_size: int):
         return make_latent_dataset(urls, self.random_flip, self.shuffle_buffer, self.seed, resampled,
                                    self.train_health, rank, world_size)  # fmt: skip
-
-
-def latent_samples(urls) -> Iterator[dict]:
-    """Every sample of latent shards in shard order, unflipped (captions chosen as in training)."""
-    return iter(make_latent_dataset(urls, random_flip=False, shuffle_buffer=0, shardshuffle=False))

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ldm.data.shards import read_manifest, write_shards
+from ldm.data.format import read_manifest
+from ldm.data.shards import write_shards
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLORS = {
@@ -119,21 +120,6 @@ def render(rng: random.Random, size: int = 32) -> tuple[Image.Image, str, dict]:
         "radius": r,
     }
     return image, caption_for(shape, color, position, size_name, template), attrs
-
-
-def shape_prompts() -> list[str]:
-    """Fixed prompts for sample grids: every shape, colour, position and size appears."""
-    return [
-        caption_for("circle", "red", "center", "large"),
-        caption_for("square", "blue", "top left", "small"),
-        caption_for("triangle", "yellow", "bottom right", "large"),
-        caption_for("cross", "green", "left", "small"),
-        caption_for("circle", "purple", "top right", "small"),
-        caption_for("square", "orange", "bottom", "large"),
-        caption_for("triangle", "white", "top", "small"),
-        caption_for("cross", "black", "right", "large"),
-        caption_for("circle", "green", "bottom left", "large"),
-    ]
 
 
 def _samples(n: int, size: int, rng: random.Random):

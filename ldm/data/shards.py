@@ -21,11 +21,9 @@ An img2dataset folder is also read as is: `write_manifest(folder)` adds the mani
 """
 
 import csv
-import hashlib
 import io
 import json
 import os
-import re
 import tarfile
 import warnings
 from collections.abc import Iterable, Iterator
@@ -35,14 +33,22 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from ldm.data.format import (
+    IMAGE_EXTENSIONS,
+    SHARD_NAME,
+    caption_choices,
+    decode_texts,
+    expand_urls,
+    image_bytes,
+    shard_record,
+    split_name,
+    write_manifest_file,
+)
 from ldm.data.transforms import to_rgb
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 IMAGE_FORMATS = ("jpg", "png", "webp", "keep")
-MANIFEST = "manifest.json"
 _PIL_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 _EXTENSION_OF_PIL_FORMAT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-_SHARD_NAME = re.compile(r"^(\d{6})\.tar$")
 
 ImageLike = str | os.PathLike | Image.Image | bytes
 
@@ -129,25 +135,18 @@ def samples_from_shards(urls) -> Iterator[tuple[str, bytes, str]]:
     Samples without an image or caption (img2dataset keeps failed downloads out of the
     tars, but other writers may not) are skipped with a warning naming shard and key.
     """
-    from ldm.data.webdataset import caption_choices, expand_urls  # the reader imports this module
-
     for url in expand_urls(urls):
         for sample in wds.WebDataset(url, shardshuffle=False, nodesplitter=None, workersplitter=None,
                                      empty_check=False, handler=wds.warn_and_continue):  # fmt: skip
-            image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+            image = image_bytes(sample)
             try:
                 if image is None:
                     raise ValueError("no image")
-                caption = caption_choices({k: _text(v) for k, v in sample.items() if k in ("txt", "json")})[0]
+                caption = caption_choices(decode_texts(sample))[0]
             except (ValueError, UnicodeDecodeError, json.JSONDecodeError) as error:
                 warnings.warn(f"shard {url}, key {sample['__key__']}: not copied ({error})", stacklevel=2)
                 continue
             yield sample["__key__"].replace(".", "_"), image, caption
-
-
-def _text(data: bytes):
-    text = data.decode("utf-8")
-    return text if text.lstrip()[:1] not in ("{", "[") else json.loads(text)
 
 
 def _key_of(image_path: Path, root: Path) -> str:
@@ -195,43 +194,14 @@ def encode_image(
     return extension, buffer.getvalue()
 
 
-def shard_record(path: str | os.PathLike) -> dict:
-    """{"name", "count", "bytes", "sha256"} of a finished shard (count = distinct keys)."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    with tarfile.open(path) as tar:  # random access: reads headers only
-        keys = {name.split("/")[-1].split(".", 1)[0] for name in tar.getnames() if "." in name}
-    return {"name": path.name, "count": len(keys), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
-
-
 def _tar_bytes(n: int) -> int:
     """Bytes a member of n bytes takes in a tar: a 512-byte header, data padded to 512."""
     return 512 + -(-n // 512) * 512
 
 
-def _write_manifest_file(out_dir: Path, manifest: dict) -> None:
-    tmp = out_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out_dir / MANIFEST)
-
-
-def write_manifest(shard_dir: str | os.PathLike) -> dict:
-    """Write manifest.json for a folder of existing shards (img2dataset output, read as is)."""
-    shard_dir = Path(shard_dir)
-    shards = [shard_record(p) for p in sorted(shard_dir.glob("*.tar"))]
-    if not shards:
-        raise ValueError(f"{shard_dir}: no .tar shards")
-    manifest = {"shards": shards, "total": sum(s["count"] for s in shards)}
-    _write_manifest_file(shard_dir, manifest)
-    return manifest
-
-
 def _complete_shards(out_dir: Path) -> list[Path]:
     """The leading run 000000.tar, 000001.tar, ... of a folder (what a previous run finished)."""
-    numbered = {int(m.group(1)): p for p in out_dir.glob("*.tar") if (m := _SHARD_NAME.match(p.name))}
+    numbered = {int(m.group(1)): p for p in out_dir.glob("*.tar") if (m := SHARD_NAME.match(p.name))}
     done = []
     while len(done) in numbered:
         done.append(numbered[len(done)])
@@ -316,7 +286,7 @@ def write_shards(
         for path in _complete_shards(out_dir):
             shards.append(shard_record(path))
             with tarfile.open(path) as tar:
-                done_keys.update(name.split(".", 1)[0] for name in tar.getnames())
+                done_keys.update(split_name(name)[0] for name in tar.getnames() if split_name(name))
     if total is None and hasattr(samples, "__len__"):
         total = len(samples)
 
@@ -349,16 +319,10 @@ def write_shards(
 
     manifest = {"shards": shards, "total": sum(s["count"] for s in shards), "image_format": image_format,
                 "skipped": skipped}  # fmt: skip
-    _write_manifest_file(out_dir, manifest)
+    write_manifest_file(out_dir, manifest)
 
     written = {shard["name"] for shard in shards}
     stale = sorted(p.name for p in out_dir.glob("*.tar") if p.name not in written)
     if stale:
         warnings.warn(f"{out_dir}: holds shards not written now (stale?): {', '.join(stale[:5])}")
     return [out_dir / shard["name"] for shard in shards]
-
-
-def read_manifest(shard_dir: str | os.PathLike) -> dict | None:
-    """The manifest.json of a shard folder, or None when there is none."""
-    path = Path(shard_dir) / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else None

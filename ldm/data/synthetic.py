@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ldm.data.shards import read_manifest, write_shards
+from ldm.data.format import read_manifest
+from ldm.data.shards import write_shards
 
 
 def photo_like(rng: np.random.Generator, width: int, height: int) -> Image.Image:

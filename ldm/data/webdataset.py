@@ -21,11 +21,18 @@ by the loader.
 
 Bad input never stops a worker: a corrupt image, unreadable caption, truncated tar or
 empty shard is skipped with a warning naming shard and key, and counted in `DataHealth`.
+
+What comes from webdataset and what does not: shard urls are expanded by webdataset's brace expansion
+(`ldm.data.format.expand_urls`), streams are opened by `wds.gopen`, the pipeline is a `wds.DataPipeline`,
+shuffling is `wds.detshuffle` and batching `wds.batched` / `wds.WebLoader`. Two stages are our own. `ShardList`
+replaces `wds.SimpleShardList` + `split_by_node` / `split_by_worker` because exact epochs need every rank's shard
+set and pass number under our control (seeded per (seed, pass, rank), restartable mid-epoch by `set_pass`).
+`ReadShards` replaces `wds.tarfile_to_samples` because webdataset's handler sees an exception without the
+shard's sample count: it cannot tell how many samples a truncated shard lost (it compares with manifest.json),
+count a shard that was empty, or keep the samples read before the damage while naming the last key.
 """
 
-import glob
 import io
-import json
 import os
 import random
 import tarfile
@@ -36,11 +43,20 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from ldm.data.format import (
+    CAPTION_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    caption_choices,
+    decode_texts,
+    expand_urls,
+    has_extension,
+    image_bytes,
+    shard_counts,
+    split_name,
+)
 from ldm.data.health import DataHealth
-from ldm.data.shards import IMAGE_EXTENSIONS, read_manifest
 from ldm.data.transforms import ImageTooSmall, ImageTransform
 
-CAPTION_EXTENSIONS = ("txt", "json")
 _READ_EXTENSIONS = frozenset(IMAGE_EXTENSIONS + CAPTION_EXTENSIONS)
 _WDS_SCHEMES = {"pipe", "file", "http", "https"}  # what wds.gopen opens itself; fsspec opens the rest
 
@@ -69,87 +85,13 @@ def warn_and_skip(error: Exception) -> bool:
     return True
 
 
-def _is_remote(url: str) -> bool:
-    return "://" in url or url.startswith("pipe:")
+def is_read_file(name: str) -> bool:
+    """Members the image reader reads: images and captions (not masks, latents, or anything else)."""
+    return has_extension(name, _READ_EXTENSIONS)
 
 
-def _read_list_file(path: str) -> list[str]:
-    """Urls of a list file, one per line; `#` comments; relative paths are relative to the file."""
-    folder = os.path.dirname(path)
-    urls = []
-    with open(path, encoding="utf-8") as lines:
-        for line in lines:
-            line = line.split("#", 1)[0].strip()
-            if line:
-                urls.append(line if _is_remote(line) or os.path.isabs(line) else os.path.join(folder, line))
-    return urls
-
-
-def expand_urls(urls) -> list[str]:
-    """Expand shard specs to a list of urls.
-
-    Accepts a brace pattern (`dir/{000000..000009}.tar`), a glob (`dir/*.tar`), a folder
-    (all `*.tar` inside, sorted), a list file (`*.txt`, one spec per line), `::`-joined
-    specs, or a list of any of these. Local files must exist.
-    """
-    if isinstance(urls, (list, tuple)):
-        return [url for spec in urls for url in expand_urls(spec)]
-    pattern = os.fspath(urls)
-    expanded = []
-    for url in wds.shardlists.expand_urls(pattern):
-        if _is_remote(url):
-            expanded.append(url)
-        elif os.path.isdir(url):
-            expanded.extend(sorted(glob.glob(os.path.join(url, "*.tar"))))
-        elif glob.has_magic(url):
-            expanded.extend(sorted(glob.glob(url)))
-        elif url.endswith(".txt") and os.path.isfile(url):
-            listed = _read_list_file(url)
-            expanded.extend(expand_urls(listed) if listed else [])
-        elif os.path.exists(url):
-            expanded.append(url)
-        else:
-            raise FileNotFoundError(f"shard {url} of {pattern!r} does not exist")
-    if not expanded:
-        raise FileNotFoundError(f"no shards match {pattern!r}")
-    return expanded
-
-
-def shard_counts(urls: list[str]) -> dict[str, int]:
-    """Samples per local shard according to its folder's manifest.json (shards not listed are left out)."""
-    counts: dict[str, int] = {}
-    for folder in {os.path.dirname(url) for url in urls if not _is_remote(url)}:
-        manifest = read_manifest(folder) or {"shards": []}
-        counts.update({os.path.join(folder, s["name"]): s["count"] for s in manifest["shards"]})
-    return {url: counts[url] for url in urls if url in counts}
-
-
-def count_samples(urls: list[str]) -> int | None:
-    """Total samples in local shards according to their folders' manifest.json, else None."""
-    counts = shard_counts(urls)
-    return sum(counts.values()) if len(counts) == len(urls) else None
-
-
-def caption_choices(sample: dict) -> list[str]:
-    """Captions of a decoded sample: .json "caption" (or "text"), a string or list, else .txt."""
-    record = sample.get("json")
-    captions = record.get("caption", record.get("text")) if isinstance(record, dict) else None
-    if captions is None and "txt" in sample:
-        captions = sample["txt"]
-    if captions is None:
-        raise ValueError("no caption (.txt, or .json with 'caption')")
-    captions = [captions] if isinstance(captions, str) else captions
-    if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
-        raise ValueError(f"caption must be a string or a non-empty list of strings, got {captions!r}")
-    return [c.strip() for c in captions]
-
-
-def _is_read_file(name: str) -> bool:
-    return name.rsplit(".", 1)[-1].lower() in _READ_EXTENSIONS
-
-
-def _is_caption_file(name: str) -> bool:
-    return name.rsplit(".", 1)[-1].lower() in CAPTION_EXTENSIONS
+def is_caption_file(name: str) -> bool:
+    return has_extension(name, CAPTION_EXTENSIONS)
 
 
 def rank_and_world_size() -> tuple[int, int]:
@@ -231,11 +173,6 @@ def _tar_members(stream, select):
                 yield member.name, data
 
 
-def _split_name(name: str) -> tuple[str, str] | None:
-    base = os.path.basename(name)
-    return tuple(base.split(".", 1)) if "." in base else None
-
-
 class ReadShards:
     """Pipeline stage: {"url"} dicts -> raw samples {"__key__", "__url__", ext: bytes, ...}.
 
@@ -244,7 +181,7 @@ class ReadShards:
     With a manifest, a shard that ends early (truncated on a member boundary) is caught too.
     """
 
-    def __init__(self, health: DataHealth, expected_counts: dict[str, int] | None = None, select=_is_read_file):
+    def __init__(self, health: DataHealth, expected_counts: dict[str, int] | None = None, select=is_read_file):
         self.health, self.expected_counts, self.select = health, expected_counts or {}, select
 
     def __call__(self, sources):
@@ -259,9 +196,9 @@ class ReadShards:
             stream = open_url(url)
             try:
                 for name, data in _tar_members(stream, self.select):
-                    if _split_name(name) is None:
+                    if split_name(name) is None:
                         continue
-                    key, extension = _split_name(name)
+                    key, extension = split_name(name)
                     if current is None or key != current["__key__"]:
                         if current is not None:
                             n += 1
@@ -272,7 +209,7 @@ class ReadShards:
                 stream.close()
         except Exception as error:  # noqa: BLE001: every read error of a shard is handled the same way
             key = current["__key__"] if current is not None else None
-            failed = _split_name(error.name) if isinstance(error, MemberError) else None
+            failed = split_name(error.name) if isinstance(error, MemberError) else None
             if failed is not None and failed[0] != key:  # the pending sample was complete
                 if current is not None:
                     n += 1
@@ -298,10 +235,6 @@ class ReadShards:
             self.health.add("skipped", expected - n)
             warnings.warn(f"shard {url}: {n} of {expected} samples (truncated?), last key {current['__key__']!r}",
                           DataWarning, stacklevel=2)  # fmt: skip
-
-
-def _decode_text(data: bytes):
-    return data.decode("utf-8")
 
 
 class ToTrainingSample:
@@ -333,16 +266,12 @@ class ToTrainingSample:
     def __call__(self, sample: dict) -> dict:
         url, key = sample.get("__url__"), sample.get("__key__")
         try:
-            data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+            data = image_bytes(sample)
             if data is None:
                 raise ValueError(f"no image ({', '.join(IMAGE_EXTENSIONS)})")
-            texts = {}
-            if "txt" in sample:
-                texts["txt"] = _decode_text(sample["txt"])
-            if "json" in sample:
-                texts["json"] = json.loads(_decode_text(sample["json"]))
+            captions = caption_choices(decode_texts(sample))
             rng = self.rng(sample)
-            caption = rng.choice(caption_choices(texts))
+            caption = rng.choice(captions)
             image = self.image(data)
             with torch.random.fork_rng(devices=[]):  # torchvision's random crop/flip draw from torch's RNG
                 torch.manual_seed(rng.getrandbits(63))
@@ -440,15 +369,12 @@ def set_pass(dataset, index: int) -> None:
 def read_captions(urls, n: int) -> list[str]:
     """The first n captions of the shards, in shard order (first caption of a JSON list)."""
     captions = []
-    reader = ReadShards(DataHealth(), select=_is_caption_file)
+    reader = ReadShards(DataHealth(), select=is_caption_file)
     for sample in reader({"url": url} for url in expand_urls(urls)):
         if len(captions) >= n:
             break
         try:
-            texts = {ext: _decode_text(sample[ext]) for ext in CAPTION_EXTENSIONS if ext in sample}
-            if "json" in texts:
-                texts["json"] = json.loads(texts["json"])
-            captions.append(caption_choices(texts)[0])
+            captions.append(caption_choices(decode_texts(sample))[0])
         except (ValueError, UnicodeDecodeError) as error:
             warn_and_skip(SampleError(sample.get("__url__"), sample.get("__key__"), error))
     return captions

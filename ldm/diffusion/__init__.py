@@ -1,15 +1,26 @@
-"""Diffusion math as small pure tensor functions: schedules, parameterisations, loss, sampling."""
+"""Diffusion math as small pure tensor functions: schedules, parameterisations, loss, sampling.
+
+May import: nothing from ldm.
+"""
 
 from ldm.diffusion.loss import diffusion_loss, min_snr_weight, offset_noise, sample_timesteps
 from ldm.diffusion.parameterization import add_noise, predict_x0, target, velocity
 from ldm.diffusion.sampling import SCHEDULERS, guided, make_scheduler, sample_latents
-from ldm.diffusion.schedules import alpha_bar, betas, rescale_zero_terminal_snr, snr
+from ldm.diffusion.schedules import (
+    alpha_bar,
+    betas,
+    config_alpha_bar,
+    rescale_zero_terminal_snr,
+    scheduler_config,
+    snr,
+)
 
 __all__ = [
     "SCHEDULERS",
     "add_noise",
     "alpha_bar",
     "betas",
+    "config_alpha_bar",
     "diffusion_loss",
     "guided",
     "make_scheduler",
@@ -19,6 +30,7 @@ __all__ = [
     "rescale_zero_terminal_snr",
     "sample_latents",
     "sample_timesteps",
+    "scheduler_config",
     "snr",
     "target",
     "velocity",

@@ -8,12 +8,21 @@ Everything is float32, element for element the same as diffusers' ``DDPMSchedule
 training forward process and the diffusers samplers agree on every timestep.
 
     >>> ab = alpha_bar(betas("scaled_linear"))   # Stable Diffusion's schedule, shape (1000,)
+
+The training schedule of a run is one diffusers scheduler config (`scheduler_config`): the samplers and the
+exported pipeline are built from it, and the training forward process reads its alpha_bar from it
+(`config_alpha_bar`), so the two cannot disagree.
+
+    >>> config = scheduler_config(schedule="scaled_linear", prediction_type="v_prediction")
+    >>> config_alpha_bar(config).shape
+    torch.Size([1000])
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Mapping
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -90,3 +99,38 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     ab = sqrt_ab**2
     alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])  # undo the cumprod
     return 1.0 - alphas
+
+
+def scheduler_config(
+    schedule: str = "scaled_linear",
+    num_train_timesteps: int = 1000,
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
+    prediction_type: str = "epsilon",
+    zero_terminal_snr: bool = False,
+    **_: Any,
+) -> dict[str, Any]:
+    """The training noise schedule as a diffusers scheduler config (what training, samplers and exports share).
+    Takes the `diffusion` config section; keys that are not about the schedule (cfg_dropout, ...) are ignored."""
+    return {
+        "num_train_timesteps": num_train_timesteps,
+        "beta_start": beta_start,
+        "beta_end": beta_end,
+        "beta_schedule": schedule,
+        "prediction_type": prediction_type,
+        "rescale_betas_zero_snr": zero_terminal_snr,
+        # Stable Diffusion's sampler settings: no x0 clipping, "leading" spacing with offset 1,
+        # unless zero terminal SNR asks for "trailing" (Lin et al. 2023, sec. 3.3).
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        "timestep_spacing": "trailing" if zero_terminal_snr else "leading",
+    }
+
+
+def config_alpha_bar(config: Mapping[str, Any]) -> Tensor:
+    """alpha_bar_t (T,) float32 of a scheduler config, as diffusers' schedulers compute it from the same config."""
+    b = betas(config["beta_schedule"], config["num_train_timesteps"], config["beta_start"], config["beta_end"])
+    if config.get("rescale_betas_zero_snr"):
+        b = rescale_zero_terminal_snr(b)
+    return alpha_bar(b).float()

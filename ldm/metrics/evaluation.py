@@ -1,6 +1,5 @@
 """Standalone evaluation: FID / CLIP score of a generator against shards, or FID between two image sets.
 
-    generate, resolution = checkpoint_generator("runs/x/checkpoints/last.ckpt")
     evaluate_generator(generate, resolution, "data/shapes/val", num_images=1000, cache_dir="data/fid_cache")
     fid_between("imgs/a", "data/shapes/val", num_images=1000, resolution=32)   # folders or shard sets
 
@@ -86,29 +85,3 @@ def evaluate_generator(generate: Generate, resolution: int, shards: str, num_ima
         result["val/clip_score"] = float(clip.compute())
     result["seconds"] = time.perf_counter() - t0
     return result
-
-
-def checkpoint_generator(path: str, device: str = "cpu", **generate_kwargs) -> tuple[Generate, int]:
-    """A training checkpoint's generator (EMA weights when it has them) and its resolution."""
-    from ldm.lightning.checkpoint import load_module
-
-    module = load_module(path).to(device)
-    return (lambda prompts, seeds: module.generate(prompts, seed=seeds, **generate_kwargs)), module.resolution
-
-
-def pipeline_generator(path: str, device: str = "cpu", guidance_scale: float | None = None,
-                       num_inference_steps: int | None = None) -> tuple[Generate, int]:
-    """An exported diffusers StableDiffusionPipeline directory's generator (one generator per image)."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
-    pipe = pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    options = {k: v for k, v in dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps).items()
-               if v is not None}
-
-    def generate(prompts, seeds):
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        return pipe(prompts, generator=generators, output_type="pt", **options).images.float()
-
-    return generate, pipe.unet.config.sample_size * pipe.vae_scale_factor

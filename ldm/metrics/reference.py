@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from ldm.data.webdataset import _is_remote, expand_urls, make_shard_dataset
+from ldm.data.format import expand_urls, is_remote
+from ldm.data.webdataset import make_shard_dataset
 from ldm.metrics.fid import real_states, set_real_states, to_uint8
 from ldm.metrics.inception import default_network_path
 
@@ -46,7 +47,7 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _shard_entry(url: str) -> dict:
-    if _is_remote(url):
+    if is_remote(url):
         return {"url": url}
     st = os.stat(url)
     return {"path": os.path.abspath(url), "size": st.st_size, "mtime_ns": st.st_mtime_ns}

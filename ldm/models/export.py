@@ -13,7 +13,6 @@ import copy
 from pathlib import Path
 
 from diffusers import StableDiffusionPipeline
-
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.diffusion import make_scheduler

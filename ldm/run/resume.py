@@ -20,8 +20,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
 
-from ldm.lightning.checkpoint import CheckpointError, read_checkpoint
-from ldm.validate import ConfigError
+from ldm.run.validate import ConfigError
+from ldm.training.checkpoint import CheckpointError, read_checkpoint
+from ldm.training.loggers import wandb_logger
+from ldm.utils.targets import names_target
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,7 @@ def resolve_resume(cfg: DictConfig) -> str | None:
         with open_dict(cfg):
             cfg.paths.output_dir = str(run_dir)
     wandb_id = wandb_run_id(run_dir)
-    if wandb_id and cfg.get("logger") and str(cfg.logger.get("_target_", "")).endswith("wandb_logger"):
+    if wandb_id and names_target(cfg.get("logger"), wandb_logger):
         with open_dict(cfg):
             cfg.logger.id = wandb_id
             cfg.logger.resume = "allow"

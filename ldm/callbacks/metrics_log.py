@@ -6,8 +6,8 @@
 A row holds every scalar in `trainer.callback_metrics`, the latest value of each key, with `val/` keys only in
 the row of the step they were measured at (an evaluation at the end of training adds a row of its own). Rank 0
 writes one every `trainer.log_every_n_steps` steps, after every evaluation (an FID) and at the end, flushed
-line by line so a run that dies keeps what it logged. Every run of `python -m ldm.train` has it (ldm/sweep.py
-adds it): a sweep's report and the value an Optuna sweeper minimises read it, offline.
+line by line so a run that dies keeps what it logged. Every stage lists it (conf/callbacks/metrics_log.yaml, at
+`<run dir>/metrics.jsonl`): a sweep's report and the value an Optuna sweeper minimises read it, offline.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+
+FILENAME = "metrics.jsonl"  # where conf/callbacks/metrics_log.yaml puts it in every run directory
 
 
 def _scalars(metrics: dict) -> dict[str, float]:

@@ -10,7 +10,7 @@ the features of every rank (with gradients), so the negatives are the whole glob
     module.export("data/models/clip-shapes")  # open_clip.create_model_and_transforms("local-dir:...") loads it
 
 caption_groups={"position": [...], ...} logs `val/swap_top1/<group>`: how often a held-out image ranks its own
-caption first among the captions that differ from it only in that group's phrase (ldm.lightning.hard_negatives);
+caption first among the captions that differ from it only in that group's phrase (ldm.stages.hard_negatives);
 hard_negative_weight > 0 also trains with those swapped captions as extra negatives (NegCLIP).
 """
 
@@ -22,15 +22,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from ldm.data.transforms import to_model_range
-from ldm.lightning.hard_negatives import CaptionSwaps
-from ldm.lightning.optim import configure_optimizers
 from ldm.models.clip import save_open_clip_dir
+from ldm.stages.base import Stage
+from ldm.stages.hard_negatives import CaptionSwaps
+from ldm.training.optim import configure_optimizers
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clips the temperature so logits are scaled by at most 100
 
@@ -46,7 +46,7 @@ def retrieval_top1(image_features: Tensor, text_features: Tensor, captions: list
     return float(i2t), float(t2i)
 
 
-class CLIPModule(pl.LightningModule):
+class CLIPModule(Stage):
     def __init__(
         self,
         clip: tuple[nn.Module, dict],
@@ -83,7 +83,6 @@ class CLIPModule(pl.LightningModule):
             raise ValueError("hard_negative_weight > 0 needs caption_groups to swap phrases from")
         self.hard_negative_weight = hard_negative_weight
         self.swap_max_images = swap_max_images
-        self.run_config: dict | None = None
         self._val: list[tuple[Tensor, Tensor, list[str]]] = []
 
     # --- the towers ------------------------------------------------------------------------
@@ -195,10 +194,6 @@ class CLIPModule(pl.LightningModule):
         no_decay = [p for p in self.model.parameters() if p.ndim < 2]
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
         return configure_optimizers(groups, self.optimizer_factory, self.lr_scheduler_factory)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.run_config is not None:
-            checkpoint["config"] = self.run_config
 
     def export(self, out_dir: str | Path) -> Path:
         """An open_clip model directory: `open_clip.create_model_and_transforms(f"local-dir:{out_dir}")`."""

@@ -9,9 +9,10 @@ U-Net (and its EMA copy) trains and is saved.
     trainer.fit(module, datamodule)
     images = module.generate(["a red circle"], seed=0)     # (1, 3, H, W) in [0, 1]
 
-A frozen part may be given as a factory (Hydra `_partial_: true`) instead of a module: it is then built on
-first use. Training on cached latents (`data=latents`, batches with "latent_mean") never uses them, so a
-run only loads them when it samples, evaluates or exports.
+A frozen part may be given as a factory (Hydra `_partial_: true`, as conf/model/vae and text_encoder do) instead
+of a module: it is then built when training starts, unless the data module delivers cached latents and text
+encodings (`data=latents`: its `cached_encodings` is true), in which case it is built on first use, so such a
+run only loads it when it samples, evaluates or exports.
 
 Speed options (all off by default, harmless on CPU): `channels_last`, `compile` (torch.compile of the
 U-Net in place, and of the VAE encoder when it encodes on the fly; True or a dict of torch.compile options
@@ -27,57 +28,31 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import Tensor
 
+from ldm.data.transforms import to_model_range
 from ldm.diffusion import (
     add_noise,
+    config_alpha_bar,
     diffusion_loss,
     make_scheduler,
     min_snr_weight,
     offset_noise,
     sample_latents,
     sample_timesteps,
+    scheduler_config,
+    snr,
     target,
 )
-from ldm.diffusion import alpha_bar as alpha_bar_of
-from ldm.diffusion import betas as make_betas
-from ldm.diffusion import rescale_zero_terminal_snr, snr
-from ldm.data.transforms import to_model_range
-from ldm.lightning.ema import EMA
-from ldm.lightning.fsdp import FSDP, full_params
-from ldm.lightning.optim import configure_optimizers
 from ldm.models.vae import downsample_factor
+from ldm.stages.base import Stage
+from ldm.training.ema import EMA
+from ldm.training.fsdp import FSDP, full_params
+from ldm.training.optim import configure_optimizers
 
 FROZEN_PREFIXES = ("vae.", "text_encoder.")
-
-
-def train_scheduler_config(
-    schedule: str = "scaled_linear",
-    num_train_timesteps: int = 1000,
-    beta_start: float = 0.00085,
-    beta_end: float = 0.012,
-    prediction_type: str = "epsilon",
-    zero_terminal_snr: bool = False,
-    **_: Any,
-) -> dict[str, Any]:
-    """The training noise schedule as a diffusers scheduler config (what samplers and exports share)."""
-    return {
-        "num_train_timesteps": num_train_timesteps,
-        "beta_start": beta_start,
-        "beta_end": beta_end,
-        "beta_schedule": schedule,
-        "prediction_type": prediction_type,
-        "rescale_betas_zero_snr": zero_terminal_snr,
-        # Stable Diffusion's sampler settings: no x0 clipping, "leading" spacing with offset 1,
-        # unless zero terminal SNR asks for "trailing" (Lin et al. 2023, sec. 3.3).
-        "clip_sample": False,
-        "set_alpha_to_one": False,
-        "steps_offset": 1,
-        "timestep_spacing": "trailing" if zero_terminal_snr else "leading",
-    }
 
 
 def drop_mask(batch_size: int, p: float, device: torch.device | str | None = None) -> Tensor:
@@ -87,7 +62,7 @@ def drop_mask(batch_size: int, p: float, device: torch.device | str | None = Non
     return torch.rand(batch_size, device=device) < p
 
 
-class LatentDiffusion(pl.LightningModule):
+class LatentDiffusion(Stage):
     def __init__(
         self,
         unet: UNet2DConditionModel,
@@ -124,18 +99,12 @@ class LatentDiffusion(pl.LightningModule):
         self.cfg_dropout = float(diffusion.get("cfg_dropout", 0.1))
         self.min_snr_gamma = diffusion.get("min_snr_gamma")
         self.offset_noise = float(diffusion.get("offset_noise", 0.0))
-        self.scheduler_config = train_scheduler_config(**diffusion)
+        self.scheduler_config = scheduler_config(**diffusion)  # the one definition of the noise schedule
         self.sampling = {"sampler": "dpm++", "num_inference_steps": 25, "guidance_scale": 5.0, **(sampling or {})}
         self.optimizer_factory = optimizer or torch.optim.AdamW
         self.lr_scheduler_factory = lr_scheduler
         self.checkpoint_frozen = checkpoint_frozen
-        self.run_config: dict | None = None  # the resolved Hydra config, saved into checkpoints
-
-        c = self.scheduler_config
-        b = make_betas(c["beta_schedule"], c["num_train_timesteps"], c["beta_start"], c["beta_end"])
-        if c["rescale_betas_zero_snr"]:
-            b = rescale_zero_terminal_snr(b)
-        self.register_buffer("alpha_bar", alpha_bar_of(b).float(), persistent=False)  # (T,)
+        self.register_buffer("alpha_bar", config_alpha_bar(self.scheduler_config), persistent=False)  # (T,)
 
         # EMA of the U-Net weights (torch's AveragedModel layout, updated without host syncs); sampling uses it.
         self.ema = EMA(unet, ema_decay) if ema_decay else None
@@ -166,8 +135,17 @@ class LatentDiffusion(pl.LightningModule):
             return part
         return super().__getattr__(name)
 
+    def build_frozen(self) -> None:
+        """Build the frozen parts still given as factories (a no-op for those already built)."""
+        for name in list(self._frozen_factories):
+            getattr(self, name)  # builds it (see __getattr__)
+
     def configure_model(self) -> None:
-        """Speed options, applied once the module is on its device (Lightning calls this before the optimizer)."""
+        """Frozen parts and speed options, once the module is on its device (Lightning calls this before the
+        optimizer): the frozen encoders are built now unless the data module delivers cached encodings."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if not getattr(datamodule, "cached_encodings", False):
+            self.build_frozen()
         if self.channels_last:
             self.unet.to(memory_format=torch.channels_last)
         if self.compile_options is not None and not getattr(self, "_compiled", False):
@@ -307,15 +285,15 @@ class LatentDiffusion(pl.LightningModule):
         # EMA right after the update: a checkpoint saved at this step's end (callbacks run before the
         # module's on_train_batch_end) then holds the EMA of this step too, so resumed runs match. A step
         # whose gradients were dropped (non-finite loss) updated nothing, and neither does the EMA; nor does a
-        # step a fused optimizer skipped on the device (`found_inf`, set by NonFiniteLoss): no host sync.
+        # step a fused optimizer skipped on the device (`step_skipped`, set by NonFiniteLoss): no host sync.
         if self.ema is None:
             return
         # Under FSDP the EMA (whole on every rank) is updated from the gathered full weights (all ranks).
-        found_inf = getattr(getattr(optimizer, "optimizer", optimizer), "found_inf", None)  # LightningOptimizer wraps
-        if found_inf is None and all(p.grad is None for p in self.unet.parameters()):
+        skipped = self.step_skipped
+        if skipped is None and all(p.grad is None for p in self.unet.parameters()):
             return  # gradients dropped: the step was skipped on the host
         with full_params(self.unet):
-            self.ema.update(self.unet, keep=None if found_inf is None else 1 - found_inf)  # skipped: not counted
+            self.ema.update(self.unet, keep=None if skipped is None else 1 - skipped)  # skipped: not counted
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Lightning's mixed-precision plugin refuses to clip for a fused optimizer, because with fp16 such an
@@ -335,16 +313,18 @@ class LatentDiffusion(pl.LightningModule):
 
     # --- frozen parts stay out of checkpoints -------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         if not self.checkpoint_frozen:
             state = checkpoint["state_dict"]
             for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
                 del state[key]
-        if self.run_config is not None:
-            checkpoint["config"] = self.run_config
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # Frozen weights come from their source, not from the checkpoint: put the loaded ones back.
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
+        if any(k.startswith(FROZEN_PREFIXES) for k in state):  # saved with checkpoint_frozen: load them too
+            self.build_frozen()
+        # Frozen weights come from their source, not from the checkpoint: put the loaded ones back.
         for key, value in self.state_dict().items():
             if key.startswith(FROZEN_PREFIXES) and key not in state:
                 state[key] = value

@@ -2,7 +2,7 @@
 
     nprocs = ranks_to_launch(cfg.trainer)           # 2 for trainer.devices=2 trainer.strategy=ddp
     metrics = launch(cfg, run_dir, nprocs)          # rank 0's train() result; raises RanksFailed
-    python -m ldm.launch RUN_DIR/launch/config.yaml # one rank (what torchrun runs nprocs times)
+    python -m ldm.run.rank RUN_DIR/launch/config.yaml   # one rank (what torchrun runs nprocs times)
 
 Lightning's subprocess DDP launcher starts ranks > 0 by running `sys.argv` again. Under a Hydra multirun that is
 the whole sweep command line: each job relaunches the sweep, and every rank composes its own config (its own
@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -76,7 +75,7 @@ def launch(cfg: DictConfig, run_dir: str | Path, nprocs: int) -> dict[str, float
     OmegaConf.save(OmegaConf.to_container(cfg, resolve=True), config_path)  # ${hydra:...}, ${now:...} fixed here
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nprocs}",
                "--log-dir", str(out / "logs"), "--tee", "3", "--monitor-interval", "0.5",
-               "-m", "ldm.launch", str(config_path)]
+               "-m", "ldm.run.rank", str(config_path)]
     code = subprocess.run(command).returncode
     if code != 0:
         errors = sorted(out.glob("error_rank*.txt"), key=lambda p: p.stat().st_mtime)  # the first is the cause
@@ -86,23 +85,3 @@ def launch(cfg: DictConfig, run_dir: str | Path, nprocs: int) -> dict[str, float
             raise RanksFailed(f"rank {rank} of {nprocs}: {last}")
         raise RanksFailed(f"torchrun exited with code {code} (rank logs: {out / 'logs'})")
     return json.loads((out / "result.json").read_text())
-
-
-def main(argv=None) -> None:
-    """One rank: train the resolved config; rank 0 writes the metrics next to it, a failing rank its error."""
-    from ldm.train import train
-
-    (config_path,) = argv if argv is not None else sys.argv[1:]
-    config_path = Path(config_path)
-    rank = int(os.environ.get("RANK", "0"))
-    try:
-        metrics = train(OmegaConf.load(config_path))
-    except BaseException:
-        (config_path.parent / f"error_rank{rank}.txt").write_text(traceback.format_exc())
-        raise
-    if rank == 0:
-        (config_path.parent / "result.json").write_text(json.dumps(metrics))
-
-
-if __name__ == "__main__":
-    main()

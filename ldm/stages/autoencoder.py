@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
@@ -25,7 +24,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ldm.data.transforms import to_model_range
-from ldm.lightning.optim import configure_optimizers
+from ldm.stages.base import Stage
+from ldm.training.optim import configure_optimizers
 
 RECONSTRUCTION_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"l1": F.l1_loss, "l2": F.mse_loss}
 
@@ -76,7 +76,7 @@ def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
     return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
 
 
-class AutoencoderModule(pl.LightningModule):
+class AutoencoderModule(Stage):
     def __init__(
         self,
         vae: AutoencoderKL,
@@ -101,7 +101,6 @@ class AutoencoderModule(pl.LightningModule):
         self.disc_weight = disc_weight
         self.optimizer_factory = optimizer or torch.optim.AdamW
         self.lr_scheduler_factory = lr_scheduler
-        self.run_config: dict | None = None
 
     def forward(self, x: Tensor) -> tuple[Tensor, Any]:
         posterior = self.vae.encode(x).latent_dist
@@ -150,10 +149,6 @@ class AutoencoderModule(pl.LightningModule):
         if self.discriminator is not None:
             params += list(self.discriminator.parameters())
         return configure_optimizers(params, self.optimizer_factory, self.lr_scheduler_factory)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.run_config is not None:
-            checkpoint["config"] = self.run_config
 
     @torch.no_grad()
     def export(self, out_dir: str | Path, batches: Iterable[dict], max_batches: int = 20) -> Path:

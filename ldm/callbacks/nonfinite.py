@@ -9,8 +9,9 @@ before stay valid, since skipped steps leave the weights as they were.
 
 Two ways to skip, chosen per step from the optimizer:
 - a fused optimizer (`fused=True`, the GPU default here): without waiting for the GPU. The verdict stays a
-  device tensor handed to the optimizer as `found_inf`, the attribute through which torch's GradScaler tells
-  fused optimizers to skip, and the EMA reads it too (`LatentDiffusion.optimizer_step`). Counts are read back
+  device tensor handed to the optimizer as `found_inf` (torch's own protocol: the attribute through which its
+  GradScaler tells fused kernels to skip) and to the module as `step_skipped` (`ldm.stages.base.Stage`), which
+  its EMA update reads (`LatentDiffusion.optimizer_step`). Counts are read back
   every `check_every_n_steps` steps, so a run of `max_in_a_row` bad steps stops at the next check (the step
   named in the error is the one that completed the run). Two host syncs per step are saved.
 - any other optimizer: the verdict is read at once and the gradients are dropped (an optimizer skips
@@ -65,7 +66,7 @@ class NonFiniteLoss(pl.Callback):
         grad_bad = (~torch.isfinite(torch.nn.utils.get_total_norm(grads)) if grads and not scaled
                     else torch.zeros_like(loss_bad))  # fmt: skip
         if is_fused(optimizer) and not scaled:
-            self._skip_on_device(trainer, optimizer, loss_bad, grad_bad)
+            self._skip_on_device(trainer, pl_module, optimizer, loss_bad, grad_bad)
             return
         what = "loss" if bool(loss_bad) else "gradient"
         bad = trainer.strategy.reduce_boolean_decision(bool(loss_bad | grad_bad), all=False)  # one rank bad: all skip
@@ -82,7 +83,7 @@ class NonFiniteLoss(pl.Callback):
                        f"row, {self.skipped} in all)")  # fmt: skip
 
     # --- the fused path: verdicts and counters stay on the device ----------------------------------------
-    def _skip_on_device(self, trainer, optimizer, loss_bad: torch.Tensor, grad_bad: torch.Tensor) -> None:
+    def _skip_on_device(self, trainer, pl_module, optimizer, loss_bad: torch.Tensor, grad_bad: torch.Tensor) -> None:
         kind = torch.where(loss_bad, 1, torch.where(grad_bad, 2, 0)).float()  # 1 loss, 2 gradient
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(kind, op=dist.ReduceOp.MAX)  # asynchronous to the host on NCCL
@@ -98,12 +99,14 @@ class NonFiniteLoss(pl.Callback):
         hit = (d["run"] >= self.max_in_a_row) & (d["stop_step"] < 0)
         d["stop_step"] = torch.where(hit, float(trainer.global_step + 1), d["stop_step"])
         d["stop_kind"] = torch.where(hit, kind, d["stop_kind"])
-        optimizer.found_inf = bad  # read by the fused kernel (skip) and by the module's EMA
+        optimizer.found_inf = bad  # read by torch's fused kernel: it skips the step on the device
+        pl_module.step_skipped = bad  # read by the module's EMA update
         self._optimizer = optimizer
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self._optimizer is not None and hasattr(self._optimizer, "found_inf"):
             del self._optimizer.found_inf  # this step's verdict, as GradScaler leaves it
+        pl_module.step_skipped = None
         if self._dev is not None:
             pl_module.log("train/nonfinite_steps", self._dev["skipped"], batch_size=1)
             if trainer.global_step % self.check_every == 0:

@@ -8,6 +8,10 @@ when the hub is not offline); the resolution is a multiple of the VAE's downsamp
 cross-attention width equals the text encoder's hidden size; sampler, LR schedule, noise schedule and
 prediction type are known names; the shard patterns match files; a batch is no larger than the data;
 +trainer/strategy=fsdp is not combined with what it cannot do (no EMA, compile, channels_last, ...).
+
+Every fact comes from the code that owns it: parts are recognised by the function their `_target_` names
+(`ldm.utils.targets`), names are checked against the tables the samplers, schedules and parameterisations use,
+shard counts come from `ldm.data.format`.
 """
 
 from __future__ import annotations
@@ -18,8 +22,21 @@ import re
 from pathlib import Path
 from typing import Any
 
+import open_clip
+from diffusers.optimization import SchedulerType
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
+
+from ldm.data.format import expand_urls, is_remote, sample_counts
+from ldm.diffusion.parameterization import TARGETS
+from ldm.diffusion.sampling import SCHEDULERS
+from ldm.diffusion.schedules import SCHEDULES
+from ldm.models.text_encoders import hf_clip_text_encoder, open_clip_text_encoder
+from ldm.models.unet import load_unet
+from ldm.models.vae import load_vae
+from ldm.stages.latent_diffusion import LatentDiffusion
+from ldm.training.fsdp import ShardedUNetStrategy
+from ldm.utils.targets import names_target
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")  # org/name
 
@@ -60,8 +77,7 @@ def _json(folder: Path | None) -> dict | None:
 
 
 def _vae_factor(vae: DictConfig) -> int | None:
-    target = str(vae.get("_target_", ""))
-    if target.endswith("load_vae"):
+    if names_target(vae, load_vae):
         config = _json(_model_dir("model.vae", _get(vae, "path", prefix="model.vae"), vae.get("subfolder", "vae")))
         channels = config["block_out_channels"] if config else None
     else:
@@ -70,21 +86,18 @@ def _vae_factor(vae: DictConfig) -> int | None:
 
 
 def _unet_width(unet: DictConfig) -> int | None:
-    if str(unet.get("_target_", "")).endswith("load_unet"):
+    if names_target(unet, load_unet):
         config = _json(_model_dir("model.unet", _get(unet, "path", prefix="model.unet"), unet.get("subfolder", "unet")))
         return config["cross_attention_dim"] if config else None
     return unet.get("cross_attention_dim")
 
 
 def _text_width(text_encoder: DictConfig) -> int | None:
-    target = str(text_encoder.get("_target_", ""))
-    if target.endswith("hf_clip_text_encoder"):
+    if names_target(text_encoder, hf_clip_text_encoder):
         folder = _model_dir("model.text_encoder", _get(text_encoder, "path", prefix="model.text_encoder"), text_encoder.get("subfolder"))
         config = _json(folder)
         return config.get("hidden_size", config.get("text_config", {}).get("hidden_size")) if config else None
-    if target.endswith("open_clip_text_encoder"):
-        import open_clip
-
+    if names_target(text_encoder, open_clip_text_encoder):
         arch = _get(text_encoder, "arch", prefix="model.text_encoder")
         pretrained = _get(text_encoder, "pretrained", prefix="model.text_encoder")
         if str(arch).startswith("local-dir:") and not (Path(str(arch)[len("local-dir:"):]) / "open_clip_config.json").is_file():
@@ -100,11 +113,6 @@ def _text_width(text_encoder: DictConfig) -> int | None:
 
 
 def _check_names(cfg: DictConfig) -> None:
-    from diffusers.optimization import SchedulerType
-
-    from ldm.diffusion.sampling import SCHEDULERS
-    from ldm.diffusion.schedules import SCHEDULES
-
     for key in ("sampling.sampler", "callbacks.fid.sampler"):
         name = _get(cfg, key)
         if name is not None and name not in SCHEDULERS:
@@ -117,14 +125,11 @@ def _check_names(cfg: DictConfig) -> None:
     if noise is not None and noise not in SCHEDULES:
         raise ConfigError(f"diffusion.schedule={noise!r} is not a noise schedule; expected one of {sorted(SCHEDULES)}")
     prediction = _get(cfg, "diffusion.prediction_type")
-    if prediction is not None and prediction not in ("epsilon", "v_prediction"):
-        raise ConfigError(f"diffusion.prediction_type={prediction!r}; expected epsilon or v_prediction")
+    if prediction is not None and prediction not in TARGETS:
+        raise ConfigError(f"diffusion.prediction_type={prediction!r}; expected one of {sorted(TARGETS)}")
 
 
 def _check_data(cfg: DictConfig) -> None:
-    from ldm.data.webdataset import _is_remote, expand_urls, shard_counts
-
-    data = cfg.data
     for key in ("train_shards", "val_shards"):
         spec = _get(cfg, f"data.{key}")
         if spec is None and key == "val_shards":
@@ -133,21 +138,10 @@ def _check_data(cfg: DictConfig) -> None:
             urls = expand_urls(spec)
         except FileNotFoundError as error:
             raise ConfigError(f"data.{key}={spec}: {error}") from None
-        if key != "train_shards" or data.get("samples_per_epoch") is not None:
+        if key != "train_shards" or cfg.data.get("samples_per_epoch") is not None:
             continue
-        local = [u for u in urls if not _is_remote(u)]
-        counts = shard_counts(local)
-        if len(counts) < len(local):  # no manifest: count tar headers
-            import tarfile
-
-            for url in local:
-                if url not in counts:
-                    try:
-                        with tarfile.open(url) as tar:
-                            counts[url] = len({os.path.basename(n).split(".", 1)[0] for n in tar.getnames() if "." in n})
-                    except (OSError, tarfile.TarError):
-                        counts[url] = 0  # unreadable: the reader reports it with shard and key
-        total = sum(counts.values())
+        local = [u for u in urls if not is_remote(u)]
+        total = sum(sample_counts(local).values())  # an unreadable tar counts 0: the reader names it later
         batch = _get(cfg, "data.batch_size")
         if local and len(local) == len(urls) and batch > total:
             raise ConfigError(f"data.batch_size={batch} is larger than the {total} samples of data.{key}={spec}")
@@ -159,10 +153,10 @@ def _check_fsdp(cfg: DictConfig) -> None:
     if isinstance(strategy, str) and strategy.startswith("fsdp"):
         raise ConfigError(f"trainer.strategy={strategy}: Lightning's FSDP would shard the frozen VAE, text encoder "
                           f"and EMA with the U-Net; use +trainer/strategy=fsdp")  # fmt: skip
-    if not (isinstance(strategy, DictConfig) and str(strategy.get("_target_", "")).endswith("ShardedUNetStrategy")):
+    if not names_target(strategy, ShardedUNetStrategy):
         return
     model = cfg.get("model") or {}
-    if not str(model.get("_target_", "")).endswith("LatentDiffusion"):
+    if not names_target(model, LatentDiffusion):
         raise ConfigError(f"+trainer/strategy=fsdp shards the latent-diffusion U-Net; model={model.get('_target_')} "
                           f"has none: use +trainer/strategy=ddp")  # fmt: skip
     if not model.get("ema_decay"):

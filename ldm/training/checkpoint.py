@@ -1,7 +1,9 @@
 """Checkpoints: written atomically, read without running code, and loaded back into a module.
 
-    module = load_module("runs/x/checkpoints/last.ckpt")   # frozen parts come from their sources
-    Trainer(plugins=[AtomicCheckpointIO()])                 # what conf/trainer/default.yaml sets
+    checkpoint = load_checkpoint("runs/x/checkpoints/last.ckpt")   # weights_only; holds the run's config
+    Trainer(plugins=[AtomicCheckpointIO()])                         # what conf/trainer/default.yaml sets
+
+(`ldm.stages.load.load_module` builds the trained stage back from such a file.)
 
 Writes go to a temporary name in the same folder, are flushed and fsynced, then renamed over the
 target: a crash or a full disk mid-save never leaves a truncated checkpoint under the real name, and
@@ -20,9 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from omegaconf import OmegaConf
 
 
 class CheckpointError(RuntimeError):
@@ -165,14 +165,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def remove_checkpoint(self, path) -> None:
         super().remove_checkpoint(path)
         checksum_path(Path(path)).unlink(missing_ok=True)
-
-
-def load_module(path: str | Path, map_location: str | torch.device = "cpu"):
-    """The LightningModule a checkpoint was trained as, with its trained weights, in eval mode."""
-    checkpoint = load_checkpoint(path, map_location)
-    cfg = OmegaConf.create(checkpoint["config"])
-    module = instantiate(cfg.model, _convert_="all")
-    module.on_load_checkpoint(checkpoint)
-    module.load_state_dict(checkpoint["state_dict"])
-    module.run_config = checkpoint["config"]
-    return module.eval()

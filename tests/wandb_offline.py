@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import glob
 import json
-from pathlib import Path
-
 import struct
+from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
 

@@ -33,6 +33,7 @@ from ldm.metrics.fid import make_fid, set_real_states
 from ldm.metrics.generated import cycle_to, rank_share, update_generated
 from ldm.metrics.plot import plot_curves
 from ldm.metrics.reference import reference_states
+from ldm.stages.base import batch_size
 from ldm.utils.images import captioned_grid
 
 
@@ -95,7 +96,6 @@ class FIDCallback(pl.Callback):
         self.train_seconds = 0.0
         self._last_eval_seconds: float | None = None
         self._clock: float | None = None
-        self.images_seen = 0
         self.history: list[dict] = []
         self._last_step = -1
         self.fid = self.clip = None
@@ -125,11 +125,11 @@ class FIDCallback(pl.Callback):
 
     # --- when -----------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        before = self.images_seen
-        self.images_seen += len(batch["caption"]) * trainer.world_size
+        seen = pl_module.images_seen  # this batch included
+        before = seen - batch_size(batch) * trainer.world_size
         step = trainer.global_step
         due_steps = bool(self.every_n_steps) and step % self.every_n_steps == 0
-        due_images = bool(self.every_n_images) and self.images_seen // self.every_n_images > before // self.every_n_images
+        due_images = bool(self.every_n_images) and seen // self.every_n_images > before // self.every_n_images
         if step > 0 and (due_steps or due_images):
             self._tick()
             go = within_budget(self.eval_seconds, self._last_eval_seconds, self.train_seconds, self.max_time_fraction)
@@ -179,7 +179,7 @@ class FIDCallback(pl.Callback):
             self.clip.reset()
         first = update_generated(self._generate(pl_module), captions, seeds, self.fid, self.clip,
                                  self.batch_size, keep=self.grid_images if trainer.is_global_zero else 0)
-        row = {"step": trainer.global_step, "images_seen": self.images_seen,
+        row = {"step": trainer.global_step, "images_seen": pl_module.images_seen,
                "val/fid": float(self.fid.compute())}  # compute() syncs the sum states of all ranks
         if self.clip is not None:
             row["val/clip_score"] = float(self.clip.compute())
@@ -192,7 +192,7 @@ class FIDCallback(pl.Callback):
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in row.items() if k.startswith("val/")})
         if trainer.is_global_zero:
             metrics = {k: v for k, v in row.items() if k.startswith("val/")}
-            metrics["val/images_seen"] = float(self.images_seen)
+            metrics["val/images_seen"] = float(pl_module.images_seen)
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
             self._save_grid(trainer, first, rank_share(self.captions, 0, 0, trainer.world_size)[0])
@@ -214,11 +214,10 @@ class FIDCallback(pl.Callback):
                 logger.log_image(key=key, images=paths, caption=captions, step=trainer.global_step)
 
     def state_dict(self):
-        return {"images_seen": self.images_seen, "history": self.history, "eval_seconds": self.eval_seconds,
+        return {"history": self.history, "eval_seconds": self.eval_seconds,
                 "train_seconds": self.train_seconds, "last_eval_seconds": self._last_eval_seconds}  # fmt: skip
 
     def load_state_dict(self, state_dict):
-        self.images_seen = state_dict["images_seen"]
         self.history = list(state_dict["history"])
         self.eval_seconds = state_dict.get("eval_seconds", 0.0)
         self.train_seconds = state_dict.get("train_seconds", 0.0)

@@ -1,0 +1,95 @@
+"""Speed: `train/images_per_sec` and friends while training (`Throughput`), and a timed window for benchmarks
+(`StepTimer`, what scripts/bench_train.py reads).
+
+    Trainer(callbacks=[Throughput(log_every_n_steps=10)])       # conf/callbacks/throughput.yaml
+    Trainer(callbacks=[StepTimer(warmup=10, out="timing.json")])
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+
+from ldm.stages.base import batch_size
+
+
+class Throughput(pl.Callback):
+    """Logs `train/images_per_sec` (all ranks together), `train/images_seen` (the stage's count,
+    `ldm.stages.base.Stage.images_seen`) and `train/lr` (Lightning's LearningRateMonitor refuses to run
+    without a logger; this works with `logger=none`)."""
+
+    def __init__(self, log_every_n_steps: int = 10):
+        self.every = log_every_n_steps
+        self._t0: float | None = None
+        self._images = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._images += batch_size(batch) * trainer.world_size
+        if trainer.global_step % self.every == 0 and self._t0 is not None:
+            elapsed = time.perf_counter() - self._t0
+            pl_module.log("train/images_per_sec", self._images / max(elapsed, 1e-9), batch_size=1)
+            self._t0, self._images = time.perf_counter(), 0
+        pl_module.log("train/images_seen", float(pl_module.images_seen), batch_size=1)
+        if trainer.optimizers:
+            pl_module.log("train/lr", trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
+
+
+class StepTimer(pl.Callback):
+    """Times training steps after `warmup` of them (compilation, autotuning, loader start-up): writes
+    {"images_per_sec", "step_seconds", "steps", "batch_size", "peak_memory_gib", "world_size"} as JSON to `out`
+    (rank 0) and logs `bench/images_per_sec`. GPU work is synchronised only at the window's two ends."""
+
+    def __init__(self, warmup: int = 10, out: str | None = None):
+        self.warmup, self.out = warmup, out
+        self._t0 = None
+        self._steps = self._images = 0
+
+    @staticmethod
+    def _sync(pl_module) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.warmup and self._t0 is None:
+            self._sync(pl_module)
+            if pl_module.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(pl_module.device)
+            self._t0 = time.perf_counter()
+            rank_zero_info(f"StepTimer: {self.warmup} warm-up steps done; timing from here")
+        if self._t0 is not None:
+            self._steps += 1
+            self._images += batch_size(batch) * trainer.world_size
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # the window closes at the last step, before end-of-fit work (a final checkpoint can take many seconds)
+        if self._t0 is not None and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            self._sync(pl_module)
+            self._elapsed = time.perf_counter() - self._t0
+
+    def on_train_end(self, trainer, pl_module):
+        if self._t0 is None or not self._steps:
+            raise RuntimeError(f"StepTimer: no step after the {self.warmup} warm-up steps; raise trainer.max_steps")
+        self._sync(pl_module)
+        elapsed = getattr(self, "_elapsed", None) or time.perf_counter() - self._t0
+        result = {
+            "images_per_sec": self._images / elapsed,
+            "step_seconds": elapsed / self._steps,
+            "steps": self._steps,
+            "batch_size": self._images // (self._steps * trainer.world_size),
+            "world_size": trainer.world_size,
+            "peak_memory_gib": torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+            if pl_module.device.type == "cuda" else None,
+        }  # fmt: skip
+        rank_zero_info(f"StepTimer: {result}")
+        if self.out and trainer.is_global_zero:
+            Path(self.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.out).write_text(json.dumps(result))

@@ -1,0 +1,42 @@
+"""What every training stage shares: the run's config in its checkpoints, and the count of images seen.
+
+    class MyStage(Stage):
+        def training_step(self, batch, batch_idx): ...
+
+- `run_config`: the resolved (secrets redacted) config of the run, set by `ldm.run.fit.train` and written into
+  every checkpoint as `checkpoint["config"]`; `ldm.stages.load.load_module` rebuilds the stage from it.
+- `images_seen`: training images (samples) seen so far, all ranks together, counted here once per batch before
+  the step runs and kept in checkpoints (`checkpoint["images_seen"]`). Callbacks read it (throughput, FID curves).
+- `step_skipped`: the non-finite guard's verdict for the current optimizer step, when the guard
+  (`ldm.callbacks.nonfinite.NonFiniteLoss`) judges on the device: a 0-dim 0/1 float tensor, 1 when the fused
+  optimizer skips the step. None otherwise (no guard, or a skipped step shows as dropped gradients).
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+from torch import Tensor
+
+
+def batch_size(batch) -> int:
+    """Samples in a training batch: every stage's batches are dicts with a "caption" list."""
+    return len(batch["caption"]) if isinstance(batch, dict) and "caption" in batch else len(batch)
+
+
+class Stage(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.run_config: dict | None = None
+        self.images_seen = 0
+        self.step_skipped: Tensor | None = None
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self.images_seen += batch_size(batch) * self.trainer.world_size
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["images_seen"] = self.images_seen
+        if self.run_config is not None:
+            checkpoint["config"] = self.run_config
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.images_seen = checkpoint.get("images_seen", 0)
