@@ -24,7 +24,7 @@ from ldm.data.shapes import main as shapes_main
 from ldm.data.shapes import render, write_shapes_dataset
 from ldm.data.shards import samples_from_folder, write_shards
 from ldm.data.transforms import ImageTransform
-from ldm.data.webdataset import collate, make_shard_dataset
+from ldm.data.webdataset import collate, make_shard_dataset, read_captions
 
 REPO = Path(__file__).resolve().parents[1]
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -271,7 +271,7 @@ def test_datamodule_batches(shapes_root, num_workers):
 
     val = [s for batch in dm.val_dataloader() for s in zip(batch["key"], batch["caption"])]
     assert sorted(key for key, _ in val) == [f"{i:09d}" for i in range(10)]
-    assert dm.val_captions(4) == [caption for key, caption in sorted(val)][:4]
+    assert read_captions(dm.val_shards, 4) == [caption for key, caption in sorted(val)][:4]
 
 
 def test_datamodule_drives_a_lightning_epoch(shapes_root):

@@ -141,10 +141,10 @@ class LatentDiffusion(Stage):
             getattr(self, name)  # builds it (see __getattr__)
 
     def configure_model(self) -> None:
-        """Frozen parts and speed options, once the module is on its device (Lightning calls this before the
-        optimizer): the frozen encoders are built now unless the data module delivers cached encodings."""
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if not getattr(datamodule, "cached_encodings", False):
+        """Frozen parts and speed options (Lightning calls this before the strategy moves and wraps the module and
+        before the optimizer): in a fit, the frozen encoders are built now unless the data module delivers cached
+        encodings."""
+        if self._trainer is not None and not getattr(self._trainer.datamodule, "cached_encodings", False):
             self.build_frozen()
         if self.channels_last:
             self.unet.to(memory_format=torch.channels_last)
