@@ -3,7 +3,9 @@
 A shard set is a folder of tars in the img2dataset layout: `000000.tar, 000001.tar, ...`, each holding
 `<key>.<ext>` members, one sample per key (`<key>.jpg` + `<key>.txt`, or `<key>.json` with a "caption" or
 "text" that is a string or a list of strings). Beside the tars, `manifest.json` lists every shard's name,
-sample count, size in bytes and sha256 (`write_manifest`). The reader (`ldm.data.webdataset`), the writer
+sample count, size in bytes and sha256 (`write_manifest`), and `sizes.json` each image's (width, height) per shard
+(`read_sizes_file`; the writer records them, `ldm.data.sizes` reads image headers once for shards written
+elsewhere): aspect-ratio buckets are planned from them without decoding an image. The reader (`ldm.data.webdataset`), the writer
 (`ldm.data.shards`), the latent shards (`ldm.data.latents`), the data module, FID reference statistics and the
 config checks all go through these functions.
 
@@ -30,6 +32,8 @@ import webdataset as wds
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSIONS = ("txt", "json")
 MANIFEST = "manifest.json"
+SIZES = "sizes.json"
+MASK_EXTENSIONS = tuple(f"mask.{ext}" for ext in IMAGE_EXTENSIONS)  # `<key>.mask.png`: a loss mask, white = learn
 SHARD_NAME = re.compile(r"^(\d{6})\.tar$")
 
 
@@ -104,6 +108,11 @@ def image_bytes(sample: dict) -> bytes | None:
     return next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
 
 
+def mask_bytes(sample: dict) -> bytes | None:
+    """The encoded loss mask of a raw sample (`<key>.mask.png`, ...), or None."""
+    return next((sample[ext] for ext in MASK_EXTENSIONS if ext in sample), None)
+
+
 # --- captions ---------------------------------------------------------------------------------------------
 def decode_texts(sample: dict) -> dict:
     """A raw sample's caption members, decoded: {"txt": str, "json": parsed JSON} (those it holds)."""
@@ -141,6 +150,20 @@ def write_manifest_file(out_dir: str | os.PathLike, manifest: dict) -> None:
     tmp = Path(out_dir) / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, Path(out_dir) / MANIFEST)
+
+
+def read_sizes_file(shard_dir: str | os.PathLike) -> dict:
+    """sizes.json of a shard folder: {shard name: {"bytes": size of the tar, "sizes": {key: [w, h] or None}}}
+    ({} when there is none). An entry whose "bytes" differ from the tar's is stale (the tar was rewritten)."""
+    path = Path(shard_dir) / SIZES
+    return json.loads(path.read_text())["shards"] if path.exists() else {}
+
+
+def write_sizes_file(shard_dir: str | os.PathLike, shards: dict) -> None:
+    """Write sizes.json atomically (see read_sizes_file for the layout)."""
+    tmp = Path(shard_dir) / (SIZES + ".tmp")
+    tmp.write_text(json.dumps({"shards": shards}, separators=(",", ":")))
+    os.replace(tmp, Path(shard_dir) / SIZES)
 
 
 def tar_sample_count(path: str | os.PathLike) -> int:

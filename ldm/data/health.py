@@ -27,7 +27,7 @@ class DataHealth:
     """Cumulative per-worker counters in shared memory (a worker writes only its own row: no locks).
 
     ok: samples delivered; skipped: bad samples (corrupt image, unreadable caption, lost in a
-    truncated shard); too_small: left out by the `small_images="skip"` policy (not bad);
+    truncated shard); too_small: left out because it would have to be upscaled (`upscale` off; not bad);
     shard_errors: shards that could not be opened, were truncated or held nothing.
     """
 

@@ -6,7 +6,9 @@
     >>> batch["pixel_values"].shape  # doctest: +SKIP
     torch.Size([1, 3, 32, 32])
 
-Each sample is `{"pixel_values": (3, R, R) float in [-1, 1], "caption": str, "key": str}`.
+Each sample is `{"pixel_values": (3, R, R) float in [-1, 1], "caption": str, "key": str}` plus its geometry
+(`original_size`, `crop_top_left`, `target_size`: what SDXL conditions on) and, when the shard has one, its loss
+`mask`. Aspect-ratio buckets are read by `ldm.data.bucketed` instead (a planned order, by key).
 
 Shards: a brace pattern, glob, folder, list file (`shards.txt`, one url per line), or a
 list of these; local paths, `pipe:` and http(s) urls through webdataset, any other
@@ -51,9 +53,11 @@ from ldm.data.format import (
     expand_urls,
     has_extension,
     image_bytes,
+    mask_bytes,
     shard_counts,
     split_name,
 )
+from ldm.data.captions import CaptionProcessor
 from ldm.data.health import DataHealth
 from ldm.data.transforms import ImageTooSmall, ImageTransform
 
@@ -103,7 +107,8 @@ def rank_and_world_size() -> tuple[int, int]:
     return 0, 1
 
 
-def _worker() -> tuple[int, int]:
+def worker_and_count() -> tuple[int, int]:
+    """(this dataloader worker's id, the number of workers); (0, 1) in the main process."""
     info = torch.utils.data.get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
 
@@ -123,7 +128,7 @@ class ShardList(torch.utils.data.IterableDataset):
         self.passes = 0  # per worker copy; workers of a rank start and end passes together
 
     def __iter__(self):
-        worker, num_workers = _worker()
+        worker, num_workers = worker_and_count()
         epoch, self.passes = self.passes, self.passes + 1
         if self.resampled:
             rng = random.Random(f"{self.seed}-{epoch}-{self.rank}-{worker}")
@@ -238,30 +243,48 @@ class ReadShards:
 
 
 class ToTrainingSample:
-    """Raw sample (bytes) -> {"pixel_values", "caption", "key"}; raises SampleError naming shard and key.
+    """Raw sample (bytes) -> training sample; raises SampleError naming shard and key.
 
-    Random choices (a caption of a JSON caption list, random crop and flip) come from an RNG seeded by
-    (seed, pass, shard, key): they change every pass, yet do not depend on ranks, workers, the global
-    RNG or where a resumed run restarts (exact resume). `jpeg_draft` lets
-    libjpeg decode large JPEGs at 1/2, 1/4 or 1/8 scale when that still covers the resolution.
+    The training sample: {"pixel_values", "caption", "key", "original_size", "crop_top_left", "target_size"}
+    (the geometry, see `ldm.data.transforms`), plus "mask" (1, H, W) uint8 when the shard holds `<key>.mask.png`
+    and "loss_weight" when the planner set one (`__weight__`). The target size is `__size__` (width, height), set
+    by the bucket planner, else the transform's square resolution. Random choices (a caption of a JSON caption
+    list, tag shuffling and dropout, random crop and flip) come from an RNG seeded by (seed, pass, shard, key):
+    they change every pass, yet do not depend on ranks, workers, the global RNG or where a resumed run restarts
+    (exact resume). Captions of class samples (`__kind__` "class", DreamBooth) are not tag-processed.
+    `jpeg_draft` lets libjpeg decode large JPEGs at 1/2, 1/4 or 1/8 scale when that still covers the target.
     """
 
-    def __init__(self, transform: ImageTransform, seed: int = 0, jpeg_draft: bool = False):
+    def __init__(self, transform: ImageTransform, seed: int = 0, jpeg_draft: bool = False,
+                 captions: CaptionProcessor | None = None):  # fmt: skip
         self.transform = transform
         self.seed = seed
         self.jpeg_draft = jpeg_draft
+        self.captions = captions
 
     def rng(self, sample: dict) -> random.Random:
         """The randomness of one visit of one sample."""
         return random.Random(f"{self.seed}-{sample.get('__pass__', 0)}-{sample.get('__url__')}-{sample.get('__key__')}")
 
-    def image(self, data: bytes) -> Image.Image:
+    def image(self, data: bytes, target: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
+        """(decoded image, its (width, height) as displayed before any reduced decode)."""
         image = Image.open(io.BytesIO(data))
+        swapped = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF rotation by 90 degrees
+        original = image.size[::-1] if swapped else image.size
         if self.jpeg_draft and image.format == "JPEG":
-            side = self.transform.resolution
-            image.draft("RGB", (side, side))  # keeps both sides >= resolution
+            w, h = target or (self.transform.resolution, self.transform.resolution)
+            image.draft("RGB", (h, w) if swapped else (w, h))  # keeps the image covering the target
         image.load()  # raises now on truncated files, not later inside a transform
-        return image
+        return image, original
+
+    @staticmethod
+    def mask(data: bytes) -> Image.Image:
+        try:
+            mask = Image.open(io.BytesIO(data))
+            mask.load()
+            return mask.convert("L")
+        except Exception as error:
+            raise ValueError(f"unreadable mask ({error!r})") from error
 
     def __call__(self, sample: dict) -> dict:
         url, key = sample.get("__url__"), sample.get("__key__")
@@ -272,11 +295,21 @@ class ToTrainingSample:
             captions = caption_choices(decode_texts(sample))
             rng = self.rng(sample)
             caption = rng.choice(captions)
-            image = self.image(data)
-            with torch.random.fork_rng(devices=[]):  # torchvision's random crop/flip draw from torch's RNG
+            if self.captions is not None and sample.get("__kind__") != "class":
+                caption = self.captions(caption, rng)
+            target = sample.get("__size__")
+            mask_data = mask_bytes(sample)
+            mask = self.mask(mask_data) if mask_data is not None else None
+            image, original = self.image(data, target)
+            with torch.random.fork_rng(devices=[]):  # crop and flip draw from torch's RNG
                 torch.manual_seed(rng.getrandbits(63))
-                pixel_values = self.transform(image)
-            return {"pixel_values": pixel_values, "caption": caption, "key": key}
+                pixel_values, geometry, mask = self.transform.apply(image, target, mask, original)
+            out = {"pixel_values": pixel_values, "caption": caption, "key": key, **geometry}
+            if mask is not None:
+                out["mask"] = mask
+            if "__weight__" in sample:
+                out["loss_weight"] = sample["__weight__"]
+            return out
         except ImageTooSmall:
             raise
         except Exception as error:
@@ -314,21 +347,23 @@ def make_shard_dataset(
     shardshuffle: bool = True,
     split_by_node: bool = True,
     resampled: bool = False,
-    small_images: str = "upscale",
+    upscale: bool = True,
     jpeg_draft: bool = False,
     uint8: bool = False,
     health: DataHealth | None = None,
     rank: int | None = None,
     world_size: int | None = None,
+    captions: CaptionProcessor | None = None,
 ) -> wds.DataPipeline:
-    """A pipeline yielding {"pixel_values": (3, R, R), "caption", "key"} dicts.
+    """A pipeline yielding {"pixel_values": (3, R, R), "caption", "key", geometry[, "mask"]} dicts.
 
     One pass reads every sample once, split over DDP ranks (`split_by_node`; rank and world
     size from env RANK/WORLD_SIZE or torch.distributed, read now, unless given) and dataloader
     workers. `resampled=True` streams forever instead. `shuffle_buffer=0` keeps the order
     within shards; shuffles are seeded by `seed` and change every pass. Skips are counted in
     `health` (a new DataHealth if None, as `.health` of the result). `uint8=True` yields pixels as
-    uint8 in [0, 255] (see `transforms.to_model_range`) instead of float in [-1, 1].
+    uint8 in [0, 255] (see `transforms.to_model_range`) instead of float in [-1, 1]. `upscale=False` leaves
+    images smaller than the resolution out (counted as too small). `captions` processes tag captions.
     """
     shard_urls = expand_urls(urls)
     if rank is None or world_size is None:
@@ -338,7 +373,7 @@ def make_shard_dataset(
     if not resampled and len(shard_urls) < world_size:
         raise ValueError(f"{len(shard_urls)} shards cannot feed {world_size} ranks; write more (smaller) shards")
     health = health if health is not None else DataHealth()
-    transform = ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip, small_images=small_images,
+    transform = ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip, upscale=upscale,
                                uint8=uint8)  # fmt: skip
     stages = [
         ShardList(shard_urls, rank, world_size, shuffle=shardshuffle, seed=seed, resampled=resampled),
@@ -346,7 +381,8 @@ def make_shard_dataset(
     ]
     if shuffle_buffer > 0:
         stages.append(wds.detshuffle(shuffle_buffer, initial=min(100, shuffle_buffer), seed=seed))
-    stages.append(ToTrainingSamples(ToTrainingSample(transform, seed=seed, jpeg_draft=jpeg_draft), health))
+    stages.append(ToTrainingSamples(ToTrainingSample(transform, seed=seed, jpeg_draft=jpeg_draft, captions=captions),
+                                    health))  # fmt: skip
     dataset = wds.DataPipeline(*stages)
     dataset.health = health
     return dataset
@@ -380,10 +416,24 @@ def read_captions(urls, n: int) -> list[str]:
     return captions
 
 
+GEOMETRY = ("original_size", "crop_top_left", "target_size")  # (B, 2) int64, (height, width) each (SDXL's order)
+
+
 def collate(batch: list[dict]) -> dict:
-    """List of samples -> {"pixel_values": (B, 3, R, R), "caption": list[str], "key": list[str]}."""
-    return {
+    """List of samples -> {"pixel_values": (B, 3, H, W), "caption": list[str], "key": list[str], "original_size",
+    "crop_top_left", "target_size": (B, 2) int64}, plus "mask" (B, 1, H, W) uint8 when a sample has one (255,
+    learn everywhere, for the others) and "loss_weight" (B,) float when samples carry one."""
+    out = {
         "pixel_values": torch.stack([sample["pixel_values"] for sample in batch]),
         "caption": [sample["caption"] for sample in batch],
         "key": [sample["key"] for sample in batch],
     }
+    for name in GEOMETRY:
+        if name in batch[0]:
+            out[name] = torch.tensor([sample[name] for sample in batch], dtype=torch.int64)  # (B, 2)
+    if any("mask" in sample for sample in batch):
+        full = torch.full((1, *out["pixel_values"].shape[-2:]), 255, dtype=torch.uint8)
+        out["mask"] = torch.stack([sample.get("mask", full) for sample in batch])  # (B, 1, H, W)
+    if any("loss_weight" in sample for sample in batch):
+        out["loss_weight"] = torch.tensor([float(sample.get("loss_weight", 1.0)) for sample in batch])  # (B,)
+    return out
