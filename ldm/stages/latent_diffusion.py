@@ -37,6 +37,7 @@ from ldm.diffusion import (
     add_noise,
     config_alpha_bar,
     diffusion_loss,
+    loss_mask,
     make_scheduler,
     min_snr_weight,
     offset_noise,
@@ -167,6 +168,12 @@ class LatentDiffusion(Stage):
         s = self.unet.config.sample_size
         return (self.unet.config.in_channels, s, s)
 
+    def _latent_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        factor = downsample_factor(self.vae)
+        if size[0] % factor or size[1] % factor:
+            raise ValueError(f"size {size[1]}x{size[0]} is not a multiple of the VAE's downsampling factor {factor}")
+        return size[0] // factor, size[1] // factor
+
     @property
     def resolution(self) -> int:
         return self.unet.config.sample_size * downsample_factor(self.vae)
@@ -235,9 +242,11 @@ class LatentDiffusion(Stage):
         return hidden
 
     # --- training --------------------------------------------------------------------------
-    def diffusion_step(self, latents: Tensor, cond: Tensor, noise: Tensor | None = None, t: Tensor | None = None) -> Tensor:
+    def diffusion_step(self, latents: Tensor, cond: Tensor, noise: Tensor | None = None, t: Tensor | None = None,
+                       mask: Tensor | None = None, sample_weight: Tensor | None = None) -> Tensor:  # fmt: skip
         """One denoising loss on latents (B, C, h, w) with conditioning (B, L, D); the noise (B, C, h, w) and
-        timesteps (B,) are drawn here unless given."""
+        timesteps (B,) are drawn here unless given. `mask` (B, 1, h', w'): a loss mask (white = learn, resized to
+        the latents); `sample_weight` (B,): per-sample loss weights (DreamBooth's prior_loss_weight)."""
         b = latents.shape[0]
         if noise is None:  # randn of the shape, not randn_like: the same noise whatever the memory format
             noise = offset_noise(torch.randn(latents.shape, device=latents.device), self.offset_noise)
@@ -249,7 +258,10 @@ class LatentDiffusion(Stage):
             x_t = x_t.contiguous(memory_format=torch.channels_last)
         model_output = self.unet(x_t, t, encoder_hidden_states=cond).sample
         weight = min_snr_weight(snr(ab), self.min_snr_gamma, self.prediction_type)
-        return diffusion_loss(model_output, target(self.prediction_type, latents, noise, ab), weight)
+        if sample_weight is not None:
+            weight = weight * sample_weight.to(weight.device)
+        mask = loss_mask(mask, latents.shape[-2:]) if mask is not None else None
+        return diffusion_loss(model_output, target(self.prediction_type, latents, noise, ab), weight, mask)
 
     def training_condition(self, captions: Sequence[str], hidden: Tensor | None = None) -> Tensor:
         """Conditioning for training: each caption is replaced by the empty one with probability
@@ -268,15 +280,16 @@ class LatentDiffusion(Stage):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         if "latent_mean" in batch:  # cached latents and text encodings: no frozen encoder runs
-            latents = self.cached_latents(batch)  # (B, C, h, w)
-            if latents.shape[1:] != self.latent_shape:
-                raise ValueError(f"cached latents are {tuple(latents.shape[1:])} but the U-Net takes "
-                                 f"{self.latent_shape}: precompute them at the training resolution")  # fmt: skip
-            cond = self.training_condition(batch["caption"], batch["text_hidden"].float())  # (B, L, D)
+            latents = self.cached_latents(batch)  # (B, C, h, w): any bucket's h, w
+            if latents.shape[1] != self.latent_shape[0]:
+                raise ValueError(f"cached latents have {latents.shape[1]} channels but the U-Net takes "
+                                 f"{self.latent_shape[0]}: precompute them with this model's VAE")  # fmt: skip
+            hidden = batch.get("text_hidden")  # absent when captions change per visit (tag shuffling): encoded here
+            cond = self.training_condition(batch["caption"], hidden.float() if hidden is not None else None)
         else:
             latents = self.encode_images(batch["pixel_values"])  # (B, C, h, w)
             cond = self.training_condition(batch["caption"])  # (B, L, D)
-        loss = self.diffusion_step(latents, cond)
+        loss = self.diffusion_step(latents, cond, mask=batch.get("mask"), sample_weight=batch.get("loss_weight"))
         self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
         return loss
 
@@ -347,8 +360,10 @@ class LatentDiffusion(Stage):
         num_inference_steps: int | None = None,
         sampler: str | None = None,
         use_ema: bool = True,
+        size: tuple[int, int] | None = None,
     ) -> Tensor:
-        """Images (B, 3, H, W) in [0, 1] for ``prompts``; the same seed gives the same images.
+        """Images (B, 3, H, W) in [0, 1] for ``prompts``; the same seed gives the same images. ``size``:
+        (height, width) in pixels (a multiple of the VAE's factor), else the U-Net's own square size.
 
         ``seed`` is one seed for the batch (as StableDiffusionPipeline's generator), or one per prompt,
         which makes each image independent of how prompts are batched or split across ranks."""
@@ -369,7 +384,7 @@ class LatentDiffusion(Stage):
             self.empty_hidden(),
             guidance_scale=opts["guidance_scale"] if guidance_scale is None else guidance_scale,
             num_inference_steps=num_inference_steps or opts["num_inference_steps"],
-            latent_shape=self.latent_shape,
+            latent_shape=self.latent_shape if size is None else (self.latent_shape[0], *self._latent_size(size)),
             generator=generator,
         )
         unet.train(was_training)
