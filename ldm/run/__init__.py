@@ -5,6 +5,7 @@
     resume     resolve_resume: resume=auto, a checkpoint file, or a run directory
     launch     ranks_to_launch / launch: DDP ranks as fresh processes (torchrun) running the resolved config
     rank       python -m ldm.run.rank CONFIG: what each launched rank runs
+    class_images  ensure_class_images: DreamBooth class images generated with the base model before training
 
 May import: ldm.callbacks, ldm.stages, ldm.metrics, ldm.models, ldm.training, ldm.data, ldm.diffusion, ldm.utils.
 Not ldm.sweeps or the command-line entry points.
