@@ -9,6 +9,12 @@ so the cached latents match what on-the-fly training would compute (see ldm/data
         model/vae=pretrained model.vae.path=stabilityai/sd-vae-ft-mse model.vae.subfolder=null
     python -m ldm.train experiment=shapes data=latents data.train_shards=data/shapes-latents \\
         data.val_shards=data/shapes/val
+
+With `data.buckets` set (as for training on images), each image is encoded at the bucket of its aspect ratio (and
+flipped); training on the result (`data=latents`) keeps one bucket per batch:
+
+    python scripts/precompute_latents.py data/mine-latents --device cuda data=shards data.train_shards=data/mine \\
+        data.resolution=1024 data.buckets='{max_aspect: 2.0}' model/vae=pretrained model.vae.path=...
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ def main(argv=None) -> None:
         flip=not args.no_flip,
         samples_per_shard=args.samples_per_shard,
         num_workers=args.num_workers,
+        buckets=cfg.data.get("buckets"),
+        upscale=cfg.data.get("upscale", False),
         source={"vae": OmegaConf.to_container(cfg.model.vae, resolve=True),
                 "text_encoder": OmegaConf.to_container(cfg.model.text_encoder, resolve=True)},
     )

@@ -40,7 +40,7 @@ import pytorch_lightning as pl
 import torch
 import webdataset as wds
 
-from ldm.data.bucketed import PlannedBatches, plan_records
+from ldm.data.bucketed import KeyReader, PlannedBatches, plan_records
 from ldm.data.buckets import describe, parse_buckets
 from ldm.data.captions import caption_processor
 from ldm.data.dreambooth import DreamBooth
@@ -48,7 +48,14 @@ from ldm.data.format import expand_urls, sample_counts
 from ldm.data.health import DataHealth
 from ldm.data.plan import BucketPlanner, PlanChain, Record
 from ldm.data.transforms import ImageTransform
-from ldm.data.webdataset import ToTrainingSample, collate, make_shard_dataset, rank_and_world_size, set_pass
+from ldm.data.webdataset import (
+    ToTrainingSample,
+    collate,
+    is_read_file,
+    make_shard_dataset,
+    rank_and_world_size,
+    set_pass,
+)
 
 log = logging.getLogger(__name__)
 
@@ -295,8 +302,8 @@ class ShardDataModule(pl.LightningDataModule):
             warnings.warn(f"{len(resume['carried']) - len(carried)} carried samples of the checkpoint are not in "
                           f"{self.train_shards} any more; resuming without them")  # fmt: skip
         self._chain = PlanChain(planner, resume.get("epoch_start_pass", 0), carried)
-        convert = ToTrainingSample(self.transform(), seed=self.seed, jpeg_draft=self.jpeg_draft, captions=self.captions)
-        dataset = PlannedBatches(PlanChain(planner), rank, convert, self.train_health, self.collate,
+        dataset = PlannedBatches(PlanChain(planner), rank, self.sample_converter(), self.train_health, self.collate,
+                                 reader=KeyReader(select=self.read_select),
                                  class_weight=self.dreambooth.prior_loss_weight if self.dreambooth else 1.0)  # fmt: skip
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                                              persistent_workers=self.num_workers > 0,
@@ -314,6 +321,12 @@ class ShardDataModule(pl.LightningDataModule):
             epochs.resume(resume["epoch_start_pass"], resume["batches"], carried)
             self._resume = None
         return epochs
+
+    read_select = staticmethod(is_read_file)  # the tar members a sample is read from (subclasses: others)
+
+    def sample_converter(self) -> ToTrainingSample:
+        """Raw sample -> training sample, for planned batches (a subclass reading other shards replaces it)."""
+        return ToTrainingSample(self.transform(), seed=self.seed, jpeg_draft=self.jpeg_draft, captions=self.captions)
 
     def transform(self) -> ImageTransform:
         return ImageTransform(self.resolution, center_crop=self.center_crop, random_flip=self.random_flip,
