@@ -49,6 +49,7 @@ from ldm.diffusion import (
 )
 from ldm.models.vae import downsample_factor
 from ldm.stages.base import Stage
+from ldm.training.compile import allow_recompiles
 from ldm.training.ema import EMA
 from ldm.training.fsdp import FSDP, full_params
 from ldm.training.optim import configure_optimizers
@@ -150,6 +151,9 @@ class LatentDiffusion(Stage):
         if self.channels_last:
             self.unet.to(memory_format=torch.channels_last)
         if self.compile_options is not None and not getattr(self, "_compiled", False):
+            buckets = len(getattr(datamodule, "bucket_sizes", None) or ())
+            if buckets > 1:  # a graph per bucket (and per batch size of a short batch) may be kept, none runs eagerly
+                allow_recompiles(2 * buckets)
             self.unet.compile(**self.compile_options)  # in place: parameter names (and checkpoints) unchanged
             if "vae" in self._modules:  # encoding on the fly (cached latents leave the VAE unbuilt)
                 self.vae.encoder.compile(**self.compile_options)
