@@ -327,3 +327,27 @@ def test_upscale_takes_the_small_images_in(mixed, monkeypatch):
     tiny = [k for k, s in sizes.items() if not fits(s)]
     seen = {k for b in batches for k in b["key"]}
     assert set(tiny) & seen  # this rank's share holds some of them, upscaled into their bucket
+
+
+def test_config_check_names_a_batch_no_bucket_can_fill_in_seconds(mixed):
+    """The same verdict from the config check, before anything is built (image sizes from sizes.json)."""
+    import time
+
+    from omegaconf import OmegaConf
+
+    from ldm.run.validate import ConfigError, validate_config
+
+    shards, _ = mixed
+    data = {"train_shards": str(shards), "resolution": 64, "batch_size": 16, "buckets": SPEC, "upscale": False}
+    counts = Counter(nearest_bucket(size) for size in sizes_of(mixed) if fits(size))
+    listed = ", ".join(f"{w}x{h}: {counts[(w, h)]}" for w, h in BUCKETS)
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=rf"^data.batch_size=16 is larger than every bucket can fill \(the fullest "
+                                          rf"holds {max(counts.values())}: {listed}\)"):  # fmt: skip
+        validate_config(OmegaConf.create({"data": data}))
+    assert time.monotonic() - start < 10
+    validate_config(OmegaConf.create({"data": {**data, "batch_size": max(counts.values())}}))
+
+
+def sizes_of(mixed) -> list:
+    return list(mixed[1].values())

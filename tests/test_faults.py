@@ -444,6 +444,12 @@ def test_an_infinite_gradient_of_a_finite_loss_is_skipped(guarded):
     ("data.train_shards='/nonexistent/{000000..000009}.tar'", r"^data\.train_shards=.*does not exist"),
     ("data.train_shards=/tmp/*.nothing.tar", r"^data\.train_shards=.*no shards match"),
     ("data.batch_size=64", r"^data\.batch_size=64 is larger than the 48 samples of data\.train_shards="),
+    ("data.buckets=[[16,16],[15,16]]", r"^data\.buckets: 15x16 is not a multiple of the VAE's downsampling factor 2"),
+    ("data.buckets={max_aspect:0.5}", r"^data\.buckets\.max_aspect=0\.5 is below 1"),
+    ("data.buckets=[[32,32]]", r"^no image fits a bucket: 48 too small for every bucket \(upscaling off: set data\.upscale"),
+    ("data.buckets=[[16,16]] data.samples_per_epoch=1000", r"^data\.samples_per_epoch with data\.buckets"),
+    ("data.captions={tag_dropout:1.5}", r"^data\.captions\.tag_dropout=1\.5 must be in \[0, 1\)"),
+    ("data.dreambooth={class_prompt:'',class_shards:/tmp/x}", r"^data\.dreambooth\.class_prompt must be set"),
 ])  # fmt: skip
 def test_invalid_config_is_one_line_naming_the_setting(tiny_root, tmp_path, override, message):
     cfg = compose_config(tiny_root, tmp_path, override.split(" "))

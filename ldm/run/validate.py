@@ -11,7 +11,9 @@ prediction type are known names; the shard patterns match files; a batch is no l
 
 Every fact comes from the code that owns it: parts are recognised by the function their `_target_` names
 (`ldm.utils.targets`), names are checked against the tables the samplers, schedules and parameterisations use,
-shard counts come from `ldm.data.format`.
+shard counts come from `ldm.data.format`. Aspect-ratio buckets (sizes a multiple of the VAE factor, a maximum
+aspect ratio of at least 1, a batch some bucket can fill), tag-caption options and DreamBooth settings are checked
+by the data code that uses them.
 """
 
 from __future__ import annotations
@@ -27,7 +29,12 @@ from diffusers.optimization import SchedulerType
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from ldm.data.bucketed import plan_records
+from ldm.data.buckets import check_multiple, parse_buckets
+from ldm.data.captions import caption_processor
+from ldm.data.dreambooth import DreamBooth
 from ldm.data.format import expand_urls, is_remote, sample_counts
+from ldm.data.plan import BucketPlanner
 from ldm.diffusion.parameterization import TARGETS
 from ldm.diffusion.sampling import SCHEDULERS
 from ldm.diffusion.schedules import SCHEDULES
@@ -177,12 +184,45 @@ def _check_fsdp(cfg: DictConfig) -> None:
                           "clipping scaled sharded gradients is not supported; use bf16-mixed")  # fmt: skip
 
 
+def _check_finetune_data(cfg: DictConfig, factor: int | None) -> None:
+    """Buckets, tag captions and DreamBooth (ldm/data/buckets.py, captions.py, dreambooth.py), checked by the code
+    that uses them: sizes a multiple of the VAE factor, a batch that some bucket can fill (image sizes from
+    sizes.json, or read once from the image headers)."""
+    data = cfg.get("data") or {}
+    try:
+        captions = data.get("captions")
+        caption_processor(OmegaConf.to_container(captions) if captions is not None else None)
+        dreambooth = data.get("dreambooth")
+        if dreambooth is not None:
+            DreamBooth(**OmegaConf.to_container(dreambooth, resolve=True))
+        buckets = parse_buckets(OmegaConf.to_container(data.buckets) if data.get("buckets") is not None else None,
+                                _get(cfg, "data.resolution") or 0)  # fmt: skip
+    except (ValueError, TypeError) as error:
+        raise ConfigError(str(error).splitlines()[0]) from None
+    if buckets is None:
+        if dreambooth is None:
+            return
+        buckets = [(_get(cfg, "data.resolution"),) * 2]
+    if data.get("samples_per_epoch") is not None:
+        raise ConfigError("data.samples_per_epoch with data.buckets or data.dreambooth: planned epochs are exact "
+                          "passes; set data.samples_per_epoch=null")  # fmt: skip
+    try:
+        if factor:
+            check_multiple(buckets, factor)
+        urls = expand_urls(_get(cfg, "data.train_shards"))
+        if all(not is_remote(url) for url in urls):
+            BucketPlanner(plan_records(urls), buckets, _get(cfg, "data.batch_size"), upscale=bool(data.get("upscale")))
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(str(error).splitlines()[0]) from None
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Raise ConfigError (one line) for the first problem found."""
     _check_names(cfg)
     _check_fsdp(cfg)
     model = cfg.get("model")
     resolution = _get(cfg, "data.resolution")
+    factor = None
     if model is not None and model.get("vae") is not None:
         factor = _vae_factor(model.vae)
         if factor and resolution is not None and resolution % factor:
@@ -194,3 +234,4 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(f"model.unet.cross_attention_dim={unet_width} does not match the text encoder's "
                               f"hidden size {text_width} (model.text_encoder)")  # fmt: skip
     _check_data(cfg)
+    _check_finetune_data(cfg, factor)
