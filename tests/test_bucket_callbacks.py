@@ -9,13 +9,19 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 from fault_helpers import read_losses
 from PIL import Image
-from tiny import compose_config, make_tiny_root
+from tiny import TINY, TINY_UNET, compose_config, make_tiny_root
 from wandb_offline import history, run_files
 
 from ldm.data.shards import write_shards
@@ -75,3 +81,49 @@ def test_warmup_at_the_largest_bucket_leaves_training_unchanged_and_counts_reach
     assert data["columns"] == ["bucket", "width", "height", "images", "class_images"]
     assert [(r[1], r[2], r[3]) for r in data["data"]] == [(w, h, counts[(w, h)]) for w, h in BUCKETS]
     assert any("data/carried" in row for row in rows)
+
+
+@pytest.mark.slow  # three subprocess runs (~2 min on 2 busy cores)
+@pytest.mark.faults
+def test_kill_9_mid_epoch_then_resume_auto_trains_the_same_bucketed_batches(root, tmp_path):
+    """`python -m ldm.train` on bucketed data with 2 dataloader workers, killed with SIGKILL once a checkpoint
+    in the middle of the second epoch exists (visits carried from the first pass pending), then resumed with
+    resume=auto: step for step the batches (keys, bucket) and losses of the uninterrupted run."""
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)])}
+    env.pop("WANDB_API_KEY", None)
+
+    def cli(run_dir: Path, losses: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "ldm.train", "experiment=shapes", f"paths.data_dir={root}",
+                f"hydra.run.dir={run_dir}", *TINY, *TINY_UNET, f"data.train_shards={root / 'mixed'}",
+                "data.buckets=[[16,24],[20,20],[24,16]]", "data.batch_size=3", "data.num_workers=2",
+                "trainer.max_steps=12", "callbacks.checkpoint.every_n_train_steps=2", "logger=none",
+                "callbacks.fid=null", "callbacks.export=null", "callbacks.sample_grid=null",
+                "+callbacks.record._target_=fault_helpers.RecordLoss", f"+callbacks.record.path={losses}",
+                *extra]  # fmt: skip
+
+    reference = tmp_path / "reference.jsonl"
+    subprocess.run(cli(tmp_path / "ref", reference), env=env, check=True, capture_output=True, timeout=600)
+    runs = tmp_path / "runs" / "shapes"
+    killed = tmp_path / "killed.jsonl"
+    proc = subprocess.Popen(cli(runs / "first", killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second_epoch = next(r["step"] for r in read_losses(reference) if r["epoch"] == 1)  # 6: 24 images, 6 carried
+    target = second_epoch + 2  # a checkpoint inside the second epoch, with the first pass's carried visits pending
+    while not (runs / "first" / "checkpoints").exists() or not any(
+            int(p.stem.split("step=")[1]) >= target for p in (runs / "first" / "checkpoints").glob("*step=*.ckpt")):
+        assert proc.poll() is None, "the run ended before it was killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = max(int(p.stem.split("step=")[1]) for p in (runs / "first" / "checkpoints").glob("*step=*.ckpt"))
+    assert saved < 12
+    resumed = tmp_path / "resumed.jsonl"
+    subprocess.run(cli(runs / "second", resumed, "resume=auto"), env=env, check=True, capture_output=True,
+                   timeout=600)  # fmt: skip
+    expected = {r["step"]: r for r in read_losses(reference)}
+    got = read_losses(resumed)
+    assert got[0]["step"] == saved + 1 and got[-1]["step"] == 12
+    for row in got:
+        ref = expected[row["step"]]
+        assert (row["keys"], row["epoch"]) == (ref["keys"], ref["epoch"]), row["step"]
+        assert abs(row["loss"] - ref["loss"]) <= 1e-6, row["step"]
