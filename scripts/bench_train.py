@@ -11,6 +11,14 @@ the GPU's dense bf16 peak), and the ratio to the baseline.
     python scripts/bench_train.py --resolution 512 256 --batch-size 32 128      # one GPU
     python scripts/bench_train.py --resolution 32 --batch-size 2 --steps 2 --warmup 1 --tiny   # a CPU smoke run
     python scripts/bench_train.py --resolution 512 --batch-size 32 --devices 2 --runs cached   # DDP scaling
+    python scripts/bench_train.py --resolution 512 --batch-size 32 --runs onthefly bucketed cached bucketed-cached
+
+Bucketed runs (`bucketed`, `bucketed-cached`) train on a mixed-aspect set spread evenly over the aspect-ratio
+buckets of resolution^2 pixels (data.buckets={max_aspect: 2.0, step: 64}; images 1/8 larger than their bucket),
+one epoch long enough for the whole timed window (planned epochs are exact passes). Their buckets hold up to
+resolution^2 pixels (a bit fewer off the square), so throughput is compared in pixels per second: each line
+prints Mpx/s, and a bucketed line its ratio to the square run of the same kind (onthefly, cached) measured in
+the same call. `recompiles` counts torch.compile's recompilations in the run's log (TORCH_LOGS=recompiles).
 
 The baseline is what diffusers' examples/text_to_image/train_text_to_image.py does per step with
 --mixed_precision bf16: VAE and CLIP in bf16 every step, fp32 U-Net under bf16 autocast, eager, foreach
@@ -41,10 +49,26 @@ TINY_UNET = ["model.unet.block_out_channels=[32,32,32,32]", "+model.unet.norm_nu
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense, SXM
 
 
-def setup(work: Path, resolutions: list[int], images: int, tiny: bool) -> None:
-    """Models, image shards and latent shards under `work` (kept between calls)."""
+def bucket_spec(resolution: int) -> str:
+    from ldm.data.synthetic import bucket_step
+
+    return f"{{max_aspect:2.0,step:{bucket_step(resolution)}}}"
+
+
+def mean_bucket_pixels(resolution: int) -> float:
+    """Pixels per image of the mixed-aspect set: its images are spread evenly over the buckets."""
+    from ldm.data.buckets import generate_buckets
+    from ldm.data.synthetic import bucket_step
+
+    buckets = generate_buckets(resolution * resolution, bucket_step(resolution), 2.0)
+    return sum(w * h for w, h in buckets) / len(buckets)
+
+
+def setup(work: Path, resolutions: list[int], images: int, tiny: bool, bucket_images: int = 0) -> None:
+    """Models, image shards and latent shards under `work` (kept between calls); with `bucket_images`, also a
+    mixed-aspect set of that many images and its bucketed latents."""
     from ldm.data.latents import precompute_latents
-    from ldm.data.synthetic import synthetic_shards
+    from ldm.data.synthetic import synthetic_bucket_shards, synthetic_shards
     from ldm.models.text_encoders import hf_clip_text_encoder, save_random_hf_clip
     from ldm.models.vae import build_vae, load_vae
 
@@ -63,6 +87,22 @@ def setup(work: Path, resolutions: list[int], images: int, tiny: bool) -> None:
             precompute_latents(shards, work / f"latents{r}", vae, text_encoder, resolution=r, batch_size=32,
                                samples_per_shard=max(1, images // 32), num_workers=8, progress=False)  # fmt: skip
             print(f"# precomputed {images} latents at {r} px in {time.perf_counter() - t0:.1f} s", flush=True)
+        if not bucket_images:
+            continue
+        mixed = synthetic_bucket_shards(work, r, bucket_images)
+        meta = work / f"latents-mixed{r}" / "latents.json"
+        if not meta.exists() or json.loads(meta.read_text()).get("source", {}).get("images") != bucket_images:
+            t0 = time.perf_counter()
+            vae = load_vae(str(models / "vae"), subfolder=None).to(device)
+            text_encoder = hf_clip_text_encoder(str(models / "clip")).to(device)
+            from ldm.data.synthetic import bucket_step
+
+            precompute_latents(mixed, work / f"latents-mixed{r}", vae, text_encoder, resolution=r, batch_size=32,
+                               samples_per_shard=max(1, bucket_images // 32), num_workers=8, progress=False,
+                               buckets={"max_aspect": 2.0, "step": bucket_step(r)},
+                               source={"images": bucket_images})  # fmt: skip
+            print(f"# precomputed {bucket_images} bucketed latents at {r} px in {time.perf_counter() - t0:.1f} s",
+                  flush=True)  # fmt: skip
 
 
 def unet_flops(resolution: int, tiny: bool) -> float:
@@ -101,10 +141,16 @@ def ldm_train(work: Path, resolution: int, batch: int, mode: str, steps: int, wa
     """One timed run of `python -m ldm.train`; returns StepTimer's JSON."""
     out = work / "results" / f"{mode}{resolution}-b{batch}-d{devices}-{int(time.time())}.json"
     gpu = torch.cuda.is_available()
-    data = (["data=latents", f"data.train_shards={work}/latents{resolution}"] if mode == "cached"
-            else ["data=shards", f"data.train_shards={work}/photos{resolution}", f"data.resolution={resolution}"])  # fmt: skip
+    data = {
+        "cached": ["data=latents", f"data.train_shards={work}/latents{resolution}", "data.samples_per_epoch=100000000"],
+        "onthefly": ["data=shards", f"data.train_shards={work}/photos{resolution}", f"data.resolution={resolution}",
+                     "data.samples_per_epoch=100000000"],
+        "bucketed-cached": ["data=latents", f"data.train_shards={work}/latents-mixed{resolution}"],
+        "bucketed": ["data=shards", f"data.train_shards={work}/mixed{resolution}", f"data.resolution={resolution}",
+                     f"data.buckets={bucket_spec(resolution)}"],
+    }[mode]  # fmt: skip
     overrides = [
-        *data, f"data.batch_size={batch}", f"data.num_workers={workers}", "data.samples_per_epoch=100000000",
+        *data, f"data.batch_size={batch}", f"data.num_workers={workers}",
         "data.val_shards=null", "model/unet=sd15", f"model.unet.sample_size={resolution // 8}", *(TINY_UNET if tiny else []),
         f"model.vae.path={work}/models/vae", "model.vae.subfolder=null", f"model.text_encoder.path={work}/models/clip",
         f"model.compile={compile_}", "+trainer.benchmark=true",  # cuDNN picks its fastest conv algorithms (+3 %)
@@ -119,14 +165,18 @@ def ldm_train(work: Path, resolution: int, batch: int, mode: str, steps: int, wa
     log = (Path(log_dir) if log_dir else out.parent) / f"{out.stem}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    env = {**os.environ, "TORCH_LOGS": os.environ.get("TORCH_LOGS", "recompiles")}
     with open(log, "w") as f:  # streamed, so a run cut off by a time limit still shows how far it got
         code = subprocess.run([sys.executable, "-m", "ldm.train", *overrides], cwd=ROOT, stdout=f,
-                              stderr=subprocess.STDOUT).returncode  # fmt: skip
+                              stderr=subprocess.STDOUT, env=env).returncode  # fmt: skip
     if code != 0 or not out.exists():
         tail = "\n".join(log.read_text().splitlines()[-25:])
         return {"error": f"exit {code}:\n{tail}"}
     print(f"# {out.stem}: {time.perf_counter() - t0:.0f} s in all (start-up, compilation, warm-up, timed steps)")
-    return json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    result["recompiles"] = sum("Recompiling function" in line for line in log.read_text().splitlines())
+    result["pixels_per_image"] = mean_bucket_pixels(resolution) if mode.startswith("bucketed") else resolution**2
+    return result
 
 
 def baseline(work: Path, resolution: int, batch: int, steps: int, warmup: int, tiny: bool) -> dict:
@@ -187,7 +237,7 @@ def peak_tflops() -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def line(name: str, r: dict, flops: float, peak: float | None, base: float | None) -> str:
+def line(name: str, r: dict, flops: float, peak: float | None, base: float | None, square: dict | None = None) -> str:
     if "error" in r:
         return f"{name:<34} FAILED {r['error']}"
     ips = r["images_per_sec"]
@@ -195,8 +245,14 @@ def line(name: str, r: dict, flops: float, peak: float | None, base: float | Non
     per_gpu = ips / r["world_size"]
     mfu = f"{per_gpu * flops / (peak * 1e12):5.1%}" if peak else "  -  "
     ratio = f"{ips / base:5.2f}x" if base else "  -  "
-    return (f"{name:<34} {ips:8.1f} img/s ({per_gpu:7.1f}/GPU)  {1000 * r['step_seconds']:7.1f} ms/step  batch "
+    text = (f"{name:<34} {ips:8.1f} img/s ({per_gpu:7.1f}/GPU)  {1000 * r['step_seconds']:7.1f} ms/step  batch "
             f"{r['batch_size']:>3}x{r['world_size']}  peak {mem}  MFU {mfu}  vs baseline {ratio}")  # fmt: skip
+    if "pixels_per_image" in r:
+        mpx = ips * r["pixels_per_image"] / 1e6
+        text += f"  {mpx:8.2f} Mpx/s  recompiles {r['recompiles']}"
+        if square is not None and "error" not in square:
+            text += f"  vs square {mpx / (square['images_per_sec'] * square['pixels_per_image'] / 1e6):6.3f}x (Mpx/s)"
+    return text
 
 
 def main(argv=None) -> None:
@@ -206,7 +262,7 @@ def main(argv=None) -> None:
     parser.add_argument("--baseline-batch-size", type=int, nargs="+", default=None,
                         help="one per resolution (default: as --batch-size)")
     parser.add_argument("--runs", nargs="+", default=["cached", "onthefly", "baseline"],
-                        choices=["cached", "onthefly", "baseline", "eager"])
+                        choices=["cached", "onthefly", "baseline", "eager", "bucketed", "bucketed-cached"])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--workers", type=int, default=8, help="dataloader workers per GPU")
@@ -227,7 +283,10 @@ def main(argv=None) -> None:
         print(json.dumps(baseline(work, r, b, s, args.warmup, args.tiny)))
         return
 
-    setup(work, args.resolution, args.images, args.tiny)
+    bucketed = any(m.startswith("bucketed") for m in args.runs)
+    # one exact epoch covers warm-up and timed steps of the largest batch (planned epochs are not resampled)
+    bucket_images = (args.warmup + args.steps + 10) * max(args.batch_size) * args.devices if bucketed else 0
+    setup(work, args.resolution, args.images, args.tiny, bucket_images)
     peak = peak_tflops()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"# {device}, torch {torch.__version__}, peak bf16 {peak} TFLOP/s; steps {args.steps} after {args.warmup} "
@@ -245,13 +304,17 @@ def main(argv=None) -> None:
                       else {"error": proc.stderr[-2000:]})  # fmt: skip
             base = result.get("images_per_sec")
             print(line(f"{resolution}px diffusers-style baseline", result, flops, peak, base), flush=True)
+        results = {}
         for mode in [m for m in args.runs if m != "baseline"]:
             data_mode = "cached" if mode == "eager" else mode
             compile_ = mode != "eager" and torch.cuda.is_available()
-            result = ldm_train(work, resolution, batch, data_mode, args.steps, args.warmup, args.workers, args.devices,
-                               args.tiny, compile_, args.extra, args.log_dir, args.strategy)  # fmt: skip
-            name = {"cached": "ldm cached latents", "onthefly": "ldm on-the-fly encode", "eager": "ldm cached, eager"}[mode]
-            print(line(f"{resolution}px {name}", result, flops, peak, base), flush=True)
+            result = results[mode] = ldm_train(work, resolution, batch, data_mode, args.steps, args.warmup,
+                                               args.workers, args.devices, args.tiny, compile_, args.extra,
+                                               args.log_dir, args.strategy)  # fmt: skip
+            name = {"cached": "ldm cached latents", "onthefly": "ldm on-the-fly encode", "eager": "ldm cached, eager",
+                    "bucketed": "ldm bucketed, on-the-fly", "bucketed-cached": "ldm bucketed, cached"}[mode]  # fmt: skip
+            square = {"bucketed": results.get("onthefly"), "bucketed-cached": results.get("cached")}.get(mode)
+            print(line(f"{resolution}px {name}", result, flops, peak, base, square), flush=True)
 
 
 if __name__ == "__main__":
