@@ -351,3 +351,29 @@ def test_config_check_names_a_batch_no_bucket_can_fill_in_seconds(mixed):
 
 def sizes_of(mixed) -> list:
     return list(mixed[1].values())
+
+
+def test_a_batch_that_lost_every_sample_keeps_the_ranks_step_count(tmp_path, monkeypatch):
+    """Truncated JPEGs whose headers still give their size (so they are planned into a batch of their own bucket)
+    fail when decoded: each is skipped with a warning naming it, and the batch left empty is replaced by a repeat,
+    so the rank runs its planned number of steps (DDP ranks would otherwise wait for each other forever)."""
+    (tmp_path / "shards").mkdir()
+    with wds.TarWriter(str(tmp_path / "shards" / "000000.tar"), encoder=False) as writer:
+        for i in range(6):
+            writer.write({"__key__": f"g{i}", "png": _png(gradient(64, 64, i)), "txt": b"square"})
+        for i in range(3):
+            buffer = io.BytesIO()
+            gradient(48, 80, i).save(buffer, format="JPEG")
+            writer.write({"__key__": f"b{i}", "jpg": buffer.getvalue()[:700], "txt": b"portrait, truncated"})
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    dm = ShardDataModule(str(tmp_path / "shards"), None, resolution=64, batch_size=3, num_workers=0, buckets=SPEC,
+                         max_bad_fraction=0.5)  # fmt: skip
+    assert dm.bucket_report(0)["counts"] == [3, 0, 6, 0, 0]  # the truncated ones planned (their sizes are known)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(dm.train_dataloader())
+    assert len(batches) == 3  # 2 square batches + the portrait batch, replaced by a repeat
+    assert all(len(b["key"]) == 3 and all(k.startswith("g") for k in b["key"]) for b in batches)
+    assert dm.train_health.totals()["skipped"] == 3
+    assert all(any(f"'b{i}'" in str(w.message) for w in caught) for i in range(3))
