@@ -1,0 +1,226 @@
+"""LoRA fine-tuning end to end on tiny real components: a "pretrained" Stable Diffusion pipeline directory (random
+weights, saved by diffusers), `model/adapter=lora` through the real Hydra config and Lightning Trainer, and every
+export loaded by diffusers' own loaders (`load_lora_weights` for the diffusers and kohya files, `from_pretrained`
+for the merged pipeline, `from_single_file` for the original-layout checkpoint), giving the images `ldm.sample`
+gives for the trained checkpoint."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from hydra.utils import instantiate
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tiny import compose_config, make_tiny_root
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ldm.diffusion import make_scheduler, scheduler_config
+from ldm.export import main as export_main
+from ldm.models.adapters import ADAPTER, is_adapter_key, lora_weights
+from ldm.models.formats.kohya import addnet_hashes
+from ldm.models.unet import build_unet
+from ldm.models.vae import build_vae
+from ldm.run.fit import train
+from ldm.run.validate import ConfigError, validate_config
+from ldm.stages.load import load_module
+from ldm.training.checkpoint import load_checkpoint
+
+TINY_UNET = dict(sample_size=8, block_out_channels=[16, 32], norm_num_groups=8, attention_head_dim=4,
+                 cross_attention_dim=32, layers_per_block=1,
+                 down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"])  # fmt: skip
+PROMPTS = ["a large red circle in the center", "a small blue square at the top left"]
+ATOL = 2e-4  # as tests/test_train.py's export check: float32 rounding through different code paths
+
+
+def save_base_pipeline(root: Path, out: Path, **unet) -> Path:
+    """A tiny "pretrained" StableDiffusionPipeline directory: a random U-Net, the tiny root's VAE and transformers
+    CLIP (as `make_tiny_root` saved them), the dpm++ scheduler of the default diffusion config."""
+    pipe = StableDiffusionPipeline(
+        vae=build_vae(block_out_channels=[8, 16], norm_num_groups=4, sample_size=16),
+        text_encoder=CLIPTextModel.from_pretrained(root / "models" / "clip-tiny" / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(root / "models" / "clip-tiny" / "tokenizer"),
+        unet=build_unet(seed=1, **{**TINY_UNET, **unet}),
+        scheduler=make_scheduler("dpm++", scheduler_config()),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.save_pretrained(out)
+    return out
+
+
+def lora_config(root: Path, base: Path, run_dir: Path, overrides: list[str] = ()):
+    """`experiment=shapes` with model/adapter=lora on the base pipeline directory (SD 1.x style: its transformers
+    CLIP and VAE), shrunk to seconds on a CPU."""
+    return compose_config(root, run_dir, [
+        "model/adapter=lora", "model/unet=pretrained", f"model.unet.path={base}",
+        "model/text_encoder=hf_clip", f"model.text_encoder.path={base}", f"model.vae.path={base}", "model.vae.subfolder=vae",
+        "model.text_cache_size=0", "optim.lr=2e-2", "logger=csv", *overrides,
+    ], tiny_unet=False)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    return make_tiny_root(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def base(tiny_root, tmp_path_factory) -> Path:
+    return save_base_pipeline(tiny_root, tmp_path_factory.mktemp("base") / "sd-tiny")
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_root, base, tmp_path_factory) -> Path:
+    """Three steps of LoRA with LoCon convolutions and the text encoder adapted (rank 4, alpha 8; conv rank 2); an EMA
+    that moves within three steps, so that what is exported (the EMA) changes the images measurably."""
+    run_dir = tmp_path_factory.mktemp("lora")
+    metrics = train(lora_config(tiny_root, base, run_dir, [
+        "trainer.max_steps=3", "model.ema_decay=0.5", "model.adapter.alpha=8", "model.adapter.conv_rank=2", "model.adapter.text_encoder=true",
+    ]))  # fmt: skip
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    return run_dir
+
+
+def base_pipe(base: Path) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline.from_pretrained(base)
+
+
+def images(pipe, guidance_scale: float) -> torch.Tensor:
+    return pipe(PROMPTS, num_inference_steps=4, guidance_scale=guidance_scale, output_type="pt",
+                generator=torch.Generator().manual_seed(3)).images.float()  # fmt: skip
+
+
+def ours(ckpt: Path, guidance_scale: float) -> torch.Tensor:
+    return load_module(ckpt).generate(PROMPTS, seed=3, guidance_scale=guidance_scale, num_inference_steps=4)
+
+
+def assert_same_images(pipe, ckpt: Path) -> None:
+    for w in (1.0, 4.0):
+        torch.testing.assert_close(ours(ckpt, w), images(pipe, w), atol=ATOL, rtol=0)
+
+
+# --- training -------------------------------------------------------------------------------------------------------
+def test_only_the_adapters_train_and_are_checkpointed(lora_run):
+    ckpt = load_checkpoint(lora_run / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 3
+    keys = list(ckpt["state_dict"])
+    extra = [k for k in keys if not is_adapter_key(k) and k not in ("ema.n_averaged", "ema_text_encoder.n_averaged")]
+    assert extra == []
+    assert {k.split(".")[0] for k in keys} == {"unet", "ema", "text_encoder", "ema_text_encoder"}
+    assert any(".conv1.lora_A." in k for k in keys) and any(".q_proj.lora_B." in k for k in keys)  # LoCon, text encoder
+    n_trained = sum(1 for k in keys if k.startswith(("unet.", "text_encoder.")))
+    assert len(ckpt["optimizer_states"][0]["state"]) == n_trained
+    # the adapted model was scored and sampled in training; its adapters were exported at the end
+    metrics = json.loads((lora_run / "metrics.json").read_text())
+    assert all(torch.isfinite(torch.tensor(metrics[k])) for k in ("train/loss", "val/fid", "val/clip_score"))
+    assert (lora_run / "samples" / "step_000003.png").is_file()
+    assert (lora_run / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (lora_run / "lora" / "shapes.safetensors").is_file()
+
+
+def test_base_weights_are_bit_identical_after_a_fit(tiny_root, base, tmp_path):
+    """The real module and Trainer of a LoRA config, fitted in this process: every base weight of the U-Net and of the
+    adapted text encoder is, bit for bit, what diffusers / transformers load from the base directory."""
+    cfg = lora_config(tiny_root, base, tmp_path, ["trainer.max_steps=2", "model.adapter.text_encoder=true",
+                                                  "callbacks.fid=null", "callbacks.export=null", "logger=none"])  # fmt: skip
+    module = instantiate(cfg.model, _convert_="all")
+    trainer = instantiate(cfg.trainer, callbacks=[instantiate(c) for c in cfg.callbacks.values() if c], logger=False)
+    trainer.fit(module, datamodule=instantiate(cfg.data, _convert_="all"))
+    for part, reference in ((module.unet, UNet2DConditionModel.from_pretrained(base, subfolder="unet")),
+                            (module.text_encoder.text_encoder, CLIPTextModel.from_pretrained(base, subfolder="text_encoder"))):  # fmt: skip
+        trained = {k.replace(".base_layer", ""): v for k, v in part.state_dict().items() if not is_adapter_key(k)}
+        expected = reference.state_dict()
+        assert trained.keys() == expected.keys()
+        for key, value in expected.items():
+            assert torch.equal(trained[key], value), key
+        assert all(w.up.abs().max() > 0 for w in lora_weights(part).values())  # the adapters did train
+
+
+# --- exports, each loaded by diffusers' own loader ------------------------------------------------------------------
+def test_diffusers_lora_loads_with_load_lora_weights_and_matches_ldm_sample(lora_run, base, tmp_path):
+    ckpt = lora_run / "checkpoints" / "last.ckpt"
+    out = export_main([str(ckpt), str(tmp_path / "lora"), "--format", "diffusers-lora"])
+    assert out == tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    pipe = base_pipe(base)
+    plain = images(pipe, 4.0)
+    pipe.load_lora_weights(tmp_path / "lora")
+    assert (images(pipe, 4.0) - plain).abs().max() > 50 * ATOL  # the adapters change the images: the check can fail
+    assert_same_images(pipe, ckpt)
+
+
+KOHYA_LAYER = re.compile(r"^(lora_unet|lora_te)_[a-z0-9_]+$")
+
+
+def kohya_candidates(unet, text_model) -> set[str]:
+    """sd-scripts' rule (networks/lora.py, LoRANetwork.create_modules), written out independently: every Linear or
+    Conv2d child of a U-Net Transformer2DModel (and, with conv_dim, of a ResnetBlock2D / Downsample2D / Upsample2D),
+    and of a CLIPAttention / CLIPMLP, named `prefix + "." + module name + "." + child name` with "." -> "_". The text
+    model is named as transformers 4 names it (under `text_model.`), which is what ComfyUI and A1111 map."""
+    names = set()
+    for prefix, root, kinds in (("lora_unet", unet, ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D")),
+                                ("lora_te", text_model, ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"))):  # fmt: skip
+        for name, module in root.named_modules():
+            if type(module).__name__ in kinds:
+                if prefix == "lora_te" and not name.startswith("text_model."):
+                    name = "text_model." + name  # transformers >= 5 flattened CLIPTextModel
+                for child_name, child in module.named_modules():
+                    if type(child).__name__ in ("Linear", "Conv2d") and child_name:
+                        names.add(f"{prefix}.{name}.{child_name}".replace(".", "_"))
+    return names
+
+
+def test_kohya_file_follows_the_naming_rule_and_matches_ldm_sample(lora_run, base, tmp_path):
+    ckpt = lora_run / "checkpoints" / "last.ckpt"
+    path = export_main([str(ckpt), str(tmp_path / "my_lora.safetensors"), "--format", "kohya"])
+    with safe_open(str(path), "pt") as f:
+        keys, metadata = list(f.keys()), f.metadata()
+        tensors = {k: f.get_tensor(k) for k in keys}
+    layers = {k.split(".", 1)[0] for k in keys}
+    assert all(KOHYA_LAYER.match(layer) for layer in layers)
+    assert all(k.split(".", 1)[1] in ("lora_down.weight", "lora_up.weight", "alpha") for k in keys)
+    assert len(keys) == 3 * len(layers)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    text_model = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
+    candidates = kohya_candidates(unet, text_model)
+    assert layers <= candidates
+    # exactly the targeted ones: the attention projections, the ResNet 3x3 convolutions, the CLIP attention projections
+    targeted = {c for c in candidates if re.search(r"_(to_q|to_k|to_v|to_out_0|conv1|conv2|[qkv]_proj|out_proj)$", c)}
+    assert layers == targeted
+    module = load_module(ckpt)
+    for layer in layers:
+        rank = tensors[f"{layer}.lora_down.weight"].shape[0]
+        conv = "_conv" in layer
+        assert rank == (2 if conv else 4) and float(tensors[f"{layer}.alpha"]) == (2.0 if conv else 8.0)
+    assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_network_dim"] == "4"
+    assert float(metadata["ss_network_alpha"]) == 8.0 and json.loads(metadata["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "2.0"}
+    assert metadata["ss_base_model_version"] == "sd_v1" and metadata["ss_sd_model_name"] == str(base)
+    assert metadata["ss_steps"] == "3" and metadata["ss_resolution"] == "(16, 16)"
+    assert (metadata["sshs_model_hash"], metadata["sshs_legacy_hash"]) == addnet_hashes(tensors, metadata)
+    assert module.trained_steps == 3
+
+    pipe = base_pipe(base)
+    pipe.load_lora_weights(str(path))  # diffusers converts the kohya names itself
+    assert_same_images(pipe, ckpt)
+
+
+def test_merged_pipeline_and_single_file_load_and_match_ldm_sample(lora_run, tmp_path):
+    ckpt = lora_run / "checkpoints" / "last.ckpt"
+    merged_dir = export_main([str(ckpt), str(tmp_path / "merged")])
+    pipe = StableDiffusionPipeline.from_pretrained(merged_dir)
+    assert not any("lora" in k for k in pipe.unet.state_dict()) and not any("lora" in k for k in pipe.text_encoder.state_dict())
+    assert_same_images(pipe, ckpt)
+
+    path = export_main([str(ckpt), str(tmp_path / "model.safetensors"), "--format", "single-file"])
+    with safe_open(str(path), "pt") as f:
+        prefixes = {k.split(".")[0] for k in f.keys()}
+        assert prefixes == {"model", "first_stage_model", "cond_stage_model"}
+        assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model."))
+                   for k in f.keys())  # fmt: skip
+    single = StableDiffusionPipeline.from_single_file(str(path), config=str(merged_dir), local_files_only=True)
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(single, name).state_dict(), getattr(pipe, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert_same_images(single, ckpt)
