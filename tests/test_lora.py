@@ -224,3 +224,85 @@ def test_merged_pipeline_and_single_file_load_and_match_ldm_sample(lora_run, tmp
         a, b = getattr(single, name).state_dict(), getattr(pipe, name).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert_same_images(single, ckpt)
+
+
+def test_a_full_fine_tune_exports_a_single_file_too(tiny_root, tmp_path):
+    """A whole-U-Net run of the built-in default (an open_clip text tower, SD 2.x's layout): its single file holds the
+    tower as `cond_stage_model.model.*` and loads with `from_single_file` into the exported pipeline's weights."""
+    run_dir = tmp_path / "run"
+    train(compose_config(tiny_root, run_dir, ["trainer.max_steps=1", "callbacks.fid=null", "logger=none"]))
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    path = export_main([str(ckpt), str(tmp_path / "full.safetensors"), "--format", "single-file"])
+    with safe_open(str(path), "pt") as f:
+        assert any(k.startswith("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight") for k in f.keys())
+    pipe = StableDiffusionPipeline.from_pretrained(run_dir / "pipeline")
+    single = StableDiffusionPipeline.from_single_file(str(path), config=str(run_dir / "pipeline"), local_files_only=True)
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(single, name).state_dict(), getattr(pipe, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert_same_images(single, ckpt)
+    with pytest.raises(ValueError, match="trained the whole U-Net, it has no LoRA adapters"):
+        export_main([str(ckpt), str(tmp_path / "x.safetensors"), "--format", "kohya"])
+
+
+@pytest.mark.parametrize("unet", [
+    TINY_UNET,
+    dict(TINY_UNET, block_out_channels=[16, 32, 32], layers_per_block=2,  # SD's block kinds, three levels
+         down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+         up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]),
+])  # fmt: skip
+def test_the_single_file_layout_is_what_diffusers_converts_back(unet):
+    """Our diffusers -> original maps, inverted by diffusers' own single-file converters, give every tensor back."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    from ldm.models.formats.single_file import unet_to_ldm, vae_to_ldm
+
+    model = build_unet(**unet)
+    vae = build_vae(block_out_channels=[8, 16, 16], norm_num_groups=4, sample_size=16)
+    for ours_, theirs, part in ((unet_to_ldm, convert_ldm_unet_checkpoint, model), (vae_to_ldm, convert_ldm_vae_checkpoint, vae)):
+        state = part.state_dict()
+        back = theirs(ours_(state, part.config), dict(part.config))
+        assert back.keys() == state.keys()
+        assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+# --- start points -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["diffusers-lora", "kohya"])
+def test_a_run_continues_a_lora_file(lora_run, tiny_root, base, tmp_path, fmt):
+    """`model.adapter.init_from`: a new run starts from the exported adapters (one step at lr 0 keeps them), in the
+    U-Net and the text encoder, bit for bit."""
+    ckpt = lora_run / "checkpoints" / "last.ckpt"
+    out = tmp_path / ("lora" if fmt == "diffusers-lora" else "lora.safetensors")
+    export_main([str(ckpt), str(out), "--format", fmt])
+    run_dir = tmp_path / "run"
+    train(lora_config(tiny_root, base, run_dir, [
+        f"model.adapter.init_from={out}", "model.adapter.alpha=8", "model.adapter.conv_rank=2",
+        "model.adapter.text_encoder=true", "trainer.max_steps=1", "optim.lr=0", "callbacks.fid=null",
+        "callbacks.export=null", "logger=none",
+    ]))  # fmt: skip
+    trained, continued = load_module(ckpt), load_module(run_dir / "checkpoints" / "last.ckpt")
+    for exported, started in ((trained.ema.module, continued.unet),
+                              (trained.ema_text_encoder.module.text_encoder, continued.text_encoder.text_encoder)):  # fmt: skip
+        a, b = lora_weights(exported), lora_weights(started)
+        assert a.keys() == b.keys() and len(a) > 0
+        for name in a:
+            assert torch.equal(a[name].down, b[name].down) and torch.equal(a[name].up, b[name].up), name
+            assert a[name].alpha == b[name].alpha
+
+
+def test_resume_is_exact(tiny_root, base, tmp_path):
+    """Four LoRA steps in one go, and two then two more from the checkpoint: the same adapters, EMA and AdamW state."""
+    common = ["callbacks.fid=null", "callbacks.export=null", "logger=none", "model.adapter.text_encoder=true",
+              "callbacks.checkpoint.every_n_train_steps=2", "optim.lr_scheduler.num_training_steps=4"]  # fmt: skip
+    train(lora_config(tiny_root, base, tmp_path / "straight", [*common, "trainer.max_steps=4"]))
+    train(lora_config(tiny_root, base, tmp_path / "first", [*common, "trainer.max_steps=2"]))
+    train(lora_config(tiny_root, base, tmp_path / "resumed", [
+        *common, "trainer.max_steps=4", f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}"]))  # fmt: skip
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 4
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
