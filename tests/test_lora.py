@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
+from lora_parallel import BATCH, lora_module, lora_rank, lora_step
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from hydra.utils import instantiate
 from safetensors import safe_open
@@ -21,7 +23,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.diffusion import make_scheduler, scheduler_config
 from ldm.export import main as export_main
-from ldm.models.adapters import ADAPTER, is_adapter_key, lora_weights
+from ldm.models.adapters import is_adapter_key, lora_weights
 from ldm.models.formats.kohya import addnet_hashes
 from ldm.models.unet import build_unet
 from ldm.models.vae import build_vae
@@ -306,3 +308,111 @@ def test_resume_is_exact(tiny_root, base, tmp_path):
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
     for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+
+
+# --- data parallel --------------------------------------------------------------------------------------------------
+def test_two_gloo_ranks_equal_one_process_on_the_doubled_batch(tmp_path):
+    """Only the adapters are in DDP's buckets; their averaged gradients and the adapters after an AdamW step on two
+    ranks with half the batch each are one process's on the whole batch, and the base is untouched."""
+    reference = lora_module("cpu")
+    base = {k: v.clone() for k, v in reference.unet.state_dict().items() if not is_adapter_key(k)}
+    expected = lora_step(reference, reference.unet, slice(0, BATCH))
+    assert all(torch.equal(reference.unet.state_dict()[k], v) for k, v in base.items())
+    mp.spawn(lora_rank, args=(2, str(tmp_path / "init"), str(tmp_path / "result")), nprocs=2, join=True)
+    for rank in range(2):
+        grads, weights = torch.load(f"{tmp_path / 'result'}.{rank}")
+        assert len(grads) == len(expected[0]) == len(reference.trainable_parameters())
+        for i, (a, b) in enumerate(zip(grads, expected[0])):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * max(1.0, b.abs().max().item()), msg=f"grad {i}")
+        for i, (a, b) in enumerate(zip(weights, expected[1])):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=f"rank {rank} weight {i}")
+
+
+# --- bad input: one line, before anything is built or written -----------------------------------------------------
+def lora_file(path: Path, unet: UNet2DConditionModel, rank: int = 4, alpha: float = 4.0, extra: dict | None = None,
+              metadata: dict | None = None, prefix: str = "lora_unet") -> Path:  # fmt: skip
+    """A kohya file for ``unet``'s attention projections, with random adapters."""
+    from ldm.models.formats.kohya import kohya_name
+
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, module in unet.named_modules():
+        if name.endswith(("to_q", "to_k", "to_v", "to_out.0")):
+            key = kohya_name(prefix, name)
+            state[f"{key}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=g)
+            state[f"{key}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=g)
+            state[f"{key}.alpha"] = torch.tensor(alpha)
+    save_file({**state, **(extra or {})}, str(path), metadata=metadata)
+    return path
+
+
+BAD = {  # name: (overrides of lora_config, or of the tiny default after "PLAIN"; file maker; the one-line message)
+    "rank 0": (["model.adapter.rank=0"], None, r"^model\.adapter\.rank=0 must be a positive integer"),
+    "negative alpha": (["model.adapter.alpha=-1"], None, r"^model\.adapter\.alpha=-1\.?0? must be positive"),
+    "a target matching nothing": (["model.adapter.target_modules=[to_q,to_qq]"], None,
+                                  r"^model\.adapter\.target_modules: 'to_qq' matches no module of the U-Net"),
+    "a non-layer target": (["model.adapter.target_modules=[attn1]"], None, r"'attn1' selects .*attn1, a Attention"),
+    "an unknown setting": (["+model.adapter.rnk=4"], None, r"^model\.adapter: got an unexpected keyword argument 'rnk'"),
+    "a missing file": (["model.adapter.init_from=/nonexistent/lora.safetensors"], None, r"no such file or directory"),
+    "an open_clip text encoder": (["PLAIN", "model/adapter=lora", "model.adapter.text_encoder=true"], None,
+                                  r"^model\.adapter\.text_encoder=true needs a transformers CLIP"),
+    "FSDP": (["+trainer/strategy=fsdp"], None, r"^model/adapter=lora with \+trainer/strategy=fsdp"),
+    "unknown keys": ([], lambda p, u: lora_file(p, u, extra={"lora_unet_down_blocks_7_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 16),
+                                                             "lora_unet_down_blocks_7_attentions_0_proj_in.lora_up.weight": torch.zeros(16, 4)}),
+                     r"^model\.adapter\.init_from=\S+lora\.safetensors: lora_unet_down_blocks_7_attentions_0_proj_in names no "
+                     r"layer of the unet"),
+    "shapes of another base": ([], lambda p, u: lora_file(p, build_unet(**dict(TINY_UNET, block_out_channels=[32, 64]))),
+                               r"lora_unet_\w+_to_\w+ has shapes down \(4, 32\), up \(32, 4\) but the base layer .* "
+                               r"needs down \(rank, 16\) and up \(16, rank\): a LoRA made for another base model"),
+    "another base (metadata)": ([], lambda p, u: lora_file(p, u, metadata={"ss_base_model_version": "sdxl_base_v1-0"}),
+                                r"^model\.adapter\.init_from=\S+: made for another base model \(ss_base_model_version="
+                                r"sdxl_base_v1-0; this model is sd_v1\)"),
+    "another base (SDXL keys)": ([], lambda p, u: lora_file(p, u, prefix="lora_te1"),
+                                 r"lora_te1_\w+: made for another base model \(lora_te1_/lora_te2_ \(two text encoders: SDXL\)\)"),
+    "another rank": ([], lambda p, u: lora_file(p, u, rank=8, alpha=8.0),
+                     r"has rank 8 where the adapter settings give .* rank 4: set model\.adapter\.rank=8"),
+    "another alpha": ([], lambda p, u: lora_file(p, u, alpha=1.0),
+                      r"has alpha 1 where the adapter settings give .* alpha 4: set model\.adapter\.alpha=1"),
+    "untargeted layers": (["model.adapter.target_modules=[to_q]"], lambda p, u: lora_file(p, u),
+                          r"lora_unet_\w+_to_[kv]\w* adapts .*, which the adapter settings do not target: add it to "
+                          r"model\.adapter\.target_modules"),
+    "a DoRA file": ([], lambda p, u: lora_file(p, u, extra={"lora_unet_conv_in.dora_scale": torch.zeros(1)}),
+                    r"lora_unet_conv_in\.dora_scale: a DoRA tensor; only plain LoRA"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_lora_input_is_one_line_before_anything_is_written(tiny_root, base, tmp_path, case):
+    overrides, make, message = BAD[case]
+    if make is not None:
+        path = make(tmp_path / "lora.safetensors", UNet2DConditionModel.from_pretrained(base, subfolder="unet"))
+        overrides = [*overrides, f"model.adapter.init_from={path}"]
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"an earlier run's checkpoint")
+    if overrides[:1] == ["PLAIN"]:
+        cfg = compose_config(tiny_root, run_dir, overrides[1:])
+    else:
+        cfg = lora_config(tiny_root, base, run_dir, overrides)
+    with pytest.raises(ConfigError, match=message) as caught:
+        train(cfg)  # validate_config runs first: nothing is built, nothing written
+    assert "\n" not in str(caught.value)
+    assert sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*")) == ["checkpoints", "checkpoints/last.ckpt"]
+    assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == b"an earlier run's checkpoint"
+
+
+def test_a_bad_lora_file_on_the_command_line_is_one_line(tiny_root, base, tmp_path):
+    import subprocess
+    import sys
+
+    path = lora_file(tmp_path / "lora.safetensors", build_unet(**dict(TINY_UNET, block_out_channels=[32, 64])))
+    args = ["experiment=shapes", f"paths.data_dir={tiny_root}", "model/adapter=lora", "model/unet=pretrained",
+            f"model.unet.path={base}", "model/text_encoder=hf_clip", f"model.text_encoder.path={base}",
+            f"model.vae.path={base}", "model.vae.subfolder=vae", f"model.adapter.init_from={path}", "logger=none",
+            f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    out = subprocess.run([sys.executable, "-m", "ldm.train", *args], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert re.match(rf"^error: model\.adapter\.init_from={re.escape(str(path))}: lora_unet_\w+ has shapes down "
+                    rf"\(4, 32\), up \(32, 4\) but the base layer [\w.]+ needs down \(rank, 16\)", last), last
+    assert "Traceback" not in out.stderr and not (tmp_path / "run" / "checkpoints").exists()

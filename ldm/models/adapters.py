@@ -27,7 +27,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ldm.models.formats.lora import LoraModule
+from ldm.models.formats.lora import LoraFileError, LoraModule
 from ldm.models.formats.lora_file import read_lora
 
 ADAPTER = "default"  # the peft adapter name (diffusers' and transformers' add_adapter default)
@@ -139,8 +139,11 @@ class LoRA:
         ``check_only``: the config check runs this on models built on the meta device)."""
         if not self.init_from:
             return
-        weights, keys, _ = read_lora(self.init_from, {part: [n for n, _ in m.named_modules()] for part, m in models.items()},
-                                     base_model_version)  # fmt: skip
+        names = {part: [n for n, _ in m.named_modules()] for part, m in models.items()}
+        try:
+            weights, keys, _ = read_lora(self.init_from, names, base_model_version)
+        except LoraFileError as error:  # "<file>: <key> ...": say which setting named the file
+            raise LoraFileError(f"model.adapter.init_from={error}") from None
         options = {"unet": "model.adapter.target_modules (or conv_target_modules with conv_rank)",
                    "text_encoder": "model.adapter.text_encoder_target_modules (with model.adapter.text_encoder=true)"}
         for part, part_weights in weights.items():
