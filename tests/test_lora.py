@@ -416,3 +416,29 @@ def test_a_bad_lora_file_on_the_command_line_is_one_line(tiny_root, base, tmp_pa
     assert re.match(rf"^error: model\.adapter\.init_from={re.escape(str(path))}: lora_unet_\w+ has shapes down "
                     rf"\(4, 32\), up \(32, 4\) but the base layer [\w.]+ needs down \(rank, 16\)", last), last
     assert "Traceback" not in out.stderr and not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow  # a multirun through the CLI: one process that imports everything, two trainings, two FIDs
+def test_a_sweep_over_rank_alpha_and_lr_gives_one_adapted_run_per_job(tiny_root, base, tmp_path):
+    import subprocess
+    import sys
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", "experiment=shapes", f"paths.data_dir={tiny_root}", "data.resolution=16", "data.batch_size=4",
+            "data.num_workers=0", "trainer.accelerator=cpu", "trainer.max_steps=2", "callbacks.fid.cpu_num_images=4",
+            "callbacks.fid.max_time_fraction=null", "sampling.num_inference_steps=2", "callbacks.export=null",
+            "logger=none", "model/adapter=lora", "model/unet=pretrained", f"model.unet.path={base}",
+            "model/text_encoder=hf_clip", f"model.text_encoder.path={base}", f"model.vae.path={base}",
+            "model.vae.subfolder=vae", "objective.metric=val/fid", "model.adapter.rank=2,8",
+            "model.adapter.alpha=${model.adapter.rank}", "optim.lr=1e-3", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    out = subprocess.run([sys.executable, "-m", "ldm.train", *args], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    index = json.loads((sweep / "index.json").read_text())
+    assert index["params"] == ["model.adapter.rank"]
+    assert [(job["status"], job["params"]) for job in index["jobs"]] == [
+        ("completed", {"model.adapter.rank": 2}), ("completed", {"model.adapter.rank": 8})]  # fmt: skip
+    for job, rank in zip(index["jobs"], (2, 8)):
+        state = load_checkpoint(sweep / job["dir"] / "checkpoints" / "last.ckpt")["state_dict"]
+        downs = [v for k, v in state.items() if k.startswith("unet.") and ".lora_A." in k]
+        assert downs and all(v.shape[0] == rank for v in downs)
+        assert torch.isfinite(torch.tensor(job["objective"]))
