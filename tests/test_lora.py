@@ -442,3 +442,20 @@ def test_a_sweep_over_rank_alpha_and_lr_gives_one_adapted_run_per_job(tiny_root,
         downs = [v for k, v in state.items() if k.startswith("unet.") and ".lora_A." in k]
         assert downs and all(v.shape[0] == rank for v in downs)
         assert torch.isfinite(torch.tensor(job["objective"]))
+
+
+def test_a_bf16_base_trains_samples_and_exports_under_bf16_mixed(tiny_root, base, tmp_path):
+    """The GPU setting on a CPU: `trainer.precision=bf16-mixed` with the frozen base cast to bf16 (what base_dtype=auto
+    does on a GPU), the adapters in fp32; the sample grid and FID, which run outside the training step's autocast,
+    sample with it; the checkpoint holds fp32 adapters and exports against the fp32 base reloaded from its source."""
+    run_dir = tmp_path / "run"
+    train(lora_config(tiny_root, base, run_dir, ["trainer.precision=bf16-mixed", "model.adapter.base_dtype=bfloat16",
+                                                 "trainer.max_steps=2", "model.adapter.text_encoder=true"]))  # fmt: skip
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert all(v.dtype == torch.float32 for k, v in ckpt["state_dict"].items() if is_adapter_key(k))
+    assert (run_dir / "samples" / "step_000002.png").is_file() and (run_dir / "fid" / "history.json").is_file()
+    module = load_module(run_dir / "checkpoints" / "last.ckpt")
+    assert module.unet.conv_in.weight.dtype == torch.float32
+    pipe = base_pipe(base)
+    pipe.load_lora_weights(run_dir / "lora")  # written at the end of the fit from the fp32 adapters
+    assert_same_images(pipe, run_dir / "checkpoints" / "last.ckpt")

@@ -121,6 +121,7 @@ class LatentDiffusion(Stage):
         # EMA of the U-Net weights (torch's AveragedModel layout, updated without host syncs); sampling uses it.
         self.ema = EMA(unet, ema_decay) if ema_decay else None  # of the adapters only when adapted (EMA docstring)
         self.ema_decay = ema_decay
+        self.base_dtype: torch.dtype | None = None  # an adapted model's frozen base, when cast (adapters stay fp32)
         self._empty_hidden: Tensor | None = None
         # The text encoder is frozen, so a caption always encodes the same: data sets with few distinct
         # captions (class templates, the built-in shapes) skip most text-encoder work with this cache.
@@ -200,6 +201,7 @@ class LatentDiffusion(Stage):
         if dtype is not None:
             for part in adapted.values():
                 cast_base(part, dtype)  # the EMA shares the base, so it follows
+            self.base_dtype = dtype
         version = base_model_version(self.unet.config, self.prediction_type)
         self.adapter.load_init(adapted, version)
         copies = {"unet": self.ema.module} if self.ema is not None else {}
@@ -440,20 +442,24 @@ class LatentDiffusion(Stage):
             generator = torch.Generator("cpu").manual_seed(seed)
         else:
             generator = [torch.Generator("cpu").manual_seed(int(s)) for s in seed]
-        if self.text_encoder_trains:  # no caches: the adapted text encoder changes as it trains
-            text_encoder = self.sampling_text_encoder(use_ema)
-            cond, uncond = text_encoder.encode(list(prompts)), text_encoder.encode([""])
-        else:
-            cond, uncond = self.encode_captions(prompts), self.empty_hidden()
-        latents = sample_latents(
-            unet,
-            scheduler,
-            cond,
-            uncond,
-            guidance_scale=opts["guidance_scale"] if guidance_scale is None else guidance_scale,
-            num_inference_steps=num_inference_steps or opts["num_inference_steps"],
-            latent_shape=self.latent_shape,
-            generator=generator,
-        )
+        # a frozen base cast to bf16 runs under autocast, as in training (sampling callbacks run outside it)
+        low = self.base_dtype not in (None, torch.float32)
+        with torch.autocast(self.device.type, self.base_dtype, enabled=True) if low else contextlib.nullcontext():
+            if self.text_encoder_trains:  # no caches: the adapted text encoder changes as it trains
+                text_encoder = self.sampling_text_encoder(use_ema)
+                cond, uncond = text_encoder.encode(list(prompts)), text_encoder.encode([""])
+            else:
+                cond, uncond = self.encode_captions(prompts), self.empty_hidden()
+            cond, uncond = cond.float(), uncond.float()  # the noise and the sampler's arithmetic stay in fp32
+            latents = sample_latents(
+                unet,
+                scheduler,
+                cond,
+                uncond,
+                guidance_scale=opts["guidance_scale"] if guidance_scale is None else guidance_scale,
+                num_inference_steps=num_inference_steps or opts["num_inference_steps"],
+                latent_shape=self.latent_shape,
+                generator=generator,
+            ).float()
         unet.train(was_training)
         return self.decode_latents(latents)
