@@ -357,6 +357,8 @@ BAD = {  # name: (overrides of lora_config, or of the tiny default after "PLAIN"
     "an open_clip text encoder": (["PLAIN", "model/adapter=lora", "model.adapter.text_encoder=true"], None,
                                   r"^model\.adapter\.text_encoder=true needs a transformers CLIP"),
     "FSDP": (["+trainer/strategy=fsdp"], None, r"^model/adapter=lora with \+trainer/strategy=fsdp"),
+    "a bf16 base without autocast": (["model.adapter.base_dtype=bfloat16"], None,
+                                     r"^model\.adapter\.base_dtype=bfloat16 with trainer\.precision=32-true"),
     "unknown keys": ([], lambda p, u: lora_file(p, u, extra={"lora_unet_down_blocks_7_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 16),
                                                              "lora_unet_down_blocks_7_attentions_0_proj_in.lora_up.weight": torch.zeros(16, 4)}),
                      r"^model\.adapter\.init_from=\S+lora\.safetensors: lora_unet_down_blocks_7_attentions_0_proj_in names no "

@@ -265,6 +265,15 @@ def cast_base(model: nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
+def keep_input_dtype(model: nn.Module) -> None:
+    """Let autocast pick the adapters' matmul dtype: peft casts each adapted layer's input to the adapters' fp32 first,
+    which under bf16 autocast allocates an fp32 copy and saves a second bf16 copy of the input for the backward;
+    without it, the bf16 input itself is saved. Only for models that run under autocast (mixed precision)."""
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False  # what peft.helpers.disable_input_dtype_casting sets
+
+
 def merged(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with its adapters fused into the base weights and the peft layers removed: a plain
     model of the base's architecture (what a merged export writes)."""

@@ -221,6 +221,10 @@ def _check_adapter(cfg: DictConfig) -> None:
         raise ConfigError(str(error)) from None
     except TypeError as error:  # an unknown setting
         raise ConfigError(f"model.adapter: {error}".replace("LoRA.__init__() ", "")) from None
+    precision = str(_get(cfg, "trainer.precision", ""))
+    if lora.base_dtype in ("bfloat16", "float16") and "mixed" not in precision:
+        raise ConfigError(f"model.adapter.base_dtype={lora.base_dtype} with trainer.precision={precision}: a "
+                          f"low-precision base runs under autocast; use trainer.precision=bf16-mixed")  # fmt: skip
     if names_target(_get(cfg, "trainer.strategy"), ShardedUNetStrategy):
         raise ConfigError("model/adapter=lora with +trainer/strategy=fsdp: the adapters are small, train them with "
                           "+trainer/strategy=ddp")  # fmt: skip

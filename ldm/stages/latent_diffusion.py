@@ -51,7 +51,7 @@ from ldm.diffusion import (
     snr,
     target,
 )
-from ldm.models.adapters import BASE_DTYPES, LoRA, cast_base, is_adapter_key
+from ldm.models.adapters import BASE_DTYPES, LoRA, cast_base, is_adapter_key, keep_input_dtype
 from ldm.models.text_encoders import HFCLIPTextEncoder
 from ldm.models.unet import base_model_version
 from ldm.models.vae import downsample_factor
@@ -202,6 +202,10 @@ class LatentDiffusion(Stage):
             for part in adapted.values():
                 cast_base(part, dtype)  # the EMA shares the base, so it follows
             self.base_dtype = dtype
+        if "mixed" in str(self.trainer.precision):
+            for part in (self.unet, self.text_encoder.text_encoder if self.text_encoder_trains else None):
+                if part is not None:
+                    keep_input_dtype(part)  # the EMA copies were made with the flag unset: they cast, as diffusers does
         version = base_model_version(self.unet.config, self.prediction_type)
         self.adapter.load_init(adapted, version)
         copies = {"unet": self.ema.module} if self.ema is not None else {}
