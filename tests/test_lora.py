@@ -60,7 +60,7 @@ def lora_config(root: Path, base: Path, run_dir: Path, overrides: list[str] = ()
     return compose_config(root, run_dir, [
         "model/adapter=lora", "model/unet=pretrained", f"model.unet.path={base}",
         "model/text_encoder=hf_clip", f"model.text_encoder.path={base}", f"model.vae.path={base}", "model.vae.subfolder=vae",
-        "model.text_cache_size=0", "optim.lr=2e-2", "logger=csv", *overrides,
+        "optim.lr=2e-2", "logger=csv", *overrides,
     ], tiny_unet=False)  # fmt: skip
 
 
