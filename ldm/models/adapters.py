@@ -284,8 +284,9 @@ def merged(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
             module.merge(safe_merge=True)
-    recurse_remove_peft_layers(model)
-    for attr in ("peft_config", "_hf_peft_config_loaded"):
-        if hasattr(model, attr):
-            delattr(model, attr) if attr == "peft_config" else setattr(model, attr, False)
+    recurse_remove_peft_layers(model)  # each peft layer replaced by its (merged) base layer
+    if hasattr(model, "peft_config"):  # what diffusers' unload_lora also forgets
+        del model.peft_config
+    if hasattr(model, "_hf_peft_config_loaded"):
+        model._hf_peft_config_loaded = False
     return model.to(dtype)

@@ -417,6 +417,24 @@ class LatentDiffusion(Stage):
                                "with the EMA (model.ema_decay), which every rank holds whole")  # fmt: skip
         return self.unet
 
+    def _base_precision(self):
+        """Autocast for a frozen base cast to bf16, as in training (sampling callbacks run outside the training
+        step's autocast); nothing otherwise."""
+        if self.base_dtype in (None, torch.float32):
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, self.base_dtype)
+
+    @torch.no_grad()
+    def sampling_condition(self, prompts: Sequence[str], use_ema: bool = True) -> tuple[Tensor, Tensor]:
+        """(prompts' hidden states (B, L, D), the empty caption's (1, L, D)) to sample with, in fp32."""
+        if self.text_encoder_trains:  # no caches: an adapted text encoder changes as it trains
+            text_encoder = self.sampling_text_encoder(use_ema)
+            with self._base_precision():
+                cond, uncond = text_encoder.encode(list(prompts)), text_encoder.encode([""])
+        else:
+            cond, uncond = self.encode_captions(prompts), self.empty_hidden()
+        return cond.float(), uncond.float()  # the noise and the sampler's arithmetic stay in fp32
+
     def sampling_text_encoder(self, use_ema: bool = True) -> torch.nn.Module:
         """The text encoder to sample with: the EMA of an adapted one when EMA is on, else the text encoder."""
         if use_ema and self.text_encoder_trains and "ema_text_encoder" in self._modules:
@@ -446,15 +464,8 @@ class LatentDiffusion(Stage):
             generator = torch.Generator("cpu").manual_seed(seed)
         else:
             generator = [torch.Generator("cpu").manual_seed(int(s)) for s in seed]
-        # a frozen base cast to bf16 runs under autocast, as in training (sampling callbacks run outside it)
-        low = self.base_dtype not in (None, torch.float32)
-        with torch.autocast(self.device.type, self.base_dtype, enabled=True) if low else contextlib.nullcontext():
-            if self.text_encoder_trains:  # no caches: the adapted text encoder changes as it trains
-                text_encoder = self.sampling_text_encoder(use_ema)
-                cond, uncond = text_encoder.encode(list(prompts)), text_encoder.encode([""])
-            else:
-                cond, uncond = self.encode_captions(prompts), self.empty_hidden()
-            cond, uncond = cond.float(), uncond.float()  # the noise and the sampler's arithmetic stay in fp32
+        cond, uncond = self.sampling_condition(prompts, use_ema)
+        with self._base_precision():
             latents = sample_latents(
                 unet,
                 scheduler,
