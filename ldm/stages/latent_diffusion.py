@@ -190,13 +190,15 @@ class LatentDiffusion(Stage):
             self.vae.to(torch.bfloat16)
 
     def _setup_adapter(self) -> None:
-        """Once, before training (and before a resumed checkpoint's weights are restored): the frozen base in its
-        training dtype, and the adapters of `adapter.init_from` in the model and its EMA."""
+        """Once, before training (before a resumed checkpoint's weights are restored, and before Lightning moves the
+        module to its device): the frozen base in its training dtype, and the adapters of `adapter.init_from` in the
+        model and its EMA."""
         adapted = {"unet": self.unet}
         if self.text_encoder_trains:
             adapted["text_encoder"] = self.text_encoder.text_encoder
         dtype = BASE_DTYPES[self.adapter.base_dtype]
-        if dtype is None and self.device.type == "cuda" and "bf16" in str(self.trainer.precision):
+        on_gpu = self.trainer.strategy.root_device.type == "cuda"  # (Lightning moves the module there after this hook)
+        if dtype is None and on_gpu and "bf16" in str(self.trainer.precision):
             dtype = torch.bfloat16  # "auto": the frozen base in bf16 under bf16 mixed precision
         if dtype is not None:
             for part in adapted.values():
