@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from lora_parallel import BATCH, lora_module, lora_rank, lora_step
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tiny import compose_config, make_tiny_root
@@ -461,3 +462,27 @@ def test_a_bf16_base_trains_samples_and_exports_under_bf16_mixed(tiny_root, base
     pipe = base_pipe(base)
     pipe.load_lora_weights(run_dir / "lora")  # written at the end of the fit from the fp32 adapters
     assert_same_images(pipe, run_dir / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_the_base_is_bf16_and_the_compiled_lora_step_trains(tiny_root, base, tmp_path):
+    """bf16-mixed on a GPU with `base_dtype=auto` and torch.compile: the frozen base runs in bf16, the adapters train in
+    fp32 (fused AdamW), and the checkpoint exports a LoRA that diffusers loads onto the fp32 base on the CPU."""
+    run_dir = tmp_path / "run"
+    cfg = lora_config(tiny_root, base, run_dir, ["trainer.accelerator=gpu", "trainer.precision=bf16-mixed",
+                                                 "model.compile=true", "trainer.max_steps=4", "model.ema_decay=0.5",
+                                                 "model.adapter.text_encoder=true"])  # fmt: skip
+    module = instantiate(cfg.model, _convert_="all")
+    trainer = instantiate(cfg.trainer, callbacks=[instantiate(c) for c in cfg.callbacks.values() if c], logger=False)
+    module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    trainer.fit(module, datamodule=instantiate(cfg.data, _convert_="all"))
+    assert module.base_dtype == torch.bfloat16
+    for name, p in module.unet.named_parameters():
+        assert p.dtype == (torch.float32 if is_adapter_key(name) else torch.bfloat16), name
+    assert all(w.up.abs().max() > 0 for w in lora_weights(module.unet).values())
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    pipe = base_pipe(base)
+    pipe.load_lora_weights(run_dir / "lora")
+    for w in (1.0, 4.0):  # the CPU, fp32: the adapters trained on the GPU against the fp32 base
+        torch.testing.assert_close(ours(ckpt, w), images(pipe, w), atol=ATOL, rtol=0)
