@@ -29,7 +29,7 @@ from ldm.models.formats.kohya import addnet_hashes
 from ldm.models.unet import build_unet
 from ldm.models.vae import build_vae
 from ldm.run.fit import train
-from ldm.run.validate import ConfigError, validate_config
+from ldm.run.validate import ConfigError
 from ldm.stages.load import load_module
 from ldm.training.checkpoint import load_checkpoint
 

@@ -10,7 +10,7 @@ files always use the first (`canonical_name`), which is what diffusers and kohya
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
