@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ import torch
 import torch.multiprocessing as mp
 from lora_parallel import BATCH, lora_module, lora_rank, lora_step
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors import safe_open
@@ -25,7 +28,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from ldm.diffusion import make_scheduler, scheduler_config
 from ldm.export import main as export_main
 from ldm.models.adapters import is_adapter_key, lora_weights
-from ldm.models.formats.kohya import addnet_hashes
+from ldm.models.formats.kohya import addnet_hashes, kohya_name
+from ldm.models.formats.single_file import unet_to_ldm, vae_to_ldm
 from ldm.models.unet import build_unet
 from ldm.models.vae import build_vae
 from ldm.run.fit import train
@@ -256,10 +260,6 @@ def test_a_full_fine_tune_exports_a_single_file_too(tiny_root, tmp_path):
 ])  # fmt: skip
 def test_the_single_file_layout_is_what_diffusers_converts_back(unet):
     """Our diffusers -> original maps, inverted by diffusers' own single-file converters, give every tensor back."""
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
-
-    from ldm.models.formats.single_file import unet_to_ldm, vae_to_ldm
-
     model = build_unet(**unet)
     vae = build_vae(block_out_channels=[8, 16, 16], norm_num_groups=4, sample_size=16)
     for ours_, theirs, part in ((unet_to_ldm, convert_ldm_unet_checkpoint, model), (vae_to_ldm, convert_ldm_vae_checkpoint, vae)):
@@ -333,8 +333,6 @@ def test_two_gloo_ranks_equal_one_process_on_the_doubled_batch(tmp_path):
 def lora_file(path: Path, unet: UNet2DConditionModel, rank: int = 4, alpha: float = 4.0, extra: dict | None = None,
               metadata: dict | None = None, prefix: str = "lora_unet") -> Path:  # fmt: skip
     """A kohya file for ``unet``'s attention projections, with random adapters."""
-    from ldm.models.formats.kohya import kohya_name
-
     g = torch.Generator().manual_seed(0)
     state = {}
     for name, module in unet.named_modules():
@@ -405,9 +403,6 @@ def test_bad_lora_input_is_one_line_before_anything_is_written(tiny_root, base, 
 
 
 def test_a_bad_lora_file_on_the_command_line_is_one_line(tiny_root, base, tmp_path):
-    import subprocess
-    import sys
-
     path = lora_file(tmp_path / "lora.safetensors", build_unet(**dict(TINY_UNET, block_out_channels=[32, 64])))
     args = ["experiment=shapes", f"paths.data_dir={tiny_root}", "model/adapter=lora", "model/unet=pretrained",
             f"model.unet.path={base}", "model/text_encoder=hf_clip", f"model.text_encoder.path={base}",
@@ -423,9 +418,6 @@ def test_a_bad_lora_file_on_the_command_line_is_one_line(tiny_root, base, tmp_pa
 
 @pytest.mark.slow  # a multirun through the CLI: one process that imports everything, two trainings, two FIDs
 def test_a_sweep_over_rank_alpha_and_lr_gives_one_adapted_run_per_job(tiny_root, base, tmp_path):
-    import subprocess
-    import sys
-
     sweep = tmp_path / "sweep"
     args = ["-m", "experiment=shapes", f"paths.data_dir={tiny_root}", "data.resolution=16", "data.batch_size=4",
             "data.num_workers=0", "trainer.accelerator=cpu", "trainer.max_steps=2", "callbacks.fid.cpu_num_images=4",
