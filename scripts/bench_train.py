@@ -8,9 +8,21 @@ fused AdamW, EMA on), timed by the StepTimer callback after warm-up, plus the ba
 run: img/s, step time, peak memory, MFU (U-Net forward+backward FLOPs per image, torch's FLOP counter, over
 the GPU's dense bf16 peak), and the ratio to the baseline.
 
+LoRA (`--runs lora-cached lora-onthefly lora-baseline`): `python -m ldm.train ... model/adapter=lora` at each of
+`--lora-ranks` (alpha = rank, q/k/v/out of every attention) on the same random SD-1.5-shaped base, against a step in
+the style of diffusers' examples/text_to_image/train_text_to_image_lora.py: the U-Net, VAE and CLIP frozen in bf16,
+fp32 LoRA of rank `--lora-baseline-rank` on to_q/to_k/to_v/to_out.0 (peft, gaussian init), bf16 autocast, eager,
+foreach AdamW, clipping; `lora-baseline` encodes images and captions every step as that script does,
+`lora-baseline-cached` is its bare U-Net step on cached inputs. MFU counts the adapted U-Net's FLOPs (no weight
+gradients for the frozen base).
+
     python scripts/bench_train.py --resolution 512 256 --batch-size 32 128      # one GPU
     python scripts/bench_train.py --resolution 32 --batch-size 2 --steps 2 --warmup 1 --tiny   # a CPU smoke run
     python scripts/bench_train.py --resolution 512 --batch-size 32 --devices 2 --runs cached   # DDP scaling
+    python scripts/bench_train.py --resolution 512 --batch-size 16 --lora-ranks 4 16 64 \
+        --runs lora-baseline-cached lora-cached                                            # LoRA, cached latents
+    python scripts/bench_train.py --resolution 32 --batch-size 2 --steps 2 --warmup 1 --tiny --lora-ranks 2 \
+        --runs lora-baseline lora-baseline-cached lora-cached lora-onthefly                # LoRA CPU smoke run
     python scripts/bench_train.py --resolution 512 --batch-size 32 --runs onthefly bucketed cached bucketed-cached
 
 Bucketed runs (`bucketed`, `bucketed-cached`) train on a mixed-aspect set spread evenly over the aspect-ratio
@@ -68,7 +80,7 @@ def setup(work: Path, resolutions: list[int], images: int, tiny: bool, bucket_im
     """Models, image shards and latent shards under `work` (kept between calls); with `bucket_images`, also a
     mixed-aspect set of that many images and its bucketed latents."""
     from ldm.data.latents import precompute_latents
-    from ldm.data.synthetic import synthetic_bucket_shards, synthetic_shards
+    from ldm.data.synthetic import bucket_step, synthetic_bucket_shards, synthetic_shards
     from ldm.models.text_encoders import hf_clip_text_encoder, save_random_hf_clip
     from ldm.models.vae import build_vae, load_vae
 
@@ -95,8 +107,6 @@ def setup(work: Path, resolutions: list[int], images: int, tiny: bool, bucket_im
             t0 = time.perf_counter()
             vae = load_vae(str(models / "vae"), subfolder=None).to(device)
             text_encoder = hf_clip_text_encoder(str(models / "clip")).to(device)
-            from ldm.data.synthetic import bucket_step
-
             precompute_latents(mixed, work / f"latents-mixed{r}", vae, text_encoder, resolution=r, batch_size=32,
                                samples_per_shard=max(1, bucket_images // 32), num_workers=8, progress=False,
                                buckets={"max_aspect": 2.0, "step": bucket_step(r)},
@@ -105,14 +115,19 @@ def setup(work: Path, resolutions: list[int], images: int, tiny: bool, bucket_im
                   flush=True)  # fmt: skip
 
 
-def unet_flops(resolution: int, tiny: bool) -> float:
-    """Forward + backward FLOPs of the U-Net per image (torch.utils.flop_counter), batch 1."""
+def unet_flops(resolution: int, tiny: bool, lora_rank: int | None = None) -> float:
+    """Forward + backward FLOPs of the U-Net per image (torch.utils.flop_counter), batch 1; with ``lora_rank``, of
+    the adapted U-Net whose frozen base gets no weight gradients."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from ldm.models.adapters import LoRA
     from ldm.models.unet import build_unet
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # on CUDA the flash-attention FLOPs are counted too
-    unet = build_unet(**unet_config(resolution, tiny)).to(device)
+    unet = build_unet(**unet_config(resolution, tiny))
+    if lora_rank:
+        LoRA(rank=lora_rank, alpha=lora_rank).attach_unet(unet)
+    unet = unet.to(device)
     x = torch.randn(1, 4, resolution // 8, resolution // 8, device=device)
     cond = torch.randn(1, 77, unet.config.cross_attention_dim, device=device)
     with FlopCounterMode(display=False) as counter, torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
@@ -137,9 +152,13 @@ def unet_config(resolution: int, tiny: bool) -> dict:
 
 def ldm_train(work: Path, resolution: int, batch: int, mode: str, steps: int, warmup: int, workers: int,
               devices: int, tiny: bool, compile_: bool, extra: list[str], log_dir: str | None = None,
-              strategy: str = "ddp") -> dict:  # fmt: skip
-    """One timed run of `python -m ldm.train`; returns StepTimer's JSON."""
-    out = work / "results" / f"{mode}{resolution}-b{batch}-d{devices}-{int(time.time())}.json"
+              strategy: str = "ddp", lora_rank: int | None = None) -> dict:  # fmt: skip
+    """One timed run of `python -m ldm.train` (``lora_rank``: LoRA of that rank, alpha = rank); returns StepTimer's
+    JSON."""
+    tag = f"{mode}{resolution}-b{batch}-d{devices}" + (f"-lora{lora_rank}" if lora_rank else "")
+    out = work / "results" / f"{tag}-{int(time.time())}.json"
+    lora = (["model/adapter=lora", f"model.adapter.rank={lora_rank}", f"model.adapter.alpha={lora_rank}"]
+            if lora_rank else [])  # fmt: skip
     gpu = torch.cuda.is_available()
     data = {
         "cached": ["data=latents", f"data.train_shards={work}/latents{resolution}", "data.samples_per_epoch=100000000"],
@@ -160,7 +179,7 @@ def ldm_train(work: Path, resolution: int, batch: int, mode: str, steps: int, wa
         "~callbacks.checkpoint", "~callbacks.data_health",
         "+callbacks.timer._target_=ldm.callbacks.throughput.StepTimer", f"+callbacks.timer.warmup={warmup}",
         f"+callbacks.timer.out={out}", f"hydra.run.dir={work}/runs/{out.stem}", f"name=bench-{mode}{resolution}",
-        *([f"+trainer/strategy={strategy}"] if devices > 1 else []), *extra,
+        *([f"+trainer/strategy={strategy}"] if devices > 1 else []), *lora, *extra,
     ]  # fmt: skip
     log = (Path(log_dir) if log_dir else out.parent) / f"{out.stem}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -179,10 +198,14 @@ def ldm_train(work: Path, resolution: int, batch: int, mode: str, steps: int, wa
     return result
 
 
-def baseline(work: Path, resolution: int, batch: int, steps: int, warmup: int, tiny: bool) -> dict:
-    """The diffusers example script's step (see the module docstring), on GPU-resident batches."""
+def baseline(work: Path, resolution: int, batch: int, steps: int, warmup: int, tiny: bool,
+             lora_rank: int | None = None, cached: bool = False) -> dict:  # fmt: skip
+    """The diffusers example script's step (see the module docstring), on GPU-resident batches. ``lora_rank``:
+    train_text_to_image_lora.py's step instead (frozen bf16 U-Net, fp32 LoRA); ``cached``: the bare U-Net step on
+    GPU-resident latents and text states (no VAE, no CLIP)."""
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
+    from peft import LoraConfig
 
     from ldm.models.text_encoders import hf_clip_text_encoder
     from ldm.models.unet import build_unet
@@ -193,24 +216,44 @@ def baseline(work: Path, resolution: int, batch: int, steps: int, warmup: int, t
     vae = load_vae(str(work / "models" / "vae"), subfolder=None).to(device, dtype)
     text = hf_clip_text_encoder(str(work / "models" / "clip"))
     text_model, tokenizer = text.text_encoder.to(device, dtype), text.tokenizer
-    unet = build_unet(**unet_config(resolution, tiny)).to(device).train()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    unet = build_unet(**unet_config(resolution, tiny))
+    if lora_rank:  # as train_text_to_image_lora.py: the base frozen in the weight dtype, the adapters in fp32
+        unet.requires_grad_(False)
+        unet.to(device, dtype)
+        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))  # fmt: skip
+        for p in unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    unet = unet.to(device).train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     pixels = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
     ids = tokenizer([f"synthetic photo {i}" for i in range(batch)], padding="max_length", truncation=True,
                     max_length=tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)  # fmt: skip
+    if cached:
+        with torch.no_grad():
+            cached_latents = vae.encode(pixels.to(dtype)).latent_dist.sample().float() * vae.config.scaling_factor
+            cached_hidden = text_model(ids, return_dict=False)[0].float()
+        del vae, text_model
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
     def step():
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            latents = vae.encode(pixels.to(dtype)).latent_dist.sample() * vae.config.scaling_factor
-            hidden = text_model(ids, return_dict=False)[0]
+            if cached:
+                latents, hidden = cached_latents, cached_hidden
+            else:
+                latents = vae.encode(pixels.to(dtype)).latent_dist.sample() * vae.config.scaling_factor
+                hidden = text_model(ids, return_dict=False)[0]
             noise = torch.randn_like(latents)
             t = torch.randint(0, 1000, (batch,), device=device)
             noisy = scheduler.add_noise(latents, noise, t)
             pred = unet(noisy, t, hidden, return_dict=False)[0]
             loss = F.mse_loss(pred.float(), noise.float())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -239,20 +282,39 @@ def peak_tflops() -> float | None:
 
 def line(name: str, r: dict, flops: float, peak: float | None, base: float | None, square: dict | None = None) -> str:
     if "error" in r:
-        return f"{name:<34} FAILED {r['error']}"
+        return f"{name:<44} FAILED {r['error']}"
     ips = r["images_per_sec"]
     mem = f"{r['peak_memory_gib']:5.1f} GiB" if r.get("peak_memory_gib") is not None else "   - GiB"
     per_gpu = ips / r["world_size"]
     mfu = f"{per_gpu * flops / (peak * 1e12):5.1%}" if peak else "  -  "
     ratio = f"{ips / base:5.2f}x" if base else "  -  "
-    text = (f"{name:<34} {ips:8.1f} img/s ({per_gpu:7.1f}/GPU)  {1000 * r['step_seconds']:7.1f} ms/step  batch "
+    text = (f"{name:<44} {ips:8.1f} img/s ({per_gpu:7.1f}/GPU)  {1000 * r['step_seconds']:7.1f} ms/step  batch "
             f"{r['batch_size']:>3}x{r['world_size']}  peak {mem}  MFU {mfu}  vs baseline {ratio}")  # fmt: skip
-    if "pixels_per_image" in r:
+    if "pixels_per_image" in r:  # our runs: pixels per second, and a bucketed run against its square counterpart
         mpx = ips * r["pixels_per_image"] / 1e6
         text += f"  {mpx:8.2f} Mpx/s  recompiles {r['recompiles']}"
         if square is not None and "error" not in square:
             text += f"  vs square {mpx / (square['images_per_sec'] * square['pixels_per_image'] / 1e6):6.3f}x (Mpx/s)"
     return text
+
+
+LORA_RUNS = {"lora-cached": "cached", "lora-onthefly": "onthefly"}  # run -> data mode
+BASELINES = ("baseline", "lora-baseline", "lora-baseline-cached")
+NAMES = {"cached": "ldm cached latents", "onthefly": "ldm on-the-fly encode", "eager": "ldm cached, eager",
+         "bucketed": "ldm bucketed, on-the-fly", "bucketed-cached": "ldm bucketed, cached",
+         "lora-cached": "ldm LoRA cached latents", "lora-onthefly": "ldm LoRA on-the-fly encode",
+         "baseline": "diffusers-style baseline", "lora-baseline": "diffusers-style LoRA baseline",
+         "lora-baseline-cached": "diffusers-style LoRA, cached inputs"}  # fmt: skip
+
+
+def run_baseline(work: Path, name: str, resolution: int, batch: int, args) -> dict:
+    """One baseline in a fresh process (its own CUDA context and peak memory)."""
+    lora = [] if name == "baseline" else ["--baseline-lora-rank", str(args.lora_baseline_rank)]
+    proc = subprocess.run([sys.executable, __file__, "--work", str(work), "--warmup", str(min(args.warmup, 5)),
+                           *(["--tiny"] if args.tiny else []), *lora, *(["--baseline-cached"] if name.endswith("cached") else []),
+                           "--baseline-only", str(resolution), str(batch), str(args.steps)],
+                          capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": proc.stderr[-2000:]}
 
 
 def main(argv=None) -> None:
@@ -262,7 +324,9 @@ def main(argv=None) -> None:
     parser.add_argument("--baseline-batch-size", type=int, nargs="+", default=None,
                         help="one per resolution (default: as --batch-size)")
     parser.add_argument("--runs", nargs="+", default=["cached", "onthefly", "baseline"],
-                        choices=["cached", "onthefly", "baseline", "eager", "bucketed", "bucketed-cached"])
+                        choices=["cached", "onthefly", "eager", "bucketed", "bucketed-cached", *LORA_RUNS, *BASELINES])
+    parser.add_argument("--lora-ranks", type=int, nargs="+", default=[4, 16, 64], help="ranks of the lora-* runs")
+    parser.add_argument("--lora-baseline-rank", type=int, default=4, help="the LoRA baselines' rank")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--workers", type=int, default=8, help="dataloader workers per GPU")
@@ -275,12 +339,14 @@ def main(argv=None) -> None:
     parser.add_argument("--extra", nargs="*", default=[], help="more ldm.train overrides for our runs")
     parser.add_argument("--log-dir", default=None, help="where each run's log is streamed (default: --work/results)")
     parser.add_argument("--baseline-only", nargs=3, type=int, metavar=("RES", "BATCH", "STEPS"), help=argparse.SUPPRESS)
+    parser.add_argument("--baseline-lora-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--baseline-cached", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     work = Path(args.work).resolve()
 
     if args.baseline_only:  # the child process of a baseline run
         r, b, s = args.baseline_only
-        print(json.dumps(baseline(work, r, b, s, args.warmup, args.tiny)))
+        print(json.dumps(baseline(work, r, b, s, args.warmup, args.tiny, args.baseline_lora_rank, args.baseline_cached)))
         return
 
     bucketed = any(m.startswith("bucketed") for m in args.runs)
@@ -292,29 +358,39 @@ def main(argv=None) -> None:
     print(f"# {device}, torch {torch.__version__}, peak bf16 {peak} TFLOP/s; steps {args.steps} after {args.warmup} "
           f"warm-up; {args.workers} workers/GPU", flush=True)  # fmt: skip
     base_batches = args.baseline_batch_size or args.batch_size
+    lora = any(r.startswith("lora") for r in args.runs)
     for resolution, batch, base_batch in zip(args.resolution, args.batch_size, base_batches):
         flops = unet_flops(resolution, args.tiny)
         print(f"# {resolution} px: U-Net forward+backward {flops / 1e12:.3f} TFLOP/image", flush=True)
-        base = None
-        if "baseline" in args.runs:
-            proc = subprocess.run([sys.executable, __file__, "--work", str(work), "--warmup", str(min(args.warmup, 5)),
-                                   *(["--tiny"] if args.tiny else []), "--baseline-only", str(resolution),
-                                   str(base_batch), str(args.steps)], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
-            result = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0
-                      else {"error": proc.stderr[-2000:]})  # fmt: skip
-            base = result.get("images_per_sec")
-            print(line(f"{resolution}px diffusers-style baseline", result, flops, peak, base), flush=True)
+        lora_flops = {r: unet_flops(resolution, args.tiny, r) for r in {*args.lora_ranks, args.lora_baseline_rank}} if lora else {}
+        for r, f in sorted(lora_flops.items()):
+            print(f"# {resolution} px: rank-{r} LoRA U-Net forward+backward {f / 1e12:.3f} TFLOP/image", flush=True)
+        bases = {}
+        for name in [b for b in BASELINES if b in args.runs]:
+            result = run_baseline(work, name, resolution, base_batch, args)
+            bases[name] = result.get("images_per_sec")
+            count = flops if name == "baseline" else lora_flops[args.lora_baseline_rank]
+            label = NAMES[name] + ("" if name == "baseline" else f", rank {args.lora_baseline_rank}")
+            print(line(f"{resolution}px {label}", result, count, peak, bases[name]), flush=True)
         results = {}
-        for mode in [m for m in args.runs if m != "baseline"]:
+        for mode in [m for m in args.runs if m in ("cached", "onthefly", "eager", "bucketed", "bucketed-cached")]:
             data_mode = "cached" if mode == "eager" else mode
             compile_ = mode != "eager" and torch.cuda.is_available()
             result = results[mode] = ldm_train(work, resolution, batch, data_mode, args.steps, args.warmup,
                                                args.workers, args.devices, args.tiny, compile_, args.extra,
                                                args.log_dir, args.strategy)  # fmt: skip
-            name = {"cached": "ldm cached latents", "onthefly": "ldm on-the-fly encode", "eager": "ldm cached, eager",
-                    "bucketed": "ldm bucketed, on-the-fly", "bucketed-cached": "ldm bucketed, cached"}[mode]  # fmt: skip
             square = {"bucketed": results.get("onthefly"), "bucketed-cached": results.get("cached")}.get(mode)
-            print(line(f"{resolution}px {name}", result, flops, peak, base, square), flush=True)
+            print(line(f"{resolution}px {NAMES[mode]}", result, flops, peak, bases.get("baseline"), square), flush=True)
+        for mode in [m for m in args.runs if m in LORA_RUNS]:
+            # cached runs against the baseline's bare step on cached inputs when measured; on the fly against the
+            # baseline that encodes every step
+            base = bases.get("lora-baseline-cached") if mode == "lora-cached" else None
+            base = base or bases.get("lora-baseline")
+            for rank in args.lora_ranks:
+                result = ldm_train(work, resolution, batch, LORA_RUNS[mode], args.steps, args.warmup, args.workers,
+                                   args.devices, args.tiny, torch.cuda.is_available(), args.extra, args.log_dir,
+                                   args.strategy, lora_rank=rank)  # fmt: skip
+                print(line(f"{resolution}px {NAMES[mode]}, rank {rank}", result, lora_flops[rank], peak, base), flush=True)
 
 
 if __name__ == "__main__":

@@ -276,7 +276,7 @@ def test_datamodule_batches(shapes_root, num_workers):
 
     val = [s for batch in dm.val_dataloader() for s in zip(batch["key"], batch["caption"])]
     assert sorted(key for key, _ in val) == [f"{i:09d}" for i in range(10)]
-    assert read_captions(dm.val_shards, 4) == [caption for key, caption in sorted(val)][:4]  # what FID prompts
+    assert read_captions(dm.val_shards, 4) == [caption for key, caption in sorted(val)][:4]
 
 
 def test_datamodule_drives_a_lightning_epoch(shapes_root):

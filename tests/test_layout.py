@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def lint_imports(cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(cwd)}
-    return subprocess.run([sys.executable, "-m", "importlinter.cli"], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
+    lint = Path(sys.executable).with_name("lint-imports")  # import-linter's command, in this environment
+    return subprocess.run([str(lint)], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_import_contracts_hold():

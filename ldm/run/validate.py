@@ -7,7 +7,9 @@ headers; no weights are loaded): required values are set; model paths exist (a l
 when the hub is not offline); the resolution is a multiple of the VAE's downsampling factor; the U-Net's
 cross-attention width equals the text encoder's hidden size; sampler, LR schedule, noise schedule and
 prediction type are known names; the shard patterns match files; a batch is no larger than the data;
-+trainer/strategy=fsdp is not combined with what it cannot do (no EMA, compile, channels_last, ...).
++trainer/strategy=fsdp is not combined with what it cannot do (no EMA, compile, channels_last, ...); LoRA
+settings are valid, every target module matches a layer, and an `init_from` file fits the model (key, shape, rank,
+alpha, base model), checked on the model built on the meta device from its config.
 
 Every fact comes from the code that owns it: parts are recognised by the function their `_target_` names
 (`ldm.utils.targets`), names are checked against the tables the samplers, schedules and parameterisations use,
@@ -25,9 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import open_clip
+import torch
+from diffusers import UNet2DConditionModel
 from diffusers.optimization import SchedulerType
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm.data.bucketed import plan_records
 from ldm.data.buckets import check_multiple, parse_buckets
@@ -38,8 +43,10 @@ from ldm.data.plan import BucketPlanner
 from ldm.diffusion.parameterization import TARGETS
 from ldm.diffusion.sampling import SCHEDULERS
 from ldm.diffusion.schedules import SCHEDULES
+from ldm.models.adapters import AdapterError, LoRA
+from ldm.models.formats.lora import LoraFileError
 from ldm.models.text_encoders import hf_clip_text_encoder, open_clip_text_encoder
-from ldm.models.unet import load_unet
+from ldm.models.unet import base_model_version, build_unet, load_unet
 from ldm.models.vae import load_vae
 from ldm.stages.latent_diffusion import LatentDiffusion
 from ldm.training.fsdp import ShardedUNetStrategy
@@ -216,10 +223,75 @@ def _check_finetune_data(cfg: DictConfig, factor: int | None) -> None:
         raise ConfigError(str(error).splitlines()[0]) from None
 
 
+def _meta_unet(unet: DictConfig) -> UNet2DConditionModel | None:
+    """The configured U-Net on the meta device (no weights): its layers, for the adapter checks."""
+    if names_target(unet, load_unet):
+        config = _json(_model_dir("model.unet", _get(unet, "path", prefix="model.unet"), unet.get("subfolder", "unet")))
+    elif names_target(unet, build_unet):
+        config = {k: v for k, v in OmegaConf.to_container(unet, resolve=True).items() if k not in ("_target_", "seed")}
+    else:
+        return None
+    if config is None:
+        return None
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(config)
+
+
+def _meta_text_model(text_encoder: DictConfig) -> CLIPTextModel | None:
+    if not names_target(text_encoder, hf_clip_text_encoder):
+        return None
+    folder = _model_dir("model.text_encoder", _get(text_encoder, "path", prefix="model.text_encoder"), text_encoder.get("subfolder"))
+    if folder is None:
+        return None
+    with torch.device("meta"):
+        return CLIPTextModel(CLIPTextConfig.from_pretrained(folder))
+
+
+def _check_adapter(cfg: DictConfig) -> None:
+    """model/adapter=lora: its settings, its targets, its init_from file, and what it is not combined with."""
+    model = cfg.get("model") or {}
+    node = model.get("adapter")
+    if not names_target(node, LoRA):
+        return
+    settings = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "_target_"}
+    try:
+        lora = LoRA(**settings)
+    except AdapterError as error:
+        raise ConfigError(str(error)) from None
+    except TypeError as error:  # an unknown setting
+        raise ConfigError(f"model.adapter: {error}".replace("LoRA.__init__() ", "")) from None
+    precision = str(_get(cfg, "trainer.precision", ""))
+    if lora.base_dtype in ("bfloat16", "float16") and "mixed" not in precision:
+        raise ConfigError(f"model.adapter.base_dtype={lora.base_dtype} with trainer.precision={precision}: a "
+                          f"low-precision base runs under autocast; use trainer.precision=bf16-mixed")  # fmt: skip
+    if names_target(_get(cfg, "trainer.strategy"), ShardedUNetStrategy):
+        raise ConfigError("model/adapter=lora with +trainer/strategy=fsdp: the adapters are small, train them with "
+                          "+trainer/strategy=ddp")  # fmt: skip
+    if lora.text_encoder and not names_target(model.get("text_encoder"), hf_clip_text_encoder):
+        raise ConfigError("model.adapter.text_encoder=true needs a transformers CLIP text encoder "
+                          "(model/text_encoder=hf_clip)")  # fmt: skip
+    if lora.init_from and not Path(lora.init_from).exists():
+        raise ConfigError(f"model.adapter.init_from={lora.init_from}: no such file or directory")
+    unet = _meta_unet(model.get("unet"))
+    if unet is None:  # a hub id: checked when it is loaded
+        return
+    text_model = _meta_text_model(model.get("text_encoder")) if lora.text_encoder else None
+    try:
+        lora.attach_unet(unet)
+        adapted = {"unet": unet}
+        if text_model is not None:
+            adapted["text_encoder"] = lora.attach_text_encoder(text_model)
+        version = base_model_version(unet.config, _get(cfg, "diffusion.prediction_type", "epsilon"))
+        lora.load_init(adapted, version, check_only=True)
+    except (AdapterError, LoraFileError) as error:
+        raise ConfigError(str(error)) from None
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Raise ConfigError (one line) for the first problem found."""
     _check_names(cfg)
     _check_fsdp(cfg)
+    _check_adapter(cfg)
     model = cfg.get("model")
     resolution = _get(cfg, "data.resolution")
     factor = None

@@ -7,6 +7,8 @@
   every checkpoint as `checkpoint["config"]`; `ldm.stages.load.load_module` rebuilds the stage from it.
 - `images_seen`: training images (samples) seen so far, all ranks together, counted here once per batch before
   the step runs and kept in checkpoints (`checkpoint["images_seen"]`). Callbacks read it (throughput, FID curves).
+- `trained_steps`: the optimizer steps of the checkpoint the stage was loaded from (0 for a fresh one); exports
+  record it (kohya's ss_steps).
 - `step_skipped`: the non-finite guard's verdict for the current optimizer step, when the guard
   (`ldm.callbacks.nonfinite.NonFiniteLoss`) judges on the device: a 0-dim 0/1 float tensor, 1 when the fused
   optimizer skips the step. None otherwise (no guard, or a skipped step shows as dropped gradients).
@@ -28,6 +30,7 @@ class Stage(pl.LightningModule):
         super().__init__()
         self.run_config: dict | None = None
         self.images_seen = 0
+        self.trained_steps = 0
         self.step_skipped: Tensor | None = None
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
@@ -40,3 +43,4 @@ class Stage(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.images_seen = checkpoint.get("images_seen", 0)
+        self.trained_steps = checkpoint.get("global_step", 0)

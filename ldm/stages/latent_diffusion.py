@@ -14,6 +14,11 @@ of a module: it is then built when training starts, unless the data module deliv
 encodings (`data=latents`: its `cached_encodings` is true), in which case it is built on first use, so such a
 run only loads it when it samples, evaluates or exports.
 
+LoRA (`adapter`, conf/model/adapter/lora.yaml): the U-Net's base weights are frozen (bf16 under bf16 mixed precision on a
+GPU) and only peft adapters train, with their own EMA; checkpoints hold the adapters, the base is reloaded from its
+source as the frozen VAE and text encoder are. `adapter.text_encoder` adapts the text encoder too (a transformers
+CLIP), which then runs on every step with gradients (no caption cache, no cached encodings).
+
 Speed options (all off by default, harmless on CPU): `channels_last`, `compile` (torch.compile of the
 U-Net in place, and of the VAE encoder when it encodes on the fly; True or a dict of torch.compile options
 such as {"mode": "max-autotune-no-cudagraphs"}), `gradient_checkpointing`. `vae_bf16` (on): under bf16 mixed
@@ -47,6 +52,9 @@ from ldm.diffusion import (
     snr,
     target,
 )
+from ldm.models.adapters import BASE_DTYPES, LoRA, cast_base, is_adapter_key, keep_input_dtype
+from ldm.models.text_encoders import HFCLIPTextEncoder
+from ldm.models.unet import base_model_version
 from ldm.models.vae import downsample_factor
 from ldm.stages.base import Stage
 from ldm.training.compile import allow_recompiles
@@ -81,9 +89,13 @@ class LatentDiffusion(Stage):
         compile: bool | Mapping[str, Any] = False,
         gradient_checkpointing: bool = False,
         vae_bf16: bool = True,
+        adapter: LoRA | None = None,
     ):
         super().__init__()
         self.unet = unet
+        self.adapter = adapter
+        if adapter is not None:
+            adapter.attach_unet(unet)  # base frozen, adapters added (before the EMA copies the U-Net)
         # Frozen parts given as factories are built on first use (see __getattr__).
         self._frozen_factories: dict[str, Callable[[], torch.nn.Module]] = {}
         for name, part in (("vae", vae), ("text_encoder", text_encoder)):
@@ -109,7 +121,9 @@ class LatentDiffusion(Stage):
         self.register_buffer("alpha_bar", config_alpha_bar(self.scheduler_config), persistent=False)  # (T,)
 
         # EMA of the U-Net weights (torch's AveragedModel layout, updated without host syncs); sampling uses it.
-        self.ema = EMA(unet, ema_decay) if ema_decay else None
+        self.ema = EMA(unet, ema_decay) if ema_decay else None  # of the adapters only when adapted (EMA docstring)
+        self.ema_decay = ema_decay
+        self.base_dtype: torch.dtype | None = None  # an adapted model's frozen base, when cast (adapters stay fp32)
         self._empty_hidden: Tensor | None = None
         # The text encoder is frozen, so a caption always encodes the same: data sets with few distinct
         # captions (class templates, the built-in shapes) skip most text-encoder work with this cache.
@@ -118,6 +132,22 @@ class LatentDiffusion(Stage):
 
         if isinstance(text_encoder, torch.nn.Module):
             self._check_text_width(text_encoder.hidden_size, "the text encoder's hidden size")
+            self._adapt_text_encoder(text_encoder)
+
+    @property
+    def text_encoder_trains(self) -> bool:
+        return self.adapter is not None and self.adapter.text_encoder
+
+    def _adapt_text_encoder(self, text_encoder: torch.nn.Module) -> None:
+        """With `adapter.text_encoder`: adapters on the text encoder's CLIP, and their EMA."""
+        if not self.text_encoder_trains:
+            return
+        if not isinstance(text_encoder, HFCLIPTextEncoder):
+            raise ValueError(f"model.adapter.text_encoder=true needs a transformers CLIP text encoder "
+                             f"(model/text_encoder=hf_clip), not {type(text_encoder).__name__}")  # fmt: skip
+        self.adapter.attach_text_encoder(text_encoder.text_encoder)
+        if self.ema_decay:
+            self.ema_text_encoder = EMA(text_encoder, self.ema_decay)
 
     def _check_text_width(self, width: int, what: str) -> None:
         if self.unet.config.cross_attention_dim != width:
@@ -133,6 +163,7 @@ class LatentDiffusion(Stage):
                 part.to(torch.bfloat16)
             if name == "text_encoder":
                 self._check_text_width(part.hidden_size, "the text encoder's hidden size")
+                self._adapt_text_encoder(part)
             self.add_module(name, part)
             return part
         return super().__getattr__(name)
@@ -143,11 +174,14 @@ class LatentDiffusion(Stage):
             getattr(self, name)  # builds it (see __getattr__)
 
     def configure_model(self) -> None:
-        """Frozen parts and speed options, once the module is on its device (Lightning calls this before the
-        optimizer): the frozen encoders are built now unless the data module delivers cached encodings."""
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if not getattr(datamodule, "cached_encodings", False):
+        """Frozen parts and speed options (Lightning calls this before the strategy moves and wraps the module and
+        before the optimizer): in a fit, the frozen encoders are built now unless the data module delivers cached
+        encodings (a text encoder that trains adapters is always built)."""
+        if self._trainer is not None and (not getattr(self._trainer.datamodule, "cached_encodings", False)
+                                          or self.text_encoder_trains):  # fmt: skip
             self.build_frozen()
+        if self.adapter is not None and not getattr(self, "_adapter_ready", False):
+            self._setup_adapter()
         if self.channels_last:
             self.unet.to(memory_format=torch.channels_last)
         if self.compile_options is not None and not getattr(self, "_compiled", False):
@@ -160,6 +194,34 @@ class LatentDiffusion(Stage):
             self._compiled = True
         if "vae" in self._modules and self._vae_in_bf16():
             self.vae.to(torch.bfloat16)
+
+    def _setup_adapter(self) -> None:
+        """Once, before training (before a resumed checkpoint's weights are restored, and before Lightning moves the
+        module to its device): the frozen base in its training dtype, and the adapters of `adapter.init_from` in the
+        model and its EMA."""
+        adapted = {"unet": self.unet}
+        if self.text_encoder_trains:
+            adapted["text_encoder"] = self.text_encoder.text_encoder
+        dtype = BASE_DTYPES[self.adapter.base_dtype]
+        on_gpu = self.trainer.strategy.root_device.type == "cuda"  # (Lightning moves the module there after this hook)
+        if dtype is None and on_gpu and "bf16" in str(self.trainer.precision):
+            dtype = torch.bfloat16  # "auto": the frozen base in bf16 under bf16 mixed precision
+        if dtype is not None:
+            for part in adapted.values():
+                cast_base(part, dtype)  # the EMA shares the base, so it follows
+            self.base_dtype = dtype
+        if "mixed" in str(self.trainer.precision):
+            for part in (self.unet, self.text_encoder.text_encoder if self.text_encoder_trains else None):
+                if part is not None:
+                    keep_input_dtype(part)  # the EMA copies were made with the flag unset: they cast, as diffusers does
+        version = base_model_version(self.unet.config, self.prediction_type)
+        self.adapter.load_init(adapted, version)
+        copies = {"unet": self.ema.module} if self.ema is not None else {}
+        if "text_encoder" in adapted and self.ema is not None:
+            copies["text_encoder"] = self.ema_text_encoder.module.text_encoder
+        if copies:
+            self.adapter.load_init(copies, version)
+        self._adapter_ready = True
 
     def _vae_in_bf16(self) -> bool:
         """Under bf16 mixed precision the frozen VAE runs in plain bf16, weights and activations (autocast off),
@@ -272,6 +334,8 @@ class LatentDiffusion(Stage):
         `diffusion.cfg_dropout` (classifier-free guidance training, Ho & Salimans 2022). The one place
         where caption dropout happens. ``hidden``: the captions' encodings when cached (B, L, D)."""
         drop = drop_mask(len(captions), self.cfg_dropout, self.device)
+        if self.text_encoder_trains:  # adapted text encoder: encoded with gradients, dropped captions as ""
+            return self.text_encoder.encode(["" if d else c for c, d in zip(captions, drop.tolist())])
         if hidden is None:
             return self.condition(captions, drop)
         return torch.where(drop[:, None, None], self.empty_hidden().to(hidden.dtype), hidden)
@@ -309,8 +373,11 @@ class LatentDiffusion(Stage):
         skipped = self.step_skipped
         if skipped is None and all(p.grad is None for p in self.unet.parameters()):
             return  # gradients dropped: the step was skipped on the host
+        keep = None if skipped is None else 1 - skipped  # skipped: not counted
         with full_params(self.unet):
-            self.ema.update(self.unet, keep=None if skipped is None else 1 - skipped)  # skipped: not counted
+            self.ema.update(self.unet, keep=keep)
+        if "ema_text_encoder" in self._modules:
+            self.ema_text_encoder.update(self.text_encoder, keep=keep)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Lightning's mixed-precision plugin refuses to clip for a fused optimizer, because with fp16 such an
@@ -325,25 +392,40 @@ class LatentDiffusion(Stage):
         else:
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
-    def configure_optimizers(self):
-        return configure_optimizers(self.unet.parameters(), self.optimizer_factory, self.lr_scheduler_factory)
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimizer steps: the whole U-Net, or its adapters (and the text encoder's) when adapted."""
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        if self.text_encoder_trains:
+            params += [p for p in self.text_encoder.parameters() if p.requires_grad]
+        return params
 
-    # --- frozen parts stay out of checkpoints -------------------------------------------------
+    def configure_optimizers(self):
+        return configure_optimizers(self.trainable_parameters(), self.optimizer_factory, self.lr_scheduler_factory)
+
+    # --- frozen parts (and an adapted model's base) stay out of checkpoints --------------------------------
+    def _reloaded(self, key: str) -> bool:
+        """Whether a state-dict key is a weight reloaded from its source rather than saved: the frozen VAE and
+        text encoder (unless `checkpoint_frozen`) and, when adapted, the U-Net's base and its EMA's (shared)."""
+        if is_adapter_key(key):
+            return False
+        if key.startswith(FROZEN_PREFIXES + ("ema_text_encoder.module.",)):
+            return not self.checkpoint_frozen
+        return self.adapter is not None and key.startswith(("unet.", "ema.module."))
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        if not self.checkpoint_frozen:
-            state = checkpoint["state_dict"]
-            for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
-                del state[key]
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if self._reloaded(k)]:
+            del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
-        if any(k.startswith(FROZEN_PREFIXES) for k in state):  # saved with checkpoint_frozen: load them too
+        if any(k.startswith(FROZEN_PREFIXES + ("ema_text_encoder.",)) for k in state):  # frozen parts or their adapters
             self.build_frozen()
         # Frozen weights come from their source, not from the checkpoint: put the loaded ones back.
         for key, value in self.state_dict().items():
-            if key.startswith(FROZEN_PREFIXES) and key not in state:
+            if key not in state and self._reloaded(key):
                 state[key] = value
 
     # --- sampling ----------------------------------------------------------------------------
@@ -354,6 +436,30 @@ class LatentDiffusion(Stage):
             raise RuntimeError("sampling with the raw U-Net is not possible while it is sharded by FSDP: sample "
                                "with the EMA (model.ema_decay), which every rank holds whole")  # fmt: skip
         return self.unet
+
+    def _base_precision(self):
+        """Autocast for a frozen base cast to bf16, as in training (sampling callbacks run outside the training
+        step's autocast); nothing otherwise."""
+        if self.base_dtype in (None, torch.float32):
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, self.base_dtype)
+
+    @torch.no_grad()
+    def sampling_condition(self, prompts: Sequence[str], use_ema: bool = True) -> tuple[Tensor, Tensor]:
+        """(prompts' hidden states (B, L, D), the empty caption's (1, L, D)) to sample with, in fp32."""
+        if self.text_encoder_trains:  # no caches: an adapted text encoder changes as it trains
+            text_encoder = self.sampling_text_encoder(use_ema)
+            with self._base_precision():
+                cond, uncond = text_encoder.encode(list(prompts)), text_encoder.encode([""])
+        else:
+            cond, uncond = self.encode_captions(prompts), self.empty_hidden()
+        return cond.float(), uncond.float()  # the noise and the sampler's arithmetic stay in fp32
+
+    def sampling_text_encoder(self, use_ema: bool = True) -> torch.nn.Module:
+        """The text encoder to sample with: the EMA of an adapted one when EMA is on, else the text encoder."""
+        if use_ema and self.text_encoder_trains and "ema_text_encoder" in self._modules:
+            return self.ema_text_encoder.module
+        return self.text_encoder
 
     @torch.no_grad()
     def generate(
@@ -380,16 +486,17 @@ class LatentDiffusion(Stage):
             generator = torch.Generator("cpu").manual_seed(seed)
         else:
             generator = [torch.Generator("cpu").manual_seed(int(s)) for s in seed]
-        cond = self.encode_captions(prompts)
-        latents = sample_latents(
-            unet,
-            scheduler,
-            cond,
-            self.empty_hidden(),
-            guidance_scale=opts["guidance_scale"] if guidance_scale is None else guidance_scale,
-            num_inference_steps=num_inference_steps or opts["num_inference_steps"],
-            latent_shape=self.latent_shape if size is None else (self.latent_shape[0], *self._latent_size(size)),
-            generator=generator,
-        )
+        cond, uncond = self.sampling_condition(prompts, use_ema)
+        with self._base_precision():
+            latents = sample_latents(
+                unet,
+                scheduler,
+                cond,
+                uncond,
+                guidance_scale=opts["guidance_scale"] if guidance_scale is None else guidance_scale,
+                num_inference_steps=num_inference_steps or opts["num_inference_steps"],
+                latent_shape=self.latent_shape if size is None else (self.latent_shape[0], *self._latent_size(size)),
+                generator=generator,
+            ).float()
         unet.train(was_training)
         return self.decode_latents(latents)

@@ -10,12 +10,15 @@ Offline runs write `wandb/offline-run-*` under `save_dir`; `wandb sync DIR` uplo
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from urllib.parse import urlparse
 
 from pytorch_lightning.loggers import WandbLogger
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
 
 OFFLINE_MODES = ("offline", "dryrun")
 VERIFY_TIMEOUT_S = 5.0  # the longest the API key check may wait for the server
@@ -85,7 +88,8 @@ def wandb_logger(project: str = "ldm", save_dir: str = ".", offline: bool | None
         reason = wandb_offline_reason()
         offline = reason is not None
         if offline and reason != "WANDB_MODE=offline":
-            rank_zero_warn(f"W&B: {reason}; logging offline to {save_dir}/wandb (upload later with `wandb sync`)")
+            if rank_zero_only.rank == 0:  # one line, on the console and in the run's log (not a Python warning)
+                log.warning(f"W&B: {reason}; logging offline to {save_dir}/wandb (upload later with `wandb sync`)")
     if offline:
         os.environ["WANDB_MODE"] = "offline"  # also for DDP children and wandb's service process
     os.makedirs(save_dir, exist_ok=True)
