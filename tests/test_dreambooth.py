@@ -115,3 +115,30 @@ def test_class_images_are_generated_once_with_the_base_model_and_reused(tiny_roo
         ensure_class_images(other, module)
     assert read_manifest(classes)["total"] == 7
 
+
+
+def test_dreambooth_with_lora_generates_class_images_with_the_base_pipeline(tiny_root, tmp_path):
+    """LoRA on a "pretrained" pipeline directory: the class images are the base pipeline's own images (diffusers'
+    StableDiffusionPipeline, one seed each), the adapters untouched by them; then the adapters train on instance
+    and class samples."""
+    from diffusers import StableDiffusionPipeline
+    from test_lora import lora_config, save_base_pipeline
+
+    base = save_base_pipeline(tiny_root, tmp_path / "sd-tiny")
+    classes = tmp_path / "class_images"
+    losses = tmp_path / "losses.jsonl"
+    cfg = lora_config(tiny_root, base, tmp_path / "run", [
+        *FAST, f"data.dreambooth={{class_prompt: 'a small red circle', class_shards: {classes}, num_class_images: 3}}",
+        "+callbacks.record._target_=fault_helpers.RecordLoss", f"+callbacks.record.path={losses}"])  # fmt: skip
+    train(cfg)
+    stored = {s["key"]: s["pixel_values"].float() / 255
+              for s in make_shard_dataset(classes, 16, random_flip=False, shuffle_buffer=0, uint8=True)}  # fmt: skip
+    pipe = StableDiffusionPipeline.from_pretrained(base)
+    for i in range(3):
+        image = pipe(["a small red circle"], height=16, width=16, num_inference_steps=cfg.sampling.num_inference_steps,
+                     guidance_scale=cfg.sampling.guidance_scale, output_type="pt",
+                     generator=torch.Generator().manual_seed(i)).images[0].float()  # fmt: skip
+        assert (image - stored[f"class_{i:06d}"]).abs().max() <= 1 / 255 + 2e-4, i
+    rows = read_losses(losses)
+    assert len(rows) == 2 and all(sum(k.startswith("class_") for k in r["keys"]) == 2 for r in rows)
+    assert all(np.isfinite(r["loss"]) for r in rows)
