@@ -192,3 +192,16 @@ def test_class_images_go_to_the_instance_buckets_in_proportion():
     topped_up = class_image_sizes(buckets, [6, 3, 0], 5, have=[8, 0, 0])  # 13 in all: 8.67 and 4.33 wanted
     assert Counter(topped_up) == {(48, 80): 1, (64, 64): 4}
     assert class_image_sizes(buckets, [1, 1, 1], 0) == []
+
+
+def test_a_pass_of_only_too_small_images_says_how_to_take_them_in(tmp_path):
+    from ldm.data.datamodule import ShardDataModule
+    from ldm.data.health import DataError
+
+    write_shards([(f"s{i}", Image.new("RGB", (8, 8)), "small") for i in range(4)], tmp_path, image_format="png",
+                 progress=False)  # fmt: skip
+    dm = ShardDataModule(str(tmp_path), None, resolution=16, batch_size=2, num_workers=0)  # upscale off by default
+    with pytest.raises(DataError, match=r"4 images were smaller than their target size \(set data.upscale=true"):
+        list(dm.train_dataloader())
+    dm = ShardDataModule(str(tmp_path), None, resolution=16, batch_size=2, num_workers=0, upscale=True)
+    assert sum(len(b["key"]) for b in dm.train_dataloader()) == 4

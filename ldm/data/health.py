@@ -65,7 +65,9 @@ class DataHealth:
         totals = self.totals()
         read = totals["ok"] + totals["skipped"]
         if end_of_pass and totals["ok"] == 0:
-            raise DataError(f"no valid samples in {where or 'the shards'}: {totals}; see the warnings above")
+            hint = (f"; {totals['too_small']} images were smaller than their target size (set data.upscale=true to "
+                    f"upscale them, or lower data.resolution)" if totals["too_small"] else "")  # fmt: skip
+            raise DataError(f"no valid samples in {where or 'the shards'}: {totals}; see the warnings above{hint}")
         if (end_of_pass or read >= self.min_samples) and self.bad_fraction() > self.max_bad_fraction:
             raise DataError(
                 f"{totals['skipped']} of {read} samples of {where or 'the shards'} were bad "
