@@ -25,7 +25,7 @@ import re
 import tarfile
 from pathlib import Path
 
-import webdataset as wds
+import braceexpand
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSIONS = ("txt", "json")
@@ -34,6 +34,27 @@ SHARD_NAME = re.compile(r"^(\d{6})\.tar$")
 
 
 # --- shard specs -> urls ---------------------------------------------------------------------------------
+def _wds_expand(pattern: str) -> list[str]:
+    """What `webdataset.shardlists.expand_urls` makes of a string: `::`-joined specs, `${VAR}` read from the
+    environment variable `WDS_VAR`, then brace expansion. Here because importing webdataset imports torch (2 s):
+    config checks expand shard specs before anything heavy is imported (tests compare the two)."""
+    urls = []
+    for url in pattern.split("::"):
+        for _ in range(10):  # webdataset substitutes up to 10 times (a value may name another variable)
+            last, url = url, re.sub(r"\$\{(\w+)\}", _wds_variable, url)
+            if url == last:
+                break
+        urls.extend(braceexpand.braceexpand(url))
+    return urls
+
+
+def _wds_variable(match: re.Match) -> str:
+    name = "WDS_" + match.group(1)
+    if name not in os.environ:
+        raise FileNotFoundError(f"shard spec names ${{{match.group(1)}}} but the environment variable {name} is not set")
+    return os.environ[name]
+
+
 def is_remote(url: str) -> bool:
     """A url that is not a local path (`pipe:`, `s3://`, `https://`, ...): read through a stream, never stat'ed."""
     return "://" in url or url.startswith("pipe:")
@@ -62,7 +83,7 @@ def expand_urls(urls) -> list[str]:
         return [url for spec in urls for url in expand_urls(spec)]
     pattern = os.fspath(urls)
     expanded = []
-    for url in wds.shardlists.expand_urls(pattern):
+    for url in _wds_expand(pattern):
         if is_remote(url):
             expanded.append(url)
         elif os.path.isdir(url):

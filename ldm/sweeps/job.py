@@ -22,8 +22,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_only
 
-from ldm.callbacks.metrics_log import FILENAME as METRICS
-from ldm.callbacks.metrics_log import read_metrics
+from ldm.utils.metrics_file import FILENAME as METRICS
+from ldm.utils.metrics_file import read_metrics
 from ldm.run.fit import run
 from ldm.utils.sweep_index import current_job, run_name, sweep_group, update_job
 

@@ -4,7 +4,7 @@
     # -> report.md, report.csv (each job: status, swept values, best and final metrics, objective, error)
     #    fid_curves.png (every job's val/fid against training step on one plot; failed jobs dashed)
 
-Reads the sweep's `index.json` (ldm/utils/sweep_index.py) and each job's `metrics.jsonl` (ldm/callbacks/metrics_log.py).
+Reads the sweep's `index.json` (ldm/utils/sweep_index.py) and each job's `metrics.jsonl` (ldm/utils/metrics_file.py).
 A sweep writes its report by itself when it ends; this command rewrites it, e.g. while jobs still run.
 """
 
@@ -14,8 +14,8 @@ import csv
 import math
 from pathlib import Path
 
-from ldm.callbacks.metrics_log import FILENAME as METRICS
-from ldm.callbacks.metrics_log import read_metrics
+from ldm.utils.metrics_file import FILENAME as METRICS
+from ldm.utils.metrics_file import read_metrics
 from ldm.utils.sweep_index import format_params, read_index
 
 # metric -> which value is best; the ones a run logged appear in the table

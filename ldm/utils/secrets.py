@@ -12,6 +12,7 @@ wherever it sits (e.g. `${oc.env:HF_TOKEN}` resolved into the config).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -78,3 +79,22 @@ def redact_argv() -> None:
     """Redact secret overrides in `sys.argv` in place (W&B stores the command line in its metadata)."""
     values = secret_values()
     sys.argv[:] = [_redact_string(arg, values) for arg in sys.argv]
+
+
+class RedactingFilter(logging.Filter):
+    """Redacts secret overrides and secret environment values in every record a handler writes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = _redact_string(message, secret_values())
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return True
+
+
+def redact_logging() -> None:
+    """Put a `RedactingFilter` on every handler of the root logger (Hydra's console and train.log; idempotent).
+    Hydra logs a multirun's overrides as it launches each job: `#0 : optim.lr=1e-4 +api_key=...`."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
