@@ -11,7 +11,6 @@ An img2dataset folder can also be used as is: `--manifest-only` just writes its 
     python scripts/make_shards.py laion_shards/ --manifest-only
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from ldm.data.shards import (
     samples_from_shards,
     write_shards,
 )
+from ldm.utils.cli import ArgumentParser, run_command
 
 SOURCES = ("auto", "folder", "classes", "shards")
 
@@ -38,7 +38,7 @@ def _guess_source(src: Path) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("src", help="image folder, class folders, or existing shards")
     parser.add_argument("out", nargs="?", help="output folder for 000000.tar, ... and manifest.json")
     parser.add_argument("--source", choices=SOURCES, default="auto")
@@ -82,4 +82,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

@@ -243,6 +243,69 @@ def test_corrupt_bytes_are_detected(four_steps, tmp_path):
         read_checkpoint(path)
 
 
+def test_auto_skips_checkpoints_it_cannot_continue_from_and_takes_the_newest_good(four_steps, tmp_path, tiny_root):
+    """A sibling run directory holds the newest checkpoint of the same run name, but with an empty state dict: it is
+    skipped with a warning naming why, and the older good one is taken."""
+    good = _copy_run(four_steps, tmp_path)
+    sibling = tmp_path / "runs" / "shapes" / "b" / "checkpoints"
+    sibling.mkdir(parents=True)
+    empty = read_checkpoint(good / "checkpoints" / "last.ckpt")
+    empty["state_dict"] = {}
+    atomic_save(empty, sibling / "last.ckpt")  # newest by mtime
+    cfg = compose_config(tiny_root, tmp_path / "runs" / "shapes" / "new", [*FAST, "resume=auto"])
+    with pytest.warns(ResumeWarning, match=r"cannot resume from .*b/checkpoints/last\.ckpt: its state_dict is empty"):
+        found = resolve_resume(cfg)
+    assert found == str(good / "checkpoints" / "last.ckpt") and cfg.paths.output_dir == str(good)
+
+
+def test_auto_stops_in_one_line_when_checkpoints_exist_but_none_is_good(four_steps, tmp_path, tiny_root):
+    run_dir = _copy_run(four_steps, tmp_path)
+    names = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    for name in names:
+        (run_dir / "checkpoints" / name).write_bytes(b"not a checkpoint")
+    cfg = compose_config(tiny_root, run_dir.parent / "new", [*FAST, "resume=auto"])
+    with pytest.warns(ResumeWarning), pytest.raises(CheckpointError) as caught:
+        resolve_resume(cfg)
+    message = str(caught.value)
+    assert message.startswith(f"resume=auto found 4 checkpoint(s) of run 'shapes' but can continue from none: ")
+    assert all(name in message for name in names) and message.endswith("start fresh with resume=auto_or_new")
+    assert "\n" not in message
+    cfg = compose_config(tiny_root, run_dir.parent / "new", [*FAST, "resume=auto_or_new"])
+    with pytest.warns(ResumeWarning):
+        assert resolve_resume(cfg) is None  # a fresh start, as asked
+    assert cfg.paths.output_dir == str(run_dir.parent / "new")
+
+
+def test_resume_removes_what_interrupted_saves_left_and_no_checkpoint(four_steps, tmp_path, tiny_root):
+    run_dir = _copy_run(four_steps, tmp_path)
+    folder = run_dir / "checkpoints"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    stale = [folder / ".last.ckpt.tmp-4242", folder / ".epoch=0-step=5.ckpt.tmp-4242", folder / ".last.ckpt.sha256.tmp-77"]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")
+    cfg = compose_config(tiny_root, run_dir.parent / "new", [*FAST, "resume=auto"])
+    assert resolve_resume(cfg) == str(folder / "last.ckpt")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_a_failed_checksum_write_says_what_exists(tmp_path, monkeypatch):
+    import ldm.training.checkpoint as checkpoint_module
+
+    def full(path, text):
+        path.write_text(text[:3])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module, "_write_sidecar", full)
+    state = {"state_dict": {"w": torch.ones(3)}, "global_step": 7}
+    with pytest.raises(CheckpointError) as caught:
+        atomic_save(state, tmp_path / "last.ckpt")
+    assert str(caught.value) == (f"checkpoint {tmp_path}/last.ckpt was written and is complete, but its checksum file "
+                                 f"last.ckpt.sha256 could not be written: disk full (ENOSPC); the checkpoint loads "
+                                 f"without it (unchecked), the earlier checkpoints in {tmp_path} are intact")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left
+    assert read_checkpoint(tmp_path / "last.ckpt")["global_step"] == 7  # what the message says
+
+
 class _FullDisk:
     """A file that accepts `limit` bytes, then fails like a full disk."""
 

@@ -156,9 +156,12 @@ def _csv_rows(path):
 
 
 def test_report_refuses_a_directory_that_is_not_a_sweep(tmp_path, capsys):
-    with pytest.raises(SystemExit):
+    from ldm.utils.cli import run_command
+
+    with pytest.raises(FileNotFoundError, match="not a sweep directory: no index.json"):
         report_main([str(tmp_path)])
-    assert "not a sweep directory: no index.json" in capsys.readouterr().err
+    assert run_command(report_main, [str(tmp_path)]) == 1  # what `python -m ldm.report DIR` does with it
+    assert capsys.readouterr().err == f"error: {tmp_path} is not a sweep directory: no index.json\n"
 
 
 # --- the pieces -----------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ skipped samples, converted images, FID evaluations put off. Plain Python: every 
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
@@ -18,6 +19,20 @@ import warnings
 from collections.abc import Callable
 
 log = logging.getLogger("ldm")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a usage mistake said in one line like every other error (exit code 2, as argparse's)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
+def existing_file(path: str) -> str:
+    """argparse `type=`: a path that must be a file (`error: ... no such file: x.ckpt`)."""
+    if not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"no such file: {path}")
+    return path
 
 
 def full_errors() -> bool:
