@@ -14,7 +14,7 @@ An img2dataset folder can also be used as is: `--manifest-only` just writes its 
 import sys
 from pathlib import Path
 
-from ldm.data.format import write_manifest
+from ldm.data.format import duplicate_keys, expand_urls, write_manifest
 from ldm.data.shards import (
     IMAGE_FORMATS,
     samples_from_class_folders,
@@ -56,7 +56,10 @@ def main(argv=None) -> None:
     src = Path(args.src)
     if args.manifest_only:
         manifest = write_manifest(src)
-        print(f"{src}: manifest of {len(manifest['shards'])} shards, {manifest['total']} samples")
+        twice = manifest["duplicates"]
+        note = f"; {len(twice)} keys name several samples (each is trained once), e.g. {next(iter(twice))!r} in " \
+               f"{', '.join(twice[next(iter(twice))])}" if twice else ""
+        print(f"{src}: manifest of {len(manifest['shards'])} shards, {manifest['total']} samples{note}")
         return
     if args.out is None:
         parser.error("out is required unless --manifest-only")
@@ -67,6 +70,12 @@ def main(argv=None) -> None:
         "shards": lambda: samples_from_shards(str(src)),
     }[source]()
     samples = list(samples) if source != "shards" else samples  # paths only: cheap, and gives the bar a total
+    if source == "shards":  # a stream: its keys come from the tar headers, before anything is written
+        twice = duplicate_keys(expand_urls(str(src)))
+        if twice:
+            key = next(iter(twice))
+            raise ValueError(f"{src}: {len(twice)} keys name several samples, e.g. {key!r} in "
+                             f"{', '.join(twice[key])}; keys must be unique: nothing was written")  # fmt: skip
     paths = write_shards(
         samples,
         args.out,

@@ -15,7 +15,7 @@ process sums the rows. `DataHealth.check` stops training with a clear error when
 
 import torch
 
-FIELDS = ("ok", "skipped", "too_small", "shard_errors")
+FIELDS = ("ok", "skipped", "too_small", "shard_errors", "duplicates")
 _SLOTS = 257  # row 0: the main process (num_workers=0); rows 1..: dataloader worker id + 1
 
 
@@ -28,7 +28,8 @@ class DataHealth:
 
     ok: samples delivered; skipped: bad samples (corrupt image, unreadable caption, lost in a
     truncated shard); too_small: left out by the `small_images="skip"` policy (not bad);
-    shard_errors: shards that could not be opened, were truncated or held nothing.
+    shard_errors: shards that could not be opened, were truncated or held nothing; duplicates: samples
+    whose key was seen before in the same pass (trained once; not bad, and no stall).
     """
 
     def __init__(self, max_bad_fraction: float = 0.05, min_samples: int = 200, stall_limit: int = 10_000):
@@ -46,7 +47,8 @@ class DataHealth:
         info = torch.utils.data.get_worker_info()
         row = 0 if info is None else 1 + info.id % (_SLOTS - 1)
         self.counts[row, FIELDS.index(field)] += n
-        self._in_a_row = 0 if field == "ok" else self._in_a_row + n
+        if field != "duplicates":
+            self._in_a_row = 0 if field == "ok" else self._in_a_row + n
         if self._in_a_row >= self.stall_limit:
             where = "main process" if info is None else f"dataloader worker {info.id}"
             raise DataError(f"{where}: {self._in_a_row} bad samples or shards in a row and none valid; "

@@ -20,7 +20,8 @@ replacement forever, seeded per (seed, rank, worker): for large corpora, cut int
 by the loader.
 
 Bad input never stops a worker: a corrupt image, unreadable caption, truncated tar or
-empty shard is skipped with a warning naming shard and key, and counted in `DataHealth`.
+empty shard is skipped with a warning naming shard and key, and counted in `DataHealth`. A key that
+names two samples (twice in a shard, or in two shards) is trained once per pass (`DropDuplicates`).
 
 What comes from webdataset and what does not: shard urls are expanded by webdataset's brace expansion
 (`ldm.data.format.expand_urls`), streams are opened by `wds.gopen`, the pipeline is a `wds.DataPipeline`,
@@ -48,6 +49,7 @@ from ldm.data.format import (
     IMAGE_EXTENSIONS,
     caption_choices,
     decode_texts,
+    duplicate_keys,
     expand_urls,
     has_extension,
     image_bytes,
@@ -185,9 +187,10 @@ class ReadShards:
         self.health, self.expected_counts, self.select = health, expected_counts or {}, select
 
     def __call__(self, sources):
-        for source in sources:
+        for reading, source in enumerate(sources):
             for sample in self.read(source["url"]):
                 sample["__pass__"] = source.get("__pass__", 0)
+                sample["__reading__"] = reading  # which reading of a shard the sample came from (DropDuplicates)
                 yield sample
 
     def read(self, url: str):
@@ -199,7 +202,8 @@ class ReadShards:
                     if split_name(name) is None:
                         continue
                     key, extension = split_name(name)
-                    if current is None or key != current["__key__"]:
+                    # a new key, or a member the sample already has (the same key twice in a row), starts a sample
+                    if current is None or key != current["__key__"] or extension.lower() in current:
                         if current is not None:
                             n += 1
                             yield current
@@ -235,6 +239,41 @@ class ReadShards:
             self.health.add("skipped", expected - n)
             warnings.warn(f"shard {url}: {n} of {expected} samples (truncated?), last key {current['__key__']!r}",
                           DataWarning, stacklevel=2)  # fmt: skip
+
+
+class DropDuplicates:
+    """Pipeline stage (right after ReadShards): a key seen twice in one pass is trained once, and each extra copy is
+    warned about naming key and shards, and counted as `duplicates`.
+
+    Within a shard, the first copy is kept. Across shards, ``owners`` (key -> (url, n): the n-th sample of that key in
+    that shard; from `ldm.data.format.duplicate_keys`, the first copy in url order) says which copy is trained, so
+    every rank and worker agrees without talking to the others. Memory is one shard's keys, not a pass's.
+    """
+
+    def __init__(self, health: DataHealth, duplicates: dict[str, list[str]] | None = None):
+        self.health = health
+        self.owners = {key: (urls[0], 0) for key, urls in (duplicates or {}).items()}
+        self.first = {key: urls[0] for key, urls in (duplicates or {}).items()}
+
+    def __call__(self, samples):
+        reading, copies = None, {}
+        for sample in samples:
+            if sample.get("__reading__") != reading:  # the next shard: a fresh count of its keys
+                reading, copies = sample.get("__reading__"), {}
+            key, url = sample["__key__"], sample["__url__"]
+            n = copies.get(key, 0)
+            copies[key] = n + 1
+            if key in self.owners:
+                keep, first = (url, n) == self.owners[key], self.first[key]
+            else:
+                keep, first = n == 0, url
+            if keep:
+                yield sample
+                continue
+            self.health.add("duplicates")
+            where = f"in shard {url}" if first == url else f"in shards {first} and {url}"
+            warnings.warn(f"duplicate key {key!r} {where}: trained once (the first copy, in {first}), this copy "
+                          f"skipped", DataWarning, stacklevel=2)  # fmt: skip
 
 
 class ToTrainingSample:
@@ -343,6 +382,8 @@ def make_shard_dataset(
     stages = [
         ShardList(shard_urls, rank, world_size, shuffle=shardshuffle, seed=seed, resampled=resampled),
         ReadShards(health, expected_counts=shard_counts(shard_urls)),
+        # a key twice in one pass is trained once; across shards that takes knowing them all (not when resampling)
+        DropDuplicates(health, None if resampled else duplicate_keys(shard_urls, _READ_EXTENSIONS)),
     ]
     if shuffle_buffer > 0:
         stages.append(wds.detshuffle(shuffle_buffer, initial=min(100, shuffle_buffer), seed=seed))

@@ -40,6 +40,8 @@ def full_errors() -> bool:
     return any(os.environ.get(name, "").lower() in ("1", "true", "yes") for name in ("HYDRA_FULL_ERROR", "LDM_DEBUG"))
 
 
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../ldm
+_OURS = (_PACKAGE + os.sep, os.path.join(os.path.dirname(_PACKAGE), "scripts") + os.sep)
 _WORKER = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.")
 
 
@@ -54,10 +56,19 @@ def one_line(error: BaseException) -> str:
         text = f"{error.filename}: {error.strerror}"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     text = "; ".join(lines[:3]) if lines else ""
-    ours = type(error).__module__.split(".")[0] == "ldm"
-    if ours and text or isinstance(error, OSError) and text:
-        return text
+    if text and (_raised_by_us(error) or isinstance(error, OSError)):
+        return text  # our messages name what is wrong; an OSError says its file
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _raised_by_us(error: BaseException) -> bool:
+    """Whether this project raised the error (its class, or the frame that raised it, is ldm's or a script's)."""
+    if type(error).__module__.split(".")[0] == "ldm":
+        return True
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_OURS)
 
 
 def log_to_files(message: str, error: BaseException | None = None, level: int = logging.ERROR) -> None:
