@@ -222,7 +222,7 @@ class ReadShards:
             # the sample being read is lost; with a manifest, so is everything after it
             lost = max(0, self.expected_counts[url] - n) if url in self.expected_counts else int(key is not None)
             self.health.add("shard_errors")
-            self.health.add("skipped", lost)
+            self.health.add("skipped", lost, shard=url)
             warnings.warn(f"shard {url}: unreadable after {n} samples (at key {key!r}): {error!r}; "
                           f"skipping the rest of the shard", DataWarning, stacklevel=2)  # fmt: skip
             return
@@ -232,11 +232,11 @@ class ReadShards:
         expected = self.expected_counts.get(url)
         if n == 0:
             self.health.add("shard_errors")
-            self.health.add("skipped", expected or 0)
+            self.health.add("skipped", expected or 0, shard=url)
             warnings.warn(f"shard {url}: empty, no samples", DataWarning, stacklevel=2)
         elif expected is not None and n < expected:
             self.health.add("shard_errors")
-            self.health.add("skipped", expected - n)
+            self.health.add("skipped", expected - n, shard=url)
             warnings.warn(f"shard {url}: {n} of {expected} samples (truncated?), last key {current['__key__']!r}",
                           DataWarning, stacklevel=2)  # fmt: skip
 
@@ -289,17 +289,22 @@ class ToTrainingSample:
         self.transform = transform
         self.seed = seed
         self.jpeg_draft = jpeg_draft
+        self.converted: set[str] = set()  # image modes already reported as converted (`image`)
 
     def rng(self, sample: dict) -> random.Random:
         """The randomness of one visit of one sample."""
         return random.Random(f"{self.seed}-{sample.get('__pass__', 0)}-{sample.get('__url__')}-{sample.get('__key__')}")
 
-    def image(self, data: bytes) -> Image.Image:
+    def image(self, data: bytes, where: str = "") -> Image.Image:
         image = Image.open(io.BytesIO(data))
         if self.jpeg_draft and image.format == "JPEG":
             side = self.transform.resolution
             image.draft("RGB", (side, side))  # keeps both sides >= resolution
         image.load()  # raises now on truncated files, not later inside a transform
+        if image.mode != "RGB" and image.mode not in self.converted:  # once per mode and process
+            self.converted.add(image.mode)
+            warnings.warn(f"images in mode {image.mode} are converted to RGB (the first: {where})", DataWarning,
+                          stacklevel=2)  # fmt: skip
         return image
 
     def __call__(self, sample: dict) -> dict:
@@ -311,7 +316,7 @@ class ToTrainingSample:
             captions = caption_choices(decode_texts(sample))
             rng = self.rng(sample)
             caption = rng.choice(captions)
-            image = self.image(data)
+            image = self.image(data, f"key {key!r} of shard {url}")
             with torch.random.fork_rng(devices=[]):  # torchvision's random crop/flip draw from torch's RNG
                 torch.manual_seed(rng.getrandbits(63))
                 pixel_values = self.transform(image)
@@ -336,7 +341,7 @@ class ToTrainingSamples:
                 self.health.add("too_small")  # a policy, not damage: counted, no warning
                 continue
             except SampleError as error:
-                self.health.add("skipped")
+                self.health.add("skipped", shard=error.url)
                 warn_and_skip(error)
                 continue
             self.health.add("ok")
@@ -377,6 +382,7 @@ def make_shard_dataset(
     if not resampled and len(shard_urls) < world_size:
         raise ValueError(f"{len(shard_urls)} shards cannot feed {world_size} ranks; write more (smaller) shards")
     health = health if health is not None else DataHealth()
+    health.track_shards(shard_urls)  # bad samples per shard, for the error that names the worst
     transform = ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip, small_images=small_images,
                                uint8=uint8)  # fmt: skip
     stages = [

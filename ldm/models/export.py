@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from diffusers import StableDiffusionPipeline
+from diffusers.utils import is_accelerate_available
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.diffusion import make_scheduler
@@ -91,4 +92,5 @@ def check_pipeline_dir(path: str | Path) -> None:
 def load_pipeline(path: str | Path) -> StableDiffusionPipeline:
     """A pipeline directory as `StableDiffusionPipeline.from_pretrained` loads it, after `check_pipeline_dir`."""
     check_pipeline_dir(path)
-    return StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    return StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
+                                                   low_cpu_mem_usage=is_accelerate_available())  # fmt: skip

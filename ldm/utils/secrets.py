@@ -37,7 +37,8 @@ def secret_values() -> list[str]:
     return sorted({os.environ[k] for k in names if len(os.environ.get(k, "")) >= 8}, key=len, reverse=True)
 
 
-_OVERRIDE = re.compile(r"(?P<name>(?:^|(?<=[,\s]))[+~]{0,2}[\w.\-/]+)=(?P<value>[^,\s]+)")
+# `key=value`, where a sweep's value list runs on through commas up to the next `key=` (`k=a,b,other=1`)
+_OVERRIDE = re.compile(r"(?P<name>(?:^|(?<=[,\s]))[+~]{0,2}[\w.\-/]+)=(?P<value>[^,\s]+(?:,(?![^,\s]*=)[^,\s]+)*)")
 
 
 def _redact_string(text: str, values: list[str]) -> str:
@@ -81,20 +82,21 @@ def redact_argv() -> None:
     sys.argv[:] = [_redact_string(arg, values) for arg in sys.argv]
 
 
-class RedactingFilter(logging.Filter):
-    """Redacts secret overrides and secret environment values in every record a handler writes."""
+def redact_logging() -> None:
+    """Redact every log record from now on, whatever logger or handler writes it (idempotent): the record factory
+    is wrapped, so it holds through Hydra configuring its logging again (its launcher does, then logs each job's
+    overrides: `#0 : optim.lr=1e-4 +api_key=...`), W&B, Lightning and the run's train.log."""
+    make = logging.getLogRecordFactory()
+    if getattr(make, "_ldm_redacts", False):
+        return
 
-    def filter(self, record: logging.LogRecord) -> bool:
+    def factory(*args, **kwargs) -> logging.LogRecord:
+        record = make(*args, **kwargs)
         message = record.getMessage()
         clean = _redact_string(message, secret_values())
         if clean != message:
-            record.msg, record.args = clean, ()
-        return True
+            record.msg, record.args = clean, None
+        return record
 
-
-def redact_logging() -> None:
-    """Put a `RedactingFilter` on every handler of the root logger (Hydra's console and train.log; idempotent).
-    Hydra logs a multirun's overrides as it launches each job: `#0 : optim.lr=1e-4 +api_key=...`."""
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
-            handler.addFilter(RedactingFilter())
+    factory._ldm_redacts = True
+    logging.setLogRecordFactory(factory)
