@@ -288,6 +288,21 @@ def test_resume_removes_what_interrupted_saves_left_and_no_checkpoint(four_steps
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
+def test_a_resume_with_another_cpu_thread_count_says_it_is_not_bit_for_bit(four_steps, tmp_path, tiny_root):
+    """CPU sums split over threads: another thread count sums in another order (README: exact resume)."""
+    run_dir = _copy_run(four_steps, tmp_path)
+    saved = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["intra_op_threads"]
+    assert saved == torch.get_num_threads()
+    cfg = compose_config(tiny_root, run_dir.parent / "new", [*FAST, "trainer.max_steps=5", "resume=auto"])
+    torch.set_num_threads(saved + 1)
+    try:
+        with pytest.warns(UserWarning, match=rf"resuming with {saved + 1} CPU threads; the checkpoint was written "
+                                             rf"with {saved}: the run continues to float rounding, not bit for bit"):
+            train(cfg)
+    finally:
+        torch.set_num_threads(saved)
+
+
 def test_a_failed_checksum_write_says_what_exists(tmp_path, monkeypatch):
     import ldm.training.checkpoint as checkpoint_module
 
