@@ -323,14 +323,20 @@ def interpolated_keys(cfg: DictConfig, prefix: str = "") -> set[str]:
     return keys
 
 
-def check_schema(cfg: DictConfig, added: Iterable[str] | None = None) -> dict:
+def check_schema(cfg: DictConfig, added: Iterable[str] | None = None, files: bool = True) -> dict:
     """Check every key of ``cfg`` against `KEYS`; return the config as plain Python. ``added``: the keys the command
     line added on purpose (`+key=...`); None means unknown keys are not checked (a config composed elsewhere).
+    ``files=False``: not yet whether paths that must exist do (`check_paths`).
 
     Keys set by the user are checked before the interpolations that copy them, so a bad value is reported under
     the key it was given to (`trainer.max_steps`, not `optim.lr_scheduler.num_training_steps`)."""
     config = plain(cfg)
     strict, added = added is not None, tuple(added or ())
-    check_tree(config, KEYS, added, strict, skip=interpolated_keys(cfg))
-    check_tree(config, KEYS, added, strict)
+    check_tree(config, KEYS, added, strict, skip=interpolated_keys(cfg), files=files)
+    check_tree(config, KEYS, added, strict, files=files)
     return config
+
+
+def check_paths(config: dict) -> None:
+    """The paths `KEYS` says must exist, do (after `check_schema(..., files=False)` passed)."""
+    check_tree(config, KEYS, strict=False)

@@ -37,6 +37,7 @@ from ldm.run.schema import (
     OPEN_CLIP_TEXT_ENCODER,
     SHARD_DATA_MODULE,
     SHARDED_UNET_STRATEGY,
+    check_paths,
     check_schema,
 )
 from ldm.utils.rules import ConfigError
@@ -222,8 +223,9 @@ def _check_fsdp(config: dict) -> None:
 def validate_config(cfg: DictConfig, added: Iterable[str] | None = None) -> None:
     """Raise ConfigError (one line) for the first problem found. ``added``: the keys the command line added on
     purpose (`+key=...`), when known; then any other key that no schema entry knows is an error too."""
-    config = check_schema(cfg, added)
+    config = check_schema(cfg, added, files=False)  # what the config alone decides, first
     _check_values(config)
     _check_fsdp(config)
+    check_paths(config)  # then what needs files: paths, model configs, shards
     _check_model(config)
     _check_data(config)

@@ -44,7 +44,8 @@ class Rule:
     def describe(self) -> str:
         raise NotImplementedError
 
-    def check(self, key: str, value) -> None:
+    def check(self, key: str, value, files: bool = True) -> None:
+        """ConfigError unless ``value`` is allowed; ``files=False`` leaves out what needs the filesystem."""
         if value is None and self.none:
             return
         if not self.ok(value):
@@ -149,9 +150,9 @@ class Path(Rule):
     def describe(self) -> str:
         return "a path"
 
-    def check(self, key: str, value) -> None:
+    def check(self, key: str, value, files: bool = True) -> None:
         super().check(key, value)
-        if value is None or self.exists is None:
+        if value is None or self.exists is None or not files:
             return
         there = {"file": os.path.isfile, "dir": os.path.isdir, "any": os.path.exists}[self.exists](value)
         if not there:
@@ -172,10 +173,10 @@ class ListOf(Rule):
                 else f"at least {self.min_len} " if self.min_len else "")  # fmt: skip
         return f"a list of {size}items, each {self.item.describe()}"
 
-    def check(self, key: str, value) -> None:
+    def check(self, key: str, value, files: bool = True) -> None:
         super().check(key, value)
         for i, item in enumerate(value or ()):
-            self.item.check(f"{key}[{i}]", item)
+            self.item.check(f"{key}[{i}]", item, files)
 
 
 class Section(Rule):
@@ -230,12 +231,12 @@ class OneOf(Rule):
     def describe(self) -> str:
         return ", or ".join(r.describe() for r in self.rules)
 
-    def check(self, key: str, value) -> None:
+    def check(self, key: str, value, files: bool = True) -> None:
         if value is None and self.none:
             return
         for rule in self.rules:
             if rule.ok(value):
-                rule.check(key, value)  # its own further checks (a path that must exist, list items)
+                rule.check(key, value, files)  # its own further checks (a path that must exist, list items)
                 return
         super().check(key, value)
 
@@ -281,13 +282,14 @@ def did_you_mean(key: str, known) -> str:
 
 
 def check_tree(config: Mapping, rules: Mapping[str, Rule], added=(), strict: bool = True, skip=frozenset(),
-               prefix: str = "") -> None:
+               files: bool = True, prefix: str = "") -> None:
     """Check every key of a nested plain config against ``rules``; ConfigError (one line) at the first fault.
 
     A mapping is walked into where rules live below it. A key with no rule is unknown (one line with a "did you
     mean") when ``strict``, unless it was ``added`` on purpose (`+key=...`: the key and everything under it), or its
     section names a `_target_` the table does not know (a component of the user's own, options unchecked).
-    Keys in ``skip`` are not checked (here)."""
+    Keys in ``skip`` are not checked (here); ``files=False`` leaves out what needs the filesystem (paths that must
+    exist), so that what the config alone decides is said first."""
     for name, value in config.items():
         key = f"{prefix}{name}"
         if key in skip or any(key == a or key.startswith(a + ".") for a in added):
@@ -296,12 +298,12 @@ def check_tree(config: Mapping, rules: Mapping[str, Rule], added=(), strict: boo
         below = is_section(key, rules) or any(a.startswith(key + ".") for a in added)
         if isinstance(value, Mapping) and (below or (rule is not None and rule.descends())):
             if rule is not None and not rule.descends():
-                rule.check(key, value)  # a mapping where a plain value goes
+                rule.check(key, value, files)  # a mapping where a plain value goes
             if not _own_component(key, value, rules):
-                check_tree(value, rules, added, strict, skip, prefix=f"{key}.")
+                check_tree(value, rules, added, strict, skip, files, prefix=f"{key}.")
             continue
         if rule is not None:
-            rule.check(key, value)
+            rule.check(key, value, files)
         elif below:
             if value is not None:
                 raise ConfigError(f"{key}={show(value)}: expected a section (key: value, ...) or null")
