@@ -36,12 +36,18 @@ register_resolvers()  # ${ldm.run_name:...} and friends in conf/ (the checks res
 @contextmanager
 def _environ(name: str, value: str | None):
     """Set (or, for None, unset) an environment variable for the block (processes started inside inherit it)."""
+    def put(v: str | None) -> None:
+        if v is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = v
+
     before = os.environ.get(name)
-    os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+    put(value)
     try:
         yield
     finally:
-        os.environ.pop(name, None) if before is None else os.environ.__setitem__(name, before)
+        put(before)
 
 
 USER_FULL_ERROR = os.environ.get("HYDRA_FULL_ERROR")  # main() sets it for Hydra; this is what the user set
