@@ -15,25 +15,28 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from ldm.metrics.evaluation import evaluate_generator, fid_between
-from ldm.metrics.generated import Generate
-from ldm.models.export import load_pipeline
-from ldm.stages.load import load_module
-from ldm.training.loggers import wandb_logger
 from ldm.utils.cli import ArgumentParser, run_command
 
+# torch, the metrics and the model libraries are imported inside the functions that use them: they take 10-40 s to
+# import, and a mistaken argument is said before that.
 
-def checkpoint_generator(path: str, device: str = "cpu", **generate_kwargs) -> tuple[Generate, int]:
-    """A training checkpoint's generator (EMA weights when it has them) and its resolution."""
+
+def checkpoint_generator(path: str, device: str = "cpu", **generate_kwargs):
+    """A training checkpoint's generator (`ldm.metrics.generated.Generate`: EMA weights when it has them) and its
+    resolution."""
+    from ldm.stages.load import load_module
+
     module = load_module(path).to(device)
     return (lambda prompts, seeds: module.generate(prompts, seed=seeds, **generate_kwargs)), module.resolution
 
 
 def pipeline_generator(path: str, device: str = "cpu", guidance_scale: float | None = None,
-                       num_inference_steps: int | None = None) -> tuple[Generate, int]:
+                       num_inference_steps: int | None = None):
     """An exported diffusers StableDiffusionPipeline directory's generator (one generator per image)."""
+    import torch
+
+    from ldm.models.export import load_pipeline
+
     pipe = load_pipeline(path).to(device)  # after checking what its model_index.json names
     pipe.set_progress_bar_config(disable=True)
     options = {k: v for k, v in dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps).items()
@@ -78,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    from ldm.metrics.evaluation import evaluate_generator, fid_between
+    from ldm.training.loggers import wandb_logger
+
     if args.mode == "compare":
         result = fid_between(*args.paths, num_images=args.n, resolution=args.resolution, network=args.network,
                              batch_size=args.batch_size, device=args.device)

@@ -54,6 +54,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     src = Path(args.src)
+    if not src.exists():
+        parser.error(f"no such file or directory: {src}")
     if args.manifest_only:
         manifest = write_manifest(src)
         twice = manifest["duplicates"]

@@ -162,6 +162,9 @@ def test_report_refuses_a_directory_that_is_not_a_sweep(tmp_path, capsys):
         report_main([str(tmp_path)])
     assert run_command(report_main, [str(tmp_path)]) == 1  # what `python -m ldm.report DIR` does with it
     assert capsys.readouterr().err == f"error: {tmp_path} is not a sweep directory: no index.json\n"
+    with pytest.raises(FileNotFoundError):
+        report_main([str(tmp_path / "absent")])
+    assert not (tmp_path / "absent").exists()  # nothing made for a mistaken path
 
 
 # --- the pieces -----------------------------------------------------------------------------------------

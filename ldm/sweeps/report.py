@@ -101,8 +101,8 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, metri
     """report.md, report.csv and fid_curves.png (for ``metric``) in ``out_dir`` (default: the sweep directory)."""
     sweep_dir = Path(sweep_dir)
     out_dir = Path(out_dir or sweep_dir)
+    columns, rows = job_rows(sweep_dir)  # first: a folder that is no sweep is refused before anything is made
     out_dir.mkdir(parents=True, exist_ok=True)
-    columns, rows = job_rows(sweep_dir)
     md, csv_path = out_dir / "report.md", out_dir / "report.csv"
     write_table(columns, rows, md, csv_path)
     curves = plot_jobs(sweep_dir, out_dir / f"{metric.split('/')[-1]}_curves.png", metric)
