@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from ldm.utils.cli import ArgumentParser, run_command
+from ldm.utils.cli import ArgumentParser, run_command, silence_notices
 
 # torch, the metrics and the model libraries are imported inside the functions that use them: they take 10-40 s to
 # import, and a mistaken argument is said before that.
@@ -108,6 +108,7 @@ def main(argv=None) -> dict:
 
 
 def cli() -> None:
+    silence_notices()
     sys.exit(run_command(main))
 
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from ldm.run.schema import SAMPLERS
-from ldm.utils.cli import ArgumentParser, existing_file, run_command
+from ldm.utils.cli import ArgumentParser, existing_file, run_command, silence_notices
 
 
 def main(argv=None) -> Path:
@@ -32,6 +32,7 @@ def main(argv=None) -> Path:
 
 
 def cli() -> None:
+    silence_notices()
     sys.exit(run_command(main))
 
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ldm.run.schema import SAMPLERS
-from ldm.utils.cli import ArgumentParser, existing_file, run_command
+from ldm.utils.cli import ArgumentParser, existing_file, run_command, silence_notices
 
 
 def parse_args(argv=None):
@@ -57,6 +57,7 @@ def main(argv=None) -> Path:
 
 
 def cli() -> None:
+    silence_notices()
     sys.exit(run_command(main))
 
 

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 from ldm.run.overrides import added_keys, explain_hydra_error, quote_shard_patterns
 from ldm.run.validate import validate_config
-from ldm.utils.cli import full_errors, run_command, warnings_to_log_files
+from ldm.utils.cli import full_errors, run_command, silence_notices, warnings_to_log_files
 from ldm.utils.secrets import redact_argv, redact_files, redact_logging
 from ldm.utils.sweep_index import register_resolvers
 
@@ -60,6 +60,7 @@ def task(cfg: DictConfig) -> float | None:
     redact_argv()
     redact_logging()  # Hydra's console and train.log: no secret in what a run prints
     warnings_to_log_files()  # skipped samples, conversions, put-off evaluations: in train.log as well as on stderr
+    silence_notices()  # "install litlogger", "install accelerate": not in every run's output
     if hydra_cfg.output_subdir:
         redact_files(Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir)
     with _environ("HYDRA_FULL_ERROR", USER_FULL_ERROR):  # what the user set, for the processes this run starts

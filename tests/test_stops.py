@@ -51,6 +51,7 @@ def _one_line_stop(out: subprocess.CompletedProcess) -> str:
     errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and out.stderr.rstrip().endswith(errors[0]), out.stderr[-3000:]
     assert "pip install accelerate" not in out.stdout + out.stderr  # diffusers' notice is not printed
+    assert "litlogger" not in out.stdout + out.stderr  # nor Lightning's
     return errors[0]
 
 

@@ -171,22 +171,23 @@ def _check_values(config: dict) -> None:
 
 def _check_data(config: dict) -> None:
     data = config.get("data") or {}
-    for key in ("train_shards", "val_shards"):
-        spec = data.get(key)
-        if spec is None and key == "val_shards":
+    fid = (config.get("callbacks") or {}).get("fid") or {}
+    for key, spec in (("data.train_shards", data.get("train_shards")), ("data.val_shards", data.get("val_shards")),
+                      ("callbacks.fid.shards", fid.get("shards"))):  # fmt: skip
+        if spec is None and key != "data.train_shards":
             continue
         try:
             urls = expand_urls(spec)
         except FileNotFoundError as error:
-            raise ConfigError(f"data.{key}={spec}: {error}") from None
-        if key != "train_shards" or data.get("samples_per_epoch") is not None:
+            raise ConfigError(f"{key}={spec}: {error}") from None
+        if key != "data.train_shards" or data.get("samples_per_epoch") is not None:
             continue
         local = [u for u in urls if not is_remote(u)]
         if local and len(local) == len(urls):
             total = sum(sample_counts(local).values())  # an unreadable tar counts 0: the reader names it later
             if data["batch_size"] > total:
                 raise ConfigError(f"data.batch_size={data['batch_size']} is larger than the {total} samples of "
-                                  f"data.{key}={spec}")  # fmt: skip
+                                  f"{key}={spec}")  # fmt: skip
 
 
 def _check_fsdp(config: dict) -> None:

@@ -5,7 +5,8 @@
 
 `HYDRA_FULL_ERROR=1` (Hydra's own switch) or `LDM_DEBUG=1` shows the full traceback instead. Where a run writes a
 log file (Hydra's `train.log`), the stop goes there too, with its traceback; so do warnings (`warnings_to_log_files`):
-skipped samples, converted images, FID evaluations put off. Plain Python: every entry point imports this first.
+skipped samples, converted images, FID evaluations put off; libraries' install-this notices are dropped
+(`silence_notices`). Plain Python: every entry point imports this first.
 """
 
 from __future__ import annotations
@@ -100,6 +101,31 @@ def run_command(main: Callable, *args, explain: Callable[[BaseException], str | 
             raise
         print(f"error: {line}", file=sys.stderr)
         return 1
+
+
+# Notices libraries print on every run that ask the user to install something: (logger, start of the message).
+NOTICES = (
+    ("pytorch_lightning.utilities.rank_zero", "💡 Tip: For seamless cloud logging"),  # an ad for litlogger
+    ("diffusers.models.modeling_utils", "Cannot initialize model with low cpu memory usage because `accelerate`"),
+    ("diffusers.pipelines.pipeline_utils", "Cannot initialize model with low cpu memory usage because `accelerate`"),
+)
+
+
+class _DropNotice(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.start)
+
+
+def silence_notices() -> None:
+    """Drop `NOTICES` where they are logged (logger filters: they hold when logging is configured again)."""
+    for name, start in NOTICES:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotice) and f.start == start for f in logger.filters):
+            logger.addFilter(_DropNotice(start))
 
 
 def warnings_to_log_files() -> None:
