@@ -173,6 +173,12 @@ def test_every_numeric_key_refuses_a_wrong_type_a_negative_and_an_out_of_range_v
         assert "expected" in message
 
 
+def test_nan_and_inf_are_no_numbers(default_config):
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match=r"^sampling\.guidance_scale=(nan|inf): expected a number >= 0$"):
+            check_tree(_with(default_config, "sampling.guidance_scale", value), KEYS)
+
+
 def test_list_items_are_checked_one_by_one(default_config):
     with pytest.raises(ConfigError, match=r"^model\.unet\.block_out_channels\[1\]=-8: expected an integer >= 1$"):
         check_tree(_with(default_config, "model.unet.block_out_channels", [8, -8]), KEYS)

@@ -94,7 +94,7 @@ class Float(Rule):
         self.min, self.max, self.open_min, self.open_max, self.none, self.note = min, max, open_min, open_max, none, note
 
     def ok(self, value) -> bool:
-        if not _number(value) or math.isnan(value):
+        if not _number(value) or not math.isfinite(value):  # nan and inf are never a setting
             return False
         above = self.min is None or (value > self.min if self.open_min else value >= self.min)
         below = self.max is None or (value < self.max if self.open_max else value <= self.max)
