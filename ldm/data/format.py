@@ -3,7 +3,7 @@
 A shard set is a folder of tars in the img2dataset layout: `000000.tar, 000001.tar, ...`, each holding
 `<key>.<ext>` members, one sample per key (`<key>.jpg` + `<key>.txt`, or `<key>.json` with a "caption" or
 "text" that is a string or a list of strings). Beside the tars, `manifest.json` lists every shard's name,
-sample count, size in bytes and sha256 (`write_manifest`). The reader (`ldm.data.webdataset`), the writer
+sample count, size in bytes and sha256, and the keys that name more than one sample (`write_manifest`). The reader (`ldm.data.webdataset`), the writer
 (`ldm.data.shards`), the latent shards (`ldm.data.latents`), the data module, FID reference statistics and the
 config checks all go through these functions.
 
