@@ -247,6 +247,17 @@ class ShardSink:
         self.abort() if exc_type is not None else self.finish()
 
 
+def refuse_duplicates(samples) -> None:
+    """ValueError naming the first key two samples share (nothing is written then): a key names one sample."""
+    first: dict[str, object] = {}
+    for key, image, _ in samples:
+        if key in first:
+            what = (lambda x: str(x) if isinstance(x, (str, os.PathLike)) else type(x).__name__)
+            raise ValueError(f"two samples have the key {key!r} ({what(first[key])} and {what(image)}); keys must be "
+                             f"unique: nothing was written")  # fmt: skip
+        first[key] = image
+
+
 def write_shards(
     samples: Iterable[tuple[str, ImageLike, str]],
     out_dir: str | os.PathLike,
@@ -265,7 +276,8 @@ def write_shards(
     (so it may pass that size by one sample). `max_size` shrinks the long side of larger
     images. A sample whose image cannot be read or encoded is skipped with a warning and
     counted as "skipped" in the manifest. With `resume=True`, complete shards already in
-    `out_dir` are kept and samples whose key they hold are not written again.
+    `out_dir` are kept and samples whose key they hold are not written again. Two samples with
+    one key are refused before anything is written (for a list; a stream stops at the second).
     """
     if samples_per_shard <= 0:
         raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
@@ -287,8 +299,9 @@ def write_shards(
             shards.append(shard_record(path))
             with tarfile.open(path) as tar:
                 done_keys.update(split_name(name)[0] for name in tar.getnames() if split_name(name))
-    if total is None and hasattr(samples, "__len__"):
-        total = len(samples)
+    if hasattr(samples, "__len__"):
+        total = len(samples) if total is None else total
+        refuse_duplicates(samples)
 
     seen: set[str] = set()
     skipped = 0
@@ -296,8 +309,11 @@ def write_shards(
     with ShardSink(out_dir, shards) as sink, tqdm(samples, total=total, desc=f"writing {out_dir}", unit="img",
                                                    disable=not progress) as bar:  # fmt: skip
         for key, image, caption in bar:
-            if not key or "." in key or key.startswith("_") or key in seen:
-                raise ValueError(f"bad sample key {key!r}: must be unique, non-empty, no '.', not start with '_'")
+            if key in seen:
+                raise ValueError(f"two samples have the key {key!r}; keys must be unique: stopped, the shard being "
+                                 f"written was removed and no manifest written")  # fmt: skip
+            if not key or "." in key or key.startswith("_"):
+                raise ValueError(f"bad sample key {key!r}: must be non-empty, hold no '.', not start with '_'")
             seen.add(key)
             if key in done_keys:
                 continue
@@ -318,7 +334,7 @@ def write_shards(
         raise ValueError(f"{out_dir}: no samples to write")
 
     manifest = {"shards": shards, "total": sum(s["count"] for s in shards), "image_format": image_format,
-                "skipped": skipped}  # fmt: skip
+                "skipped": skipped, "duplicates": {}}  # fmt: skip  # keys are unique: checked above
     write_manifest_file(out_dir, manifest)
 
     written = {shard["name"] for shard in shards}

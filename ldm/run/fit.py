@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
+from ldm.run.adapter_check import check_adapter
 from ldm.run.launch import launch, ranks_to_launch
 from ldm.run.resume import resolve_resume
 from ldm.run.validate import validate_config
@@ -27,6 +28,7 @@ register_resolvers()  # ${ldm.run_name:...} and friends in conf/ resolve whereve
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the run in this process; returns the trainer's final metrics."""
     validate_config(cfg)  # seconds, before anything heavy
+    check_adapter(cfg)  # the adapter against the model's layers (on the meta device)
     ckpt_path = resolve_resume(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, _convert_="all")
@@ -51,5 +53,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
     nprocs = ranks_to_launch(cfg.trainer)
     if nprocs:
         validate_config(cfg)  # a config mistake in one line here, before any rank starts (each rank checks again)
+        check_adapter(cfg)
         return launch(cfg, cfg.paths.output_dir, nprocs)
     return train(cfg)
