@@ -136,16 +136,16 @@ def _check_model(config: dict) -> None:
     if factor and resolution is not None and resolution % factor:
         raise ConfigError(f"data.resolution={resolution} is not a multiple of the VAE's downsampling "
                           f"factor {factor} (model.vae)")  # fmt: skip
-    unet_config = unet_config(unet) if isinstance(unet, dict) else None
-    if unet_config and factor and resolution is not None:
-        halvings = len(unet_config.get("block_out_channels") or [0]) - 1
+    unet_cfg = unet_config(unet) if isinstance(unet, dict) else None
+    if unet_cfg and factor and resolution is not None:
+        halvings = len(unet_cfg.get("block_out_channels") or [0]) - 1
         latent = resolution // factor
         if latent % 2**halvings:
             raise ConfigError(f"data.resolution={resolution}: its {latent}x{latent} latents (VAE factor {factor}) "
                               f"do not halve evenly through the U-Net's {halvings + 1} levels "
                               f"(model.unet.block_out_channels); use a multiple of {factor * 2**halvings}")  # fmt: skip
-    if unet_config and isinstance(text_encoder, dict):
-        unet_width, text_width = unet_config.get("cross_attention_dim"), _text_width(text_encoder)
+    if unet_cfg and isinstance(text_encoder, dict):
+        unet_width, text_width = unet_cfg.get("cross_attention_dim"), _text_width(text_encoder)
         if unet_width and text_width and unet_width != text_width:
             raise ConfigError(f"model.unet.cross_attention_dim={unet_width} does not match the text encoder's "
                               f"hidden size {text_width} (model.text_encoder)")  # fmt: skip
