@@ -50,6 +50,8 @@ from pathlib import Path
 
 import torch
 
+from ldm.utils.cli import ArgumentParser, run_command
+
 ROOT = Path(__file__).resolve().parents[1]
 SD15_VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32, sample_size=512,
                 scaling_factor=0.18215)  # fmt: skip
@@ -318,7 +320,7 @@ def run_baseline(work: Path, name: str, resolution: int, batch: int, args) -> di
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resolution", type=int, nargs="+", default=[512, 256])
     parser.add_argument("--batch-size", type=int, nargs="+", default=[32, 128], help="one per resolution")
     parser.add_argument("--baseline-batch-size", type=int, nargs="+", default=None,
@@ -395,4 +397,4 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    sys.exit(run_command(main))

@@ -16,11 +16,10 @@ An img2dataset folder can also be used as is: `--manifest-only` just writes its 
     python scripts/make_shards.py dog_photos/ data/sks --caption "a photo of sks dog"      # DreamBooth instances
 """
 
-import argparse
 import sys
 from pathlib import Path
 
-from ldm.data.format import write_manifest
+from ldm.data.format import duplicate_keys, expand_urls, write_manifest
 from ldm.data.hf import samples_from_hf
 from ldm.data.shards import (
     IMAGE_FORMATS,
@@ -29,6 +28,7 @@ from ldm.data.shards import (
     samples_from_shards,
     write_shards,
 )
+from ldm.utils.cli import ArgumentParser, run_command
 
 SOURCES = ("auto", "folder", "classes", "shards", "hf")
 
@@ -47,7 +47,7 @@ def _guess_source(src: Path) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("src", help="image folder, class folders, or existing shards")
     parser.add_argument("out", nargs="?", help="output folder for 000000.tar, ... and manifest.json")
     parser.add_argument("--source", choices=SOURCES, default="auto")
@@ -67,9 +67,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     src = Path(args.src)
+    if not src.exists():
+        parser.error(f"no such file or directory: {src}")
     if args.manifest_only:
         manifest = write_manifest(src)
-        print(f"{src}: manifest of {len(manifest['shards'])} shards, {manifest['total']} samples")
+        twice = manifest["duplicates"]
+        note = f"; {len(twice)} keys name several samples (each is trained once), e.g. {next(iter(twice))!r} in " \
+               f"{', '.join(twice[next(iter(twice))])}" if twice else ""
+        print(f"{src}: manifest of {len(manifest['shards'])} shards, {manifest['total']} samples{note}")
         return
     if args.out is None:
         parser.error("out is required unless --manifest-only")
@@ -81,6 +86,12 @@ def main(argv=None) -> None:
         "hf": lambda: samples_from_hf(src, args.split, args.image_column, args.caption_column),
     }[source]()
     samples = list(samples) if source in ("folder", "classes") else samples  # paths only: cheap, gives a total
+    if source == "shards":  # a stream: its keys come from the tar headers, before anything is written
+        twice = duplicate_keys(expand_urls(str(src)))
+        if twice:
+            key = next(iter(twice))
+            raise ValueError(f"{src}: {len(twice)} keys name several samples, e.g. {key!r} in "
+                             f"{', '.join(twice[key])}; keys must be unique: nothing was written")  # fmt: skip
     paths = write_shards(
         samples,
         args.out,
@@ -96,4 +107,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

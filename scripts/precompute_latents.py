@@ -19,7 +19,7 @@ flipped); training on the result (`data=latents`) keeps one bucket per batch:
 
 from __future__ import annotations
 
-import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -28,12 +28,13 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from ldm.data.latents import precompute_latents
+from ldm.utils.cli import ArgumentParser, run_command
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="where the latent shards, latents.json and empty_text.npy go")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/train.yaml, as for ldm.train")
     parser.add_argument("--split", choices=["train", "val"], default="train", help="which shards of the data config")
@@ -68,4 +69,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

@@ -25,14 +25,8 @@ import torch
 from ldm.data.format import split_name
 from ldm.data.health import DataHealth
 from ldm.data.plan import Batch, PlanChain, Record
-from ldm.data.sizes import sample_sizes
 from ldm.data.transforms import ImageTooSmall
 from ldm.data.webdataset import SampleError, ToTrainingSample, is_read_file, warn_and_skip, worker_and_count
-
-
-def plan_records(urls: list[str]) -> list[Record]:
-    """Every sample of local shards as a planner record (url, key, image size), in shard and member order."""
-    return [Record(url, key, size) for url, sizes in sample_sizes(urls).items() for key, size in sizes.items()]
 
 
 class KeyReader:

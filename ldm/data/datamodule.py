@@ -40,13 +40,14 @@ import pytorch_lightning as pl
 import torch
 import webdataset as wds
 
-from ldm.data.bucketed import KeyReader, PlannedBatches, plan_records
+from ldm.data.bucketed import KeyReader, PlannedBatches
 from ldm.data.buckets import describe, parse_buckets
 from ldm.data.captions import caption_processor
 from ldm.data.dreambooth import DreamBooth
 from ldm.data.format import expand_urls, sample_counts
 from ldm.data.health import DataHealth
 from ldm.data.plan import BucketPlanner, PlanChain, Record
+from ldm.data.sizes import plan_records
 from ldm.data.transforms import ImageTransform
 from ldm.data.webdataset import (
     ToTrainingSample,

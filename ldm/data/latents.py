@@ -36,7 +36,6 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from ldm.data.bucketed import plan_records
 from ldm.data.buckets import assign_bucket, parse_buckets
 from ldm.data.captions import CaptionProcessor
 from ldm.data.datamodule import ShardDataModule
@@ -51,6 +50,7 @@ from ldm.data.format import (
 )
 from ldm.data.health import DataHealth
 from ldm.data.shards import ShardSink
+from ldm.data.sizes import plan_records
 from ldm.data.transforms import ImageTooSmall, ImageTransform, to_model_range
 from ldm.data.webdataset import (
     GEOMETRY,

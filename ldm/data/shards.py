@@ -294,6 +294,17 @@ def encode_mask(mask: ImageLike) -> bytes:
     return buffer.getvalue()
 
 
+def refuse_duplicates(samples) -> None:
+    """ValueError naming the first key two samples share (nothing is written then): a key names one sample."""
+    first: dict[str, object] = {}
+    for key, image, *_ in samples:
+        if key in first:
+            what = (lambda x: str(x) if isinstance(x, (str, os.PathLike)) else type(x).__name__)
+            raise ValueError(f"two samples have the key {key!r} ({what(first[key])} and {what(image)}); keys must be "
+                             f"unique: nothing was written")  # fmt: skip
+        first[key] = image
+
+
 def write_shards(
     samples: Iterable[tuple],
     out_dir: str | os.PathLike,
@@ -313,7 +324,8 @@ def write_shards(
     (so it may pass that size by one sample). `max_size` shrinks the long side of larger
     images. A sample whose image (or mask) cannot be read or encoded is skipped with a warning and
     counted as "skipped" in the manifest. With `resume=True`, complete shards already in
-    `out_dir` are kept and samples whose key they hold are not written again.
+    `out_dir` are kept and samples whose key they hold are not written again. Two samples with
+    one key are refused before anything is written (for a list; a stream stops at the second).
     """
     if samples_per_shard <= 0:
         raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
@@ -338,8 +350,9 @@ def write_shards(
     kept = [out_dir / shard["name"] for shard in shards]
     sizes = {Path(url).name: {"bytes": Path(url).stat().st_size, "sizes": {k: list(v) if v else None for k, v in s.items()}}
              for url, s in sample_sizes([str(p) for p in kept]).items()} if kept else {}  # fmt: skip
-    if total is None and hasattr(samples, "__len__"):
-        total = len(samples)
+    if hasattr(samples, "__len__"):
+        total = len(samples) if total is None else total
+        refuse_duplicates(samples)
 
     seen: set[str] = set()
     skipped = 0
@@ -347,8 +360,11 @@ def write_shards(
     with ShardSink(out_dir, shards, sizes) as sink, tqdm(samples, total=total, desc=f"writing {out_dir}", unit="img",
                                                           disable=not progress) as bar:  # fmt: skip
         for key, image, caption, *mask in bar:
-            if not key or "." in key or key.startswith("_") or key in seen:
-                raise ValueError(f"bad sample key {key!r}: must be unique, non-empty, no '.', not start with '_'")
+            if key in seen:
+                raise ValueError(f"two samples have the key {key!r}; keys must be unique: stopped, the shard being "
+                                 f"written was removed and no manifest written")  # fmt: skip
+            if not key or "." in key or key.startswith("_"):
+                raise ValueError(f"bad sample key {key!r}: must be non-empty, hold no '.', not start with '_'")
             seen.add(key)
             if key in done_keys:
                 continue
@@ -372,7 +388,7 @@ def write_shards(
         raise ValueError(f"{out_dir}: no samples to write")
 
     manifest = {"shards": shards, "total": sum(s["count"] for s in shards), "image_format": image_format,
-                "skipped": skipped}  # fmt: skip
+                "skipped": skipped, "duplicates": {}}  # fmt: skip  # keys are unique: checked above
     write_manifest_file(out_dir, manifest)
     write_sizes_file(out_dir, sizes)
 

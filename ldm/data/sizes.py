@@ -22,6 +22,7 @@ from PIL import Image
 
 from ldm.data.buckets import Size
 from ldm.data.format import image_bytes, is_remote, read_sizes_file, split_name, write_sizes_file
+from ldm.data.plan import Record
 
 _ORIENTATION = 0x0112
 _TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
@@ -90,3 +91,15 @@ def sample_sizes(urls: list[str]) -> dict[str, dict[str, Size | None]]:
             except OSError:  # a read-only folder: scanned again next time
                 pass
     return result
+
+
+def plan_records(urls: list[str]) -> list[Record]:
+    """Every sample of local shards as a planner record (url, key, image size), in shard and member order; a key
+    that names samples in several shards is planned once (its first), as the streaming reader trains it once."""
+    records, seen = [], set()
+    for url, sizes in sample_sizes(urls).items():
+        for key, size in sizes.items():
+            if key not in seen:
+                seen.add(key)
+                records.append(Record(url, key, size))
+    return records

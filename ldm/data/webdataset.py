@@ -22,7 +22,8 @@ replacement forever, seeded per (seed, rank, worker): for large corpora, cut int
 by the loader.
 
 Bad input never stops a worker: a corrupt image, unreadable caption, truncated tar or
-empty shard is skipped with a warning naming shard and key, and counted in `DataHealth`.
+empty shard is skipped with a warning naming shard and key, and counted in `DataHealth`. A key that
+names two samples (twice in a shard, or in two shards) is trained once per pass (`DropDuplicates`).
 
 What comes from webdataset and what does not: shard urls are expanded by webdataset's brace expansion
 (`ldm.data.format.expand_urls`), streams are opened by `wds.gopen`, the pipeline is a `wds.DataPipeline`,
@@ -50,6 +51,7 @@ from ldm.data.format import (
     IMAGE_EXTENSIONS,
     caption_choices,
     decode_texts,
+    duplicate_keys,
     expand_urls,
     has_extension,
     image_bytes,
@@ -190,9 +192,10 @@ class ReadShards:
         self.health, self.expected_counts, self.select = health, expected_counts or {}, select
 
     def __call__(self, sources):
-        for source in sources:
+        for reading, source in enumerate(sources):
             for sample in self.read(source["url"]):
                 sample["__pass__"] = source.get("__pass__", 0)
+                sample["__reading__"] = reading  # which reading of a shard the sample came from (DropDuplicates)
                 yield sample
 
     def read(self, url: str):
@@ -204,7 +207,8 @@ class ReadShards:
                     if split_name(name) is None:
                         continue
                     key, extension = split_name(name)
-                    if current is None or key != current["__key__"]:
+                    # a new key, or a member the sample already has (the same key twice in a row), starts a sample
+                    if current is None or key != current["__key__"] or extension.lower() in current:
                         if current is not None:
                             n += 1
                             yield current
@@ -223,7 +227,7 @@ class ReadShards:
             # the sample being read is lost; with a manifest, so is everything after it
             lost = max(0, self.expected_counts[url] - n) if url in self.expected_counts else int(key is not None)
             self.health.add("shard_errors")
-            self.health.add("skipped", lost)
+            self.health.add("skipped", lost, shard=url)
             warnings.warn(f"shard {url}: unreadable after {n} samples (at key {key!r}): {error!r}; "
                           f"skipping the rest of the shard", DataWarning, stacklevel=2)  # fmt: skip
             return
@@ -233,13 +237,48 @@ class ReadShards:
         expected = self.expected_counts.get(url)
         if n == 0:
             self.health.add("shard_errors")
-            self.health.add("skipped", expected or 0)
+            self.health.add("skipped", expected or 0, shard=url)
             warnings.warn(f"shard {url}: empty, no samples", DataWarning, stacklevel=2)
         elif expected is not None and n < expected:
             self.health.add("shard_errors")
-            self.health.add("skipped", expected - n)
+            self.health.add("skipped", expected - n, shard=url)
             warnings.warn(f"shard {url}: {n} of {expected} samples (truncated?), last key {current['__key__']!r}",
                           DataWarning, stacklevel=2)  # fmt: skip
+
+
+class DropDuplicates:
+    """Pipeline stage (right after ReadShards): a key seen twice in one pass is trained once, and each extra copy is
+    warned about naming key and shards, and counted as `duplicates`.
+
+    Within a shard, the first copy is kept. Across shards, ``owners`` (key -> (url, n): the n-th sample of that key in
+    that shard; from `ldm.data.format.duplicate_keys`, the first copy in url order) says which copy is trained, so
+    every rank and worker agrees without talking to the others. Memory is one shard's keys, not a pass's.
+    """
+
+    def __init__(self, health: DataHealth, duplicates: dict[str, list[str]] | None = None):
+        self.health = health
+        self.owners = {key: (urls[0], 0) for key, urls in (duplicates or {}).items()}
+        self.first = {key: urls[0] for key, urls in (duplicates or {}).items()}
+
+    def __call__(self, samples):
+        reading, copies = None, {}
+        for sample in samples:
+            if sample.get("__reading__") != reading:  # the next shard: a fresh count of its keys
+                reading, copies = sample.get("__reading__"), {}
+            key, url = sample["__key__"], sample["__url__"]
+            n = copies.get(key, 0)
+            copies[key] = n + 1
+            if key in self.owners:
+                keep, first = (url, n) == self.owners[key], self.first[key]
+            else:
+                keep, first = n == 0, url
+            if keep:
+                yield sample
+                continue
+            self.health.add("duplicates")
+            where = f"in shard {url}" if first == url else f"in shards {first} and {url}"
+            warnings.warn(f"duplicate key {key!r} {where}: trained once (the first copy, in {first}), this copy "
+                          f"skipped", DataWarning, stacklevel=2)  # fmt: skip
 
 
 class ToTrainingSample:
@@ -261,12 +300,14 @@ class ToTrainingSample:
         self.seed = seed
         self.jpeg_draft = jpeg_draft
         self.captions = captions
+        self.converted: set[str] = set()  # image modes already reported as converted (`image`)
 
     def rng(self, sample: dict) -> random.Random:
         """The randomness of one visit of one sample."""
         return random.Random(f"{self.seed}-{sample.get('__pass__', 0)}-{sample.get('__url__')}-{sample.get('__key__')}")
 
-    def image(self, data: bytes, target: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    def image(self, data: bytes, target: tuple[int, int] | None = None,
+              where: str = "") -> tuple[Image.Image, tuple[int, int]]:  # fmt: skip
         """(decoded image, its (width, height) as displayed before any reduced decode)."""
         image = Image.open(io.BytesIO(data))
         swapped = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF rotation by 90 degrees
@@ -275,6 +316,10 @@ class ToTrainingSample:
             w, h = target or (self.transform.resolution, self.transform.resolution)
             image.draft("RGB", (h, w) if swapped else (w, h))  # keeps the image covering the target
         image.load()  # raises now on truncated files, not later inside a transform
+        if image.mode != "RGB" and image.mode not in self.converted:  # once per mode and process
+            self.converted.add(image.mode)
+            warnings.warn(f"images in mode {image.mode} are converted to RGB (the first: {where})", DataWarning,
+                          stacklevel=2)  # fmt: skip
         return image, original
 
     @staticmethod
@@ -300,7 +345,7 @@ class ToTrainingSample:
             target = sample.get("__size__")
             mask_data = mask_bytes(sample)
             mask = self.mask(mask_data) if mask_data is not None else None
-            image, original = self.image(data, target)
+            image, original = self.image(data, target, f"key {key!r} of shard {url}")
             with torch.random.fork_rng(devices=[]):  # crop and flip draw from torch's RNG
                 torch.manual_seed(rng.getrandbits(63))
                 pixel_values, geometry, mask = self.transform.apply(image, target, mask, original)
@@ -330,7 +375,7 @@ class ToTrainingSamples:
                 self.health.add("too_small")  # a policy, not damage: counted, no warning
                 continue
             except SampleError as error:
-                self.health.add("skipped")
+                self.health.add("skipped", shard=error.url)
                 warn_and_skip(error)
                 continue
             self.health.add("ok")
@@ -373,11 +418,14 @@ def make_shard_dataset(
     if not resampled and len(shard_urls) < world_size:
         raise ValueError(f"{len(shard_urls)} shards cannot feed {world_size} ranks; write more (smaller) shards")
     health = health if health is not None else DataHealth()
+    health.track_shards(shard_urls)  # bad samples per shard, for the error that names the worst
     transform = ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip, upscale=upscale,
                                uint8=uint8)  # fmt: skip
     stages = [
         ShardList(shard_urls, rank, world_size, shuffle=shardshuffle, seed=seed, resampled=resampled),
         ReadShards(health, expected_counts=shard_counts(shard_urls)),
+        # a key twice in one pass is trained once; across shards that takes knowing them all (not when resampling)
+        DropDuplicates(health, None if resampled else duplicate_keys(shard_urls, _READ_EXTENSIONS)),
     ]
     if shuffle_buffer > 0:
         stages.append(wds.detshuffle(shuffle_buffer, initial=min(100, shuffle_buffer), seed=seed))

@@ -11,6 +11,9 @@ Weights are written as safetensors; the U-Net (and an adapted text encoder) is t
 LoRA-adapted model exports its adapters as LoRA files, and its adapters fused into the base (merged) as a pipeline
 directory or a single file; a fully fine-tuned one exports as a pipeline directory or a single file. An open_clip
 text encoder is converted to the `CLIPTextModel` layout diffusers uses for Stable Diffusion 2.x.
+
+Reading one back (`load_pipeline`) first checks its `model_index.json`: diffusers imports whatever module a
+component names there, so only diffusers' and transformers' own classes are accepted.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
+from diffusers.utils import is_accelerate_available
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.diffusion import make_scheduler
@@ -161,3 +165,39 @@ EXPORTS = {  # --format of `python -m ldm.export`
     "kohya": export_kohya,
     "single-file": export_single_file,
 }
+
+
+# what a model_index.json component may name: (library, class); "stable_diffusion" is diffusers' own safety checker
+PIPELINE_LIBRARIES = ("diffusers", "transformers", "stable_diffusion")
+
+
+class UntrustedPipelineError(ValueError):
+    """A pipeline directory whose model_index.json names a module other than diffusers' or transformers'."""
+
+
+def check_pipeline_dir(path: str | Path) -> None:
+    """Refuse (one line) a pipeline directory whose model_index.json names a library outside `PIPELINE_LIBRARIES`
+    or a custom pipeline class: diffusers would import it."""
+    index_path = Path(path) / "model_index.json"
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{path}: no model_index.json; not a diffusers pipeline directory")
+    index = json.loads(index_path.read_text())
+    if index.get("_class_name") != StableDiffusionPipeline.__name__:
+        raise UntrustedPipelineError(f"{index_path}: _class_name={index.get('_class_name')!r}; expected "
+                                     f"{StableDiffusionPipeline.__name__}")  # fmt: skip
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list):  # options such as requires_safety_checker
+            continue
+        library, class_name = (value + [None, None])[:2]
+        if library is None and class_name is None:  # a component left out (no safety checker)
+            continue
+        if library not in PIPELINE_LIBRARIES or not (isinstance(class_name, str) and class_name.isidentifier()):
+            raise UntrustedPipelineError(f"{index_path}: component {name!r} names {value!r}; only diffusers' and "
+                                         f"transformers' own classes are loaded")  # fmt: skip
+
+
+def load_pipeline(path: str | Path) -> StableDiffusionPipeline:
+    """A pipeline directory as `StableDiffusionPipeline.from_pretrained` loads it, after `check_pipeline_dir`."""
+    check_pipeline_dir(path)
+    return StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
+                                                   low_cpu_mem_usage=is_accelerate_available())  # fmt: skip

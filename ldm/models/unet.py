@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import UNet2DConditionModel
+from diffusers.utils import is_accelerate_available
 
 
 def build_unet(seed: int | None = 0, **config) -> UNet2DConditionModel:
@@ -20,6 +21,7 @@ def build_unet(seed: int | None = 0, **config) -> UNet2DConditionModel:
 
 def load_unet(path: str, subfolder: str | None = "unet", **kwargs) -> UNet2DConditionModel:
     """`UNet2DConditionModel.from_pretrained(path, subfolder=...)`, trainable (fine-tuning)."""
+    kwargs.setdefault("low_cpu_mem_usage", is_accelerate_available())  # diffusers' notice otherwise asks for it
     return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, **kwargs)
 
 

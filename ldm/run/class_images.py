@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from ldm.data.buckets import assign_bucket
-from ldm.data.bucketed import plan_records
 from ldm.data.dreambooth import class_image_sizes
 from ldm.data.format import expand_urls
 from ldm.data.shards import write_shards
+from ldm.data.sizes import plan_records
 from ldm.data.webdataset import rank_and_world_size, read_captions
 from ldm.utils.images import to_pil
 

@@ -16,7 +16,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
+from ldm.run.adapter_check import check_adapter
 from ldm.run.class_images import ensure_class_images
+from ldm.run.data_check import check_buckets
 from ldm.run.launch import launch, ranks_to_launch
 from ldm.run.resume import resolve_resume
 from ldm.run.validate import validate_config
@@ -29,6 +31,8 @@ register_resolvers()  # ${ldm.run_name:...} and friends in conf/ resolve whereve
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the run in this process; returns the trainer's final metrics."""
     validate_config(cfg)  # seconds, before anything heavy
+    check_adapter(cfg)  # the adapter against the model's layers (on the meta device)
+    check_buckets(cfg)  # a batch some bucket can fill (image sizes from sizes.json, or their headers once)
     ckpt_path = resolve_resume(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, _convert_="all")
@@ -54,5 +58,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     nprocs = ranks_to_launch(cfg.trainer)
     if nprocs:
         validate_config(cfg)  # a config mistake in one line here, before any rank starts (each rank checks again)
+        check_adapter(cfg)
+        check_buckets(cfg)
         return launch(cfg, cfg.paths.output_dir, nprocs)
     return train(cfg)
