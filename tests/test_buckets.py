@@ -330,12 +330,14 @@ def test_upscale_takes_the_small_images_in(mixed, monkeypatch):
 
 
 def test_config_check_names_a_batch_no_bucket_can_fill_in_seconds(mixed):
-    """The same verdict from the config check, before anything is built (image sizes from sizes.json)."""
+    """The same verdict from the run's check (`ldm.run.data_check`, right after the imports, before anything is
+    built; image sizes from sizes.json)."""
     import time
 
     from omegaconf import OmegaConf
 
-    from ldm.run.validate import ConfigError, validate_config
+    from ldm.run.data_check import check_buckets
+    from ldm.utils.rules import ConfigError
 
     shards, _ = mixed
     data = {"train_shards": str(shards), "resolution": 64, "batch_size": 16, "buckets": SPEC, "upscale": False}
@@ -344,9 +346,9 @@ def test_config_check_names_a_batch_no_bucket_can_fill_in_seconds(mixed):
     start = time.monotonic()
     with pytest.raises(ConfigError, match=rf"^data.batch_size=16 is larger than every bucket can fill \(the fullest "
                                           rf"holds {max(counts.values())}: {listed}\)"):  # fmt: skip
-        validate_config(OmegaConf.create({"data": data}))
+        check_buckets(OmegaConf.create({"data": data}))
     assert time.monotonic() - start < 10
-    validate_config(OmegaConf.create({"data": {**data, "batch_size": max(counts.values())}}))
+    check_buckets(OmegaConf.create({"data": {**data, "batch_size": max(counts.values())}}))
 
 
 def sizes_of(mixed) -> list:

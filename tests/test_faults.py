@@ -527,11 +527,11 @@ def test_an_infinite_gradient_of_a_finite_loss_is_skipped(guarded):
     ("data.train_shards=/tmp/*.nothing.tar", r"^data\.train_shards=.*no shards match"),
     ("data.batch_size=64", r"^data\.batch_size=64 is larger than the 48 samples of data\.train_shards="),
     ("data.buckets=[[16,16],[15,16]]", r"^data\.buckets: 15x16 is not a multiple of the VAE's downsampling factor 2"),
-    ("data.buckets={max_aspect:0.5}", r"^data\.buckets\.max_aspect=0\.5 is below 1"),
-    ("data.buckets=[[32,32]]", r"^no image fits a bucket: 48 too small for every bucket \(upscaling off: set data\.upscale"),
+    ("data.buckets={max_aspect:0.5}", r"^data\.buckets\.max_aspect=0\.5: expected a number >= 1"),
+    ("data.buckets={area:4096,step:128}", r"^data\.buckets\.area=4096 is below one 128x128 step"),
     ("data.buckets=[[16,16]] data.samples_per_epoch=1000", r"^data\.samples_per_epoch with data\.buckets"),
-    ("data.captions={tag_dropout:1.5}", r"^data\.captions\.tag_dropout=1\.5 must be in \[0, 1\)"),
-    ("data.dreambooth={class_prompt:'',class_shards:/tmp/x}", r"^data\.dreambooth\.class_prompt must be set"),
+    ("data.captions={tag_dropout:1.5}", r"^data\.captions\.tag_dropout=1\.5: expected a number in \[0, 1\)"),
+    ("data.dreambooth={class_prompt:'',class_shards:/tmp/x}", r"^data\.dreambooth\.class_prompt='': expected a non-"),
 ])  # fmt: skip
 def test_invalid_config_is_one_line_naming_the_setting(tiny_root, tmp_path, override, message):
     cfg = compose_config(tiny_root, tmp_path, override.split(" "))
@@ -540,6 +540,21 @@ def test_invalid_config_is_one_line_naming_the_setting(tiny_root, tmp_path, over
         validate_config(cfg)
     assert time.monotonic() - start < 10
     assert "\n" not in str(caught.value)
+
+
+def test_no_image_fitting_a_bucket_is_one_line_before_any_model_loads(tiny_root, tmp_path):
+    """Needs the image sizes (sizes.json, else the headers): checked right after the imports, before anything is
+    built (`ldm.run.data_check`)."""
+    from ldm.run.data_check import check_buckets
+
+    cfg = compose_config(tiny_root, tmp_path, ["data.buckets=[[32,32]]"])
+    validate_config(cfg)  # the spec itself is fine
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"^no image fits a bucket: 48 too small for every bucket \(upscaling off: "
+                                          r"set data\.upscale=true"):  # fmt: skip
+        check_buckets(cfg)
+    assert time.monotonic() - start < 10
+    check_buckets(compose_config(tiny_root, tmp_path, ["data.buckets=[[32,32]]", "data.upscale=true"]))
 
 
 def test_missing_required_value_and_pretrained_unet_are_checked(tiny_root, tmp_path):
