@@ -379,3 +379,15 @@ def test_a_batch_that_lost_every_sample_keeps_the_ranks_step_count(tmp_path, mon
     assert all(len(b["key"]) == 3 and all(k.startswith("g") for k in b["key"]) for b in batches)
     assert dm.train_health.totals()["skipped"] == 3
     assert all(any(f"'b{i}'" in str(w.message) for w in caught) for i in range(3))
+
+
+def test_a_key_in_two_shards_is_planned_once_with_a_warning(tmp_path):
+    from ldm.data.sizes import plan_records
+
+    for name, colour in (("a", "red"), ("b", "blue")):
+        write_shards([("same", Image.new("RGB", (64, 64), colour), name), (f"own_{name}", Image.new("RGB", (64, 64)), name)],
+                     tmp_path / name, image_format="png", progress=False)  # fmt: skip
+    urls = [str(tmp_path / "a" / "000000.tar"), str(tmp_path / "b" / "000000.tar")]
+    with pytest.warns(UserWarning, match=r"1 keys name samples in several shards, e\.g\. 'same' in .*a/000000\.tar"):
+        records = plan_records(urls)
+    assert [(Path(r.url).parent.name, r.key) for r in records] == [("a", "same"), ("a", "own_a"), ("b", "own_b")]

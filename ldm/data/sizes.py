@@ -96,10 +96,17 @@ def sample_sizes(urls: list[str]) -> dict[str, dict[str, Size | None]]:
 def plan_records(urls: list[str]) -> list[Record]:
     """Every sample of local shards as a planner record (url, key, image size), in shard and member order; a key
     that names samples in several shards is planned once (its first), as the streaming reader trains it once."""
-    records, seen = [], set()
+    records, first = [], {}
+    twice: list[tuple[str, str, str]] = []
     for url, sizes in sample_sizes(urls).items():
         for key, size in sizes.items():
-            if key not in seen:
-                seen.add(key)
-                records.append(Record(url, key, size))
+            if key in first:
+                twice.append((key, first[key], url))
+                continue
+            first[key] = url
+            records.append(Record(url, key, size))
+    if twice:
+        key, a, b = twice[0]
+        warnings.warn(f"{len(twice)} keys name samples in several shards, e.g. {key!r} in {a} and {b}: each is "
+                      f"trained once per pass (its first)", stacklevel=2)  # fmt: skip
     return records
