@@ -178,12 +178,16 @@ def read_sizes_file(shard_dir: str | os.PathLike) -> dict:
     """sizes.json of a shard folder: {shard name: {"bytes": size of the tar, "sizes": {key: [w, h] or None}}}
     ({} when there is none). An entry whose "bytes" differ from the tar's is stale (the tar was rewritten)."""
     path = Path(shard_dir) / SIZES
-    return json.loads(path.read_text())["shards"] if path.exists() else {}
+    try:
+        return json.loads(path.read_text())["shards"] if path.exists() else {}
+    except (ValueError, KeyError):  # unreadable: a cache, read again from the images
+        return {}
 
 
 def write_sizes_file(shard_dir: str | os.PathLike, shards: dict) -> None:
-    """Write sizes.json atomically (see read_sizes_file for the layout)."""
-    tmp = Path(shard_dir) / (SIZES + ".tmp")
+    """Write sizes.json atomically (see read_sizes_file for the layout); ranks writing it at once each write their
+    own temporary file, and one complete file wins."""
+    tmp = Path(shard_dir) / f"{SIZES}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps({"shards": shards}, separators=(",", ":")))
     os.replace(tmp, Path(shard_dir) / SIZES)
 
