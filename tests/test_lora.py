@@ -346,8 +346,8 @@ def lora_file(path: Path, unet: UNet2DConditionModel, rank: int = 4, alpha: floa
 
 
 BAD = {  # name: (overrides of lora_config, or of the tiny default after "PLAIN"; file maker; the one-line message)
-    "rank 0": (["model.adapter.rank=0"], None, r"^model\.adapter\.rank=0 must be a positive integer"),
-    "negative alpha": (["model.adapter.alpha=-1"], None, r"^model\.adapter\.alpha=-1\.?0? must be positive"),
+    "rank 0": (["model.adapter.rank=0"], None, r"^model\.adapter\.rank=0: expected an integer >= 1"),
+    "negative alpha": (["model.adapter.alpha=-1"], None, r"^model\.adapter\.alpha=-1\.?0?: expected a number > 0"),
     "a target matching nothing": (["model.adapter.target_modules=[to_q,to_qq]"], None,
                                   r"^model\.adapter\.target_modules: 'to_qq' matches no module of the U-Net"),
     "a non-layer target": (["model.adapter.target_modules=[attn1]"], None, r"'attn1' selects .*attn1, a Attention"),

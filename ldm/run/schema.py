@@ -134,14 +134,14 @@ KEYS = {
     "sampling.num_inference_steps": Int(min=1, max=1000),
     "sampling.guidance_scale": Float(min=0),
     # --- conf/optim ---------------------------------------------------------------------------------------
-    "optim.lr": Float(min=0, open_min=True),
+    "optim.lr": Float(min=0),  # 0 trains nothing (e.g. a run that continues a LoRA file unchanged)
     "optim.weight_decay": Float(min=0),
     "optim.warmup_steps": Int(min=0),
     "optim.schedule": Choice(*LR_SCHEDULES),
     "optim.optimizer": Section(),
     "optim.optimizer._target_": TARGET,
     "optim.optimizer._partial_": PARTIAL,
-    "optim.optimizer.lr": Float(min=0, open_min=True),
+    "optim.optimizer.lr": Float(min=0),
     "optim.optimizer.weight_decay": Float(min=0),
     "optim.optimizer.betas": ListOf(Float(0, 1, open_max=True), min_len=2, max_len=2),
     "optim.optimizer.fused": Bool(none=True),
