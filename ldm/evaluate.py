@@ -11,30 +11,33 @@ directory (open_clip_config.json, e.g. the stage-0 CLIP data/models/clip-shapes)
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from pathlib import Path
 
-import torch
-from diffusers import StableDiffusionPipeline
+from ldm.utils.cli import ArgumentParser, run_command, silence_notices
 
-from ldm.metrics.evaluation import evaluate_generator, fid_between
-from ldm.metrics.generated import Generate
-from ldm.stages.load import load_module
-from ldm.training.loggers import wandb_logger
+# torch, the metrics and the model libraries are imported inside the functions that use them: they take 10-40 s to
+# import, and a mistaken argument is said before that.
 
 
-def checkpoint_generator(path: str, device: str = "cpu", **generate_kwargs) -> tuple[Generate, int]:
-    """A training checkpoint's generator (EMA weights when it has them) and its resolution."""
+def checkpoint_generator(path: str, device: str = "cpu", **generate_kwargs):
+    """A training checkpoint's generator (`ldm.metrics.generated.Generate`: EMA weights when it has them) and its
+    resolution."""
+    from ldm.stages.load import load_module
+
     module = load_module(path).to(device)
     return (lambda prompts, seeds: module.generate(prompts, seed=seeds, **generate_kwargs)), module.resolution
 
 
 def pipeline_generator(path: str, device: str = "cpu", guidance_scale: float | None = None,
-                       num_inference_steps: int | None = None) -> tuple[Generate, int]:
+                       num_inference_steps: int | None = None):
     """An exported diffusers StableDiffusionPipeline directory's generator (one generator per image)."""
-    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
-    pipe = pipe.to(device)
+    import torch
+
+    from ldm.models.export import load_pipeline
+
+    pipe = load_pipeline(path).to(device)  # after checking what its model_index.json names
     pipe.set_progress_bar_config(disable=True)
     options = {k: v for k, v in dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps).items()
                if v is not None}
@@ -47,7 +50,7 @@ def pipeline_generator(path: str, device: str = "cpu", guidance_scale: float | N
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ldm.evaluate", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m ldm.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("mode", choices=["checkpoint", "pipeline", "compare"])
     p.add_argument("paths", nargs="+", help="a checkpoint, a pipeline directory, or two image sets")
     p.add_argument("--shards", help="reference shards (images and captions)")
@@ -65,19 +68,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="metrics.json")
     p.add_argument("--wandb", action="store_true", help="also log to W&B (offline when it cannot be reached)")
     p.add_argument("--project", default="ldm")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.mode == "compare" and len(args.paths) != 2:
+        p.error(f"compare takes two image sets, got {len(args.paths)}")
+    if args.mode != "compare" and not args.shards:
+        p.error(f"{args.mode} needs --shards")
+    for path in args.paths:
+        if not Path(path).exists():
+            p.error(f"no such file or directory: {path}")
+    return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    from ldm.metrics.evaluation import evaluate_generator, fid_between
+    from ldm.training.loggers import wandb_logger
+
     if args.mode == "compare":
-        if len(args.paths) != 2:
-            raise SystemExit("compare takes two image sets")
         result = fid_between(*args.paths, num_images=args.n, resolution=args.resolution, network=args.network,
                              batch_size=args.batch_size, device=args.device)
     else:
-        if not args.shards:
-            raise SystemExit(f"{args.mode} needs --shards")
         options = dict(guidance_scale=args.guidance_scale, num_inference_steps=args.steps)
         make = checkpoint_generator if args.mode == "checkpoint" else pipeline_generator
         generate, resolution = make(args.paths[0], args.device, **options)
@@ -97,5 +107,10 @@ def main(argv=None) -> dict:
     return result
 
 
+def cli() -> None:
+    silence_notices()
+    sys.exit(run_command(main))
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -7,26 +7,28 @@
 
 from __future__ import annotations
 
-import argparse
+import sys
 from pathlib import Path
 
 from ldm.sweeps.report import write_report
+from ldm.utils.cli import ArgumentParser, run_command
 
 
 def main(argv=None) -> list[Path]:
-    p = argparse.ArgumentParser(prog="python -m ldm.report", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m ldm.report", description=__doc__.split("\n")[0])
     p.add_argument("sweep_dir", help="a sweep directory (holds index.json)")
     p.add_argument("--out", default=None, help="where to write (default: the sweep directory)")
     p.add_argument("--metric", default="val/fid", help="the metric plotted for every job")
     args = p.parse_args(argv)
-    try:
-        paths = write_report(args.sweep_dir, args.out, args.metric)
-    except FileNotFoundError as e:
-        p.error(str(e))
+    paths = write_report(args.sweep_dir, args.out, args.metric)
     for path in paths:
         print(path)
     return paths
 
 
+def cli() -> None:
+    sys.exit(run_command(main))
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -9,13 +9,14 @@ batches behind a simulated training step of --step-ms, and prints one summary li
     python scripts/bench_data.py --resolution 512 --workers 12 --batches 200 --pixels uint8 float  # a 16-core box
 """
 
-import argparse
 import gc
+import sys
 import time
 from pathlib import Path
 
 from ldm.data.datamodule import ShardDataModule
 from ldm.data.synthetic import synthetic_shards
+from ldm.utils.cli import ArgumentParser, run_command
 
 
 def bench(shards: Path, resolution: int, workers: int, batches: int, batch_size: int, step_s: float,
@@ -43,7 +44,7 @@ def bench(shards: Path, resolution: int, workers: int, batches: int, batch_size:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resolution", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--workers", type=int, nargs="+", default=[2])
     parser.add_argument("--batches", type=int, default=20, help="batches timed per config (after warm-up)")
@@ -66,4 +67,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

@@ -10,15 +10,16 @@ bias that grows as n shrinks, so compare the two implementations with each other
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
+import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 from ldm.metrics.evaluation import fid_between
+from ldm.utils.cli import ArgumentParser, run_command
 
 
 def subset(tar_gz: Path, workdir: Path, n: int, seed: int) -> Path:
@@ -35,7 +36,7 @@ def subset(tar_gz: Path, workdir: Path, n: int, seed: int) -> Path:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser()
+    p = ArgumentParser()
     p.add_argument("--data", default="/work/shared/datasets/cifar10")
     p.add_argument("--n", type=int, default=2000, help="images per side (0: all)")
     p.add_argument("--seed", type=int, default=0)
@@ -68,4 +69,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

@@ -12,8 +12,8 @@ is the training config's (DPM++ 2M, 25 steps, guidance 5: two U-Net passes per s
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from ldm.models.text_encoders import hf_clip_text_encoder, save_random_hf_clip
 from ldm.models.unet import build_unet
 from ldm.models.vae import build_vae, load_vae
 from ldm.stages.latent_diffusion import LatentDiffusion
+from ldm.utils.cli import ArgumentParser, run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {  # name: (resolution, U-Net config group, VAE blocks: f = 2**(len-1))
@@ -64,7 +65,7 @@ def build(work: Path, name: str, tiny: bool, device: str) -> LatentDiffusion:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--num-images", type=int, default=10_000)
     parser.add_argument("--num-reference", type=int, default=2_000, help="real images for the (cached) statistics")
@@ -109,4 +110,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

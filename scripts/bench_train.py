@@ -8,9 +8,29 @@ fused AdamW, EMA on), timed by the StepTimer callback after warm-up, plus the ba
 run: img/s, step time, peak memory, MFU (U-Net forward+backward FLOPs per image, torch's FLOP counter, over
 the GPU's dense bf16 peak), and the ratio to the baseline.
 
+LoRA (`--runs lora-cached lora-onthefly lora-baseline`): `python -m ldm.train ... model/adapter=lora` at each of
+`--lora-ranks` (alpha = rank, q/k/v/out of every attention) on the same random SD-1.5-shaped base, against a step in
+the style of diffusers' examples/text_to_image/train_text_to_image_lora.py: the U-Net, VAE and CLIP frozen in bf16,
+fp32 LoRA of rank `--lora-baseline-rank` on to_q/to_k/to_v/to_out.0 (peft, gaussian init), bf16 autocast, eager,
+foreach AdamW, clipping; `lora-baseline` encodes images and captions every step as that script does,
+`lora-baseline-cached` is its bare U-Net step on cached inputs. MFU counts the adapted U-Net's FLOPs (no weight
+gradients for the frozen base).
+
     python scripts/bench_train.py --resolution 512 256 --batch-size 32 128      # one GPU
     python scripts/bench_train.py --resolution 32 --batch-size 2 --steps 2 --warmup 1 --tiny   # a CPU smoke run
     python scripts/bench_train.py --resolution 512 --batch-size 32 --devices 2 --runs cached   # DDP scaling
+    python scripts/bench_train.py --resolution 512 --batch-size 16 --lora-ranks 4 16 64 \
+        --runs lora-baseline-cached lora-cached                                            # LoRA, cached latents
+    python scripts/bench_train.py --resolution 32 --batch-size 2 --steps 2 --warmup 1 --tiny --lora-ranks 2 \
+        --runs lora-baseline lora-baseline-cached lora-cached lora-onthefly                # LoRA CPU smoke run
+    python scripts/bench_train.py --resolution 512 --batch-size 32 --runs onthefly bucketed cached bucketed-cached
+
+Bucketed runs (`bucketed`, `bucketed-cached`) train on a mixed-aspect set spread evenly over the aspect-ratio
+buckets of resolution^2 pixels (data.buckets={max_aspect: 2.0, step: 64}; images 1/8 larger than their bucket),
+one epoch long enough for the whole timed window (planned epochs are exact passes). Their buckets hold up to
+resolution^2 pixels (a bit fewer off the square), so throughput is compared in pixels per second: each line
+prints Mpx/s, and a bucketed line its ratio to the square run of the same kind (onthefly, cached) measured in
+the same call. `recompiles` counts torch.compile's recompilations in the run's log (TORCH_LOGS=recompiles).
 
 The baseline is what diffusers' examples/text_to_image/train_text_to_image.py does per step with
 --mixed_precision bf16: VAE and CLIP in bf16 every step, fp32 U-Net under bf16 autocast, eager, foreach
@@ -30,6 +50,8 @@ from pathlib import Path
 
 import torch
 
+from ldm.utils.cli import ArgumentParser, run_command
+
 ROOT = Path(__file__).resolve().parents[1]
 SD15_VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32, sample_size=512,
                 scaling_factor=0.18215)  # fmt: skip
@@ -41,10 +63,26 @@ TINY_UNET = ["model.unet.block_out_channels=[32,32,32,32]", "+model.unet.norm_nu
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense, SXM
 
 
-def setup(work: Path, resolutions: list[int], images: int, tiny: bool) -> None:
-    """Models, image shards and latent shards under `work` (kept between calls)."""
+def bucket_spec(resolution: int) -> str:
+    from ldm.data.synthetic import bucket_step
+
+    return f"{{max_aspect:2.0,step:{bucket_step(resolution)}}}"
+
+
+def mean_bucket_pixels(resolution: int) -> float:
+    """Pixels per image of the mixed-aspect set: its images are spread evenly over the buckets."""
+    from ldm.data.buckets import generate_buckets
+    from ldm.data.synthetic import bucket_step
+
+    buckets = generate_buckets(resolution * resolution, bucket_step(resolution), 2.0)
+    return sum(w * h for w, h in buckets) / len(buckets)
+
+
+def setup(work: Path, resolutions: list[int], images: int, tiny: bool, bucket_images: int = 0) -> None:
+    """Models, image shards and latent shards under `work` (kept between calls); with `bucket_images`, also a
+    mixed-aspect set of that many images and its bucketed latents."""
     from ldm.data.latents import precompute_latents
-    from ldm.data.synthetic import synthetic_shards
+    from ldm.data.synthetic import bucket_step, synthetic_bucket_shards, synthetic_shards
     from ldm.models.text_encoders import hf_clip_text_encoder, save_random_hf_clip
     from ldm.models.vae import build_vae, load_vae
 
@@ -63,16 +101,35 @@ def setup(work: Path, resolutions: list[int], images: int, tiny: bool) -> None:
             precompute_latents(shards, work / f"latents{r}", vae, text_encoder, resolution=r, batch_size=32,
                                samples_per_shard=max(1, images // 32), num_workers=8, progress=False)  # fmt: skip
             print(f"# precomputed {images} latents at {r} px in {time.perf_counter() - t0:.1f} s", flush=True)
+        if not bucket_images:
+            continue
+        mixed = synthetic_bucket_shards(work, r, bucket_images)
+        meta = work / f"latents-mixed{r}" / "latents.json"
+        if not meta.exists() or json.loads(meta.read_text()).get("source", {}).get("images") != bucket_images:
+            t0 = time.perf_counter()
+            vae = load_vae(str(models / "vae"), subfolder=None).to(device)
+            text_encoder = hf_clip_text_encoder(str(models / "clip")).to(device)
+            precompute_latents(mixed, work / f"latents-mixed{r}", vae, text_encoder, resolution=r, batch_size=32,
+                               samples_per_shard=max(1, bucket_images // 32), num_workers=8, progress=False,
+                               buckets={"max_aspect": 2.0, "step": bucket_step(r)},
+                               source={"images": bucket_images})  # fmt: skip
+            print(f"# precomputed {bucket_images} bucketed latents at {r} px in {time.perf_counter() - t0:.1f} s",
+                  flush=True)  # fmt: skip
 
 
-def unet_flops(resolution: int, tiny: bool) -> float:
-    """Forward + backward FLOPs of the U-Net per image (torch.utils.flop_counter), batch 1."""
+def unet_flops(resolution: int, tiny: bool, lora_rank: int | None = None) -> float:
+    """Forward + backward FLOPs of the U-Net per image (torch.utils.flop_counter), batch 1; with ``lora_rank``, of
+    the adapted U-Net whose frozen base gets no weight gradients."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from ldm.models.adapters import LoRA
     from ldm.models.unet import build_unet
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # on CUDA the flash-attention FLOPs are counted too
-    unet = build_unet(**unet_config(resolution, tiny)).to(device)
+    unet = build_unet(**unet_config(resolution, tiny))
+    if lora_rank:
+        LoRA(rank=lora_rank, alpha=lora_rank).attach_unet(unet)
+    unet = unet.to(device)
     x = torch.randn(1, 4, resolution // 8, resolution // 8, device=device)
     cond = torch.randn(1, 77, unet.config.cross_attention_dim, device=device)
     with FlopCounterMode(display=False) as counter, torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
@@ -97,14 +154,24 @@ def unet_config(resolution: int, tiny: bool) -> dict:
 
 def ldm_train(work: Path, resolution: int, batch: int, mode: str, steps: int, warmup: int, workers: int,
               devices: int, tiny: bool, compile_: bool, extra: list[str], log_dir: str | None = None,
-              strategy: str = "ddp") -> dict:  # fmt: skip
-    """One timed run of `python -m ldm.train`; returns StepTimer's JSON."""
-    out = work / "results" / f"{mode}{resolution}-b{batch}-d{devices}-{int(time.time())}.json"
+              strategy: str = "ddp", lora_rank: int | None = None) -> dict:  # fmt: skip
+    """One timed run of `python -m ldm.train` (``lora_rank``: LoRA of that rank, alpha = rank); returns StepTimer's
+    JSON."""
+    tag = f"{mode}{resolution}-b{batch}-d{devices}" + (f"-lora{lora_rank}" if lora_rank else "")
+    out = work / "results" / f"{tag}-{int(time.time())}.json"
+    lora = (["model/adapter=lora", f"model.adapter.rank={lora_rank}", f"model.adapter.alpha={lora_rank}"]
+            if lora_rank else [])  # fmt: skip
     gpu = torch.cuda.is_available()
-    data = (["data=latents", f"data.train_shards={work}/latents{resolution}"] if mode == "cached"
-            else ["data=shards", f"data.train_shards={work}/photos{resolution}", f"data.resolution={resolution}"])  # fmt: skip
+    data = {
+        "cached": ["data=latents", f"data.train_shards={work}/latents{resolution}", "data.samples_per_epoch=100000000"],
+        "onthefly": ["data=shards", f"data.train_shards={work}/photos{resolution}", f"data.resolution={resolution}",
+                     "data.samples_per_epoch=100000000"],
+        "bucketed-cached": ["data=latents", f"data.train_shards={work}/latents-mixed{resolution}"],
+        "bucketed": ["data=shards", f"data.train_shards={work}/mixed{resolution}", f"data.resolution={resolution}",
+                     f"data.buckets={bucket_spec(resolution)}"],
+    }[mode]  # fmt: skip
     overrides = [
-        *data, f"data.batch_size={batch}", f"data.num_workers={workers}", "data.samples_per_epoch=100000000",
+        *data, f"data.batch_size={batch}", f"data.num_workers={workers}",
         "data.val_shards=null", "model/unet=sd15", f"model.unet.sample_size={resolution // 8}", *(TINY_UNET if tiny else []),
         f"model.vae.path={work}/models/vae", "model.vae.subfolder=null", f"model.text_encoder.path={work}/models/clip",
         f"model.compile={compile_}", "+trainer.benchmark=true",  # cuDNN picks its fastest conv algorithms (+3 %)
@@ -114,25 +181,33 @@ def ldm_train(work: Path, resolution: int, batch: int, mode: str, steps: int, wa
         "~callbacks.checkpoint", "~callbacks.data_health",
         "+callbacks.timer._target_=ldm.callbacks.throughput.StepTimer", f"+callbacks.timer.warmup={warmup}",
         f"+callbacks.timer.out={out}", f"hydra.run.dir={work}/runs/{out.stem}", f"name=bench-{mode}{resolution}",
-        *([f"+trainer/strategy={strategy}"] if devices > 1 else []), *extra,
+        *([f"+trainer/strategy={strategy}"] if devices > 1 else []), *lora, *extra,
     ]  # fmt: skip
     log = (Path(log_dir) if log_dir else out.parent) / f"{out.stem}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    env = {**os.environ, "TORCH_LOGS": os.environ.get("TORCH_LOGS", "recompiles")}
     with open(log, "w") as f:  # streamed, so a run cut off by a time limit still shows how far it got
         code = subprocess.run([sys.executable, "-m", "ldm.train", *overrides], cwd=ROOT, stdout=f,
-                              stderr=subprocess.STDOUT).returncode  # fmt: skip
+                              stderr=subprocess.STDOUT, env=env).returncode  # fmt: skip
     if code != 0 or not out.exists():
         tail = "\n".join(log.read_text().splitlines()[-25:])
         return {"error": f"exit {code}:\n{tail}"}
     print(f"# {out.stem}: {time.perf_counter() - t0:.0f} s in all (start-up, compilation, warm-up, timed steps)")
-    return json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    result["recompiles"] = sum("Recompiling function" in line for line in log.read_text().splitlines())
+    result["pixels_per_image"] = mean_bucket_pixels(resolution) if mode.startswith("bucketed") else resolution**2
+    return result
 
 
-def baseline(work: Path, resolution: int, batch: int, steps: int, warmup: int, tiny: bool) -> dict:
-    """The diffusers example script's step (see the module docstring), on GPU-resident batches."""
+def baseline(work: Path, resolution: int, batch: int, steps: int, warmup: int, tiny: bool,
+             lora_rank: int | None = None, cached: bool = False) -> dict:  # fmt: skip
+    """The diffusers example script's step (see the module docstring), on GPU-resident batches. ``lora_rank``:
+    train_text_to_image_lora.py's step instead (frozen bf16 U-Net, fp32 LoRA); ``cached``: the bare U-Net step on
+    GPU-resident latents and text states (no VAE, no CLIP)."""
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
+    from peft import LoraConfig
 
     from ldm.models.text_encoders import hf_clip_text_encoder
     from ldm.models.unet import build_unet
@@ -143,24 +218,44 @@ def baseline(work: Path, resolution: int, batch: int, steps: int, warmup: int, t
     vae = load_vae(str(work / "models" / "vae"), subfolder=None).to(device, dtype)
     text = hf_clip_text_encoder(str(work / "models" / "clip"))
     text_model, tokenizer = text.text_encoder.to(device, dtype), text.tokenizer
-    unet = build_unet(**unet_config(resolution, tiny)).to(device).train()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    unet = build_unet(**unet_config(resolution, tiny))
+    if lora_rank:  # as train_text_to_image_lora.py: the base frozen in the weight dtype, the adapters in fp32
+        unet.requires_grad_(False)
+        unet.to(device, dtype)
+        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))  # fmt: skip
+        for p in unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    unet = unet.to(device).train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     pixels = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
     ids = tokenizer([f"synthetic photo {i}" for i in range(batch)], padding="max_length", truncation=True,
                     max_length=tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)  # fmt: skip
+    if cached:
+        with torch.no_grad():
+            cached_latents = vae.encode(pixels.to(dtype)).latent_dist.sample().float() * vae.config.scaling_factor
+            cached_hidden = text_model(ids, return_dict=False)[0].float()
+        del vae, text_model
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
     def step():
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            latents = vae.encode(pixels.to(dtype)).latent_dist.sample() * vae.config.scaling_factor
-            hidden = text_model(ids, return_dict=False)[0]
+            if cached:
+                latents, hidden = cached_latents, cached_hidden
+            else:
+                latents = vae.encode(pixels.to(dtype)).latent_dist.sample() * vae.config.scaling_factor
+                hidden = text_model(ids, return_dict=False)[0]
             noise = torch.randn_like(latents)
             t = torch.randint(0, 1000, (batch,), device=device)
             noisy = scheduler.add_noise(latents, noise, t)
             pred = unet(noisy, t, hidden, return_dict=False)[0]
             loss = F.mse_loss(pred.float(), noise.float())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -187,26 +282,53 @@ def peak_tflops() -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def line(name: str, r: dict, flops: float, peak: float | None, base: float | None) -> str:
+def line(name: str, r: dict, flops: float, peak: float | None, base: float | None, square: dict | None = None) -> str:
     if "error" in r:
-        return f"{name:<34} FAILED {r['error']}"
+        return f"{name:<44} FAILED {r['error']}"
     ips = r["images_per_sec"]
     mem = f"{r['peak_memory_gib']:5.1f} GiB" if r.get("peak_memory_gib") is not None else "   - GiB"
     per_gpu = ips / r["world_size"]
     mfu = f"{per_gpu * flops / (peak * 1e12):5.1%}" if peak else "  -  "
     ratio = f"{ips / base:5.2f}x" if base else "  -  "
-    return (f"{name:<34} {ips:8.1f} img/s ({per_gpu:7.1f}/GPU)  {1000 * r['step_seconds']:7.1f} ms/step  batch "
+    text = (f"{name:<44} {ips:8.1f} img/s ({per_gpu:7.1f}/GPU)  {1000 * r['step_seconds']:7.1f} ms/step  batch "
             f"{r['batch_size']:>3}x{r['world_size']}  peak {mem}  MFU {mfu}  vs baseline {ratio}")  # fmt: skip
+    if "pixels_per_image" in r:  # our runs: pixels per second, and a bucketed run against its square counterpart
+        mpx = ips * r["pixels_per_image"] / 1e6
+        text += f"  {mpx:8.2f} Mpx/s  recompiles {r['recompiles']}"
+        if square is not None and "error" not in square:
+            text += f"  vs square {mpx / (square['images_per_sec'] * square['pixels_per_image'] / 1e6):6.3f}x (Mpx/s)"
+    return text
+
+
+LORA_RUNS = {"lora-cached": "cached", "lora-onthefly": "onthefly"}  # run -> data mode
+BASELINES = ("baseline", "lora-baseline", "lora-baseline-cached")
+NAMES = {"cached": "ldm cached latents", "onthefly": "ldm on-the-fly encode", "eager": "ldm cached, eager",
+         "bucketed": "ldm bucketed, on-the-fly", "bucketed-cached": "ldm bucketed, cached",
+         "lora-cached": "ldm LoRA cached latents", "lora-onthefly": "ldm LoRA on-the-fly encode",
+         "baseline": "diffusers-style baseline", "lora-baseline": "diffusers-style LoRA baseline",
+         "lora-baseline-cached": "diffusers-style LoRA, cached inputs"}  # fmt: skip
+
+
+def run_baseline(work: Path, name: str, resolution: int, batch: int, args) -> dict:
+    """One baseline in a fresh process (its own CUDA context and peak memory)."""
+    lora = [] if name == "baseline" else ["--baseline-lora-rank", str(args.lora_baseline_rank)]
+    proc = subprocess.run([sys.executable, __file__, "--work", str(work), "--warmup", str(min(args.warmup, 5)),
+                           *(["--tiny"] if args.tiny else []), *lora, *(["--baseline-cached"] if name.endswith("cached") else []),
+                           "--baseline-only", str(resolution), str(batch), str(args.steps)],
+                          capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": proc.stderr[-2000:]}
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resolution", type=int, nargs="+", default=[512, 256])
     parser.add_argument("--batch-size", type=int, nargs="+", default=[32, 128], help="one per resolution")
     parser.add_argument("--baseline-batch-size", type=int, nargs="+", default=None,
                         help="one per resolution (default: as --batch-size)")
     parser.add_argument("--runs", nargs="+", default=["cached", "onthefly", "baseline"],
-                        choices=["cached", "onthefly", "baseline", "eager"])
+                        choices=["cached", "onthefly", "eager", "bucketed", "bucketed-cached", *LORA_RUNS, *BASELINES])
+    parser.add_argument("--lora-ranks", type=int, nargs="+", default=[4, 16, 64], help="ranks of the lora-* runs")
+    parser.add_argument("--lora-baseline-rank", type=int, default=4, help="the LoRA baselines' rank")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--workers", type=int, default=8, help="dataloader workers per GPU")
@@ -219,41 +341,60 @@ def main(argv=None) -> None:
     parser.add_argument("--extra", nargs="*", default=[], help="more ldm.train overrides for our runs")
     parser.add_argument("--log-dir", default=None, help="where each run's log is streamed (default: --work/results)")
     parser.add_argument("--baseline-only", nargs=3, type=int, metavar=("RES", "BATCH", "STEPS"), help=argparse.SUPPRESS)
+    parser.add_argument("--baseline-lora-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--baseline-cached", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     work = Path(args.work).resolve()
 
     if args.baseline_only:  # the child process of a baseline run
         r, b, s = args.baseline_only
-        print(json.dumps(baseline(work, r, b, s, args.warmup, args.tiny)))
+        print(json.dumps(baseline(work, r, b, s, args.warmup, args.tiny, args.baseline_lora_rank, args.baseline_cached)))
         return
 
-    setup(work, args.resolution, args.images, args.tiny)
+    bucketed = any(m.startswith("bucketed") for m in args.runs)
+    # one exact epoch covers warm-up and timed steps of the largest batch (planned epochs are not resampled)
+    bucket_images = (args.warmup + args.steps + 10) * max(args.batch_size) * args.devices if bucketed else 0
+    setup(work, args.resolution, args.images, args.tiny, bucket_images)
     peak = peak_tflops()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"# {device}, torch {torch.__version__}, peak bf16 {peak} TFLOP/s; steps {args.steps} after {args.warmup} "
           f"warm-up; {args.workers} workers/GPU", flush=True)  # fmt: skip
     base_batches = args.baseline_batch_size or args.batch_size
+    lora = any(r.startswith("lora") for r in args.runs)
     for resolution, batch, base_batch in zip(args.resolution, args.batch_size, base_batches):
         flops = unet_flops(resolution, args.tiny)
         print(f"# {resolution} px: U-Net forward+backward {flops / 1e12:.3f} TFLOP/image", flush=True)
-        base = None
-        if "baseline" in args.runs:
-            proc = subprocess.run([sys.executable, __file__, "--work", str(work), "--warmup", str(min(args.warmup, 5)),
-                                   *(["--tiny"] if args.tiny else []), "--baseline-only", str(resolution),
-                                   str(base_batch), str(args.steps)], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
-            result = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0
-                      else {"error": proc.stderr[-2000:]})  # fmt: skip
-            base = result.get("images_per_sec")
-            print(line(f"{resolution}px diffusers-style baseline", result, flops, peak, base), flush=True)
-        for mode in [m for m in args.runs if m != "baseline"]:
+        lora_flops = {r: unet_flops(resolution, args.tiny, r) for r in {*args.lora_ranks, args.lora_baseline_rank}} if lora else {}
+        for r, f in sorted(lora_flops.items()):
+            print(f"# {resolution} px: rank-{r} LoRA U-Net forward+backward {f / 1e12:.3f} TFLOP/image", flush=True)
+        bases = {}
+        for name in [b for b in BASELINES if b in args.runs]:
+            result = run_baseline(work, name, resolution, base_batch, args)
+            bases[name] = result.get("images_per_sec")
+            count = flops if name == "baseline" else lora_flops[args.lora_baseline_rank]
+            label = NAMES[name] + ("" if name == "baseline" else f", rank {args.lora_baseline_rank}")
+            print(line(f"{resolution}px {label}", result, count, peak, bases[name]), flush=True)
+        results = {}
+        for mode in [m for m in args.runs if m in ("cached", "onthefly", "eager", "bucketed", "bucketed-cached")]:
             data_mode = "cached" if mode == "eager" else mode
             compile_ = mode != "eager" and torch.cuda.is_available()
-            result = ldm_train(work, resolution, batch, data_mode, args.steps, args.warmup, args.workers, args.devices,
-                               args.tiny, compile_, args.extra, args.log_dir, args.strategy)  # fmt: skip
-            name = {"cached": "ldm cached latents", "onthefly": "ldm on-the-fly encode", "eager": "ldm cached, eager"}[mode]
-            print(line(f"{resolution}px {name}", result, flops, peak, base), flush=True)
+            result = results[mode] = ldm_train(work, resolution, batch, data_mode, args.steps, args.warmup,
+                                               args.workers, args.devices, args.tiny, compile_, args.extra,
+                                               args.log_dir, args.strategy)  # fmt: skip
+            square = {"bucketed": results.get("onthefly"), "bucketed-cached": results.get("cached")}.get(mode)
+            print(line(f"{resolution}px {NAMES[mode]}", result, flops, peak, bases.get("baseline"), square), flush=True)
+        for mode in [m for m in args.runs if m in LORA_RUNS]:
+            # cached runs against the baseline's bare step on cached inputs when measured; on the fly against the
+            # baseline that encodes every step
+            base = bases.get("lora-baseline-cached") if mode == "lora-cached" else None
+            base = base or bases.get("lora-baseline")
+            for rank in args.lora_ranks:
+                result = ldm_train(work, resolution, batch, LORA_RUNS[mode], args.steps, args.warmup, args.workers,
+                                   args.devices, args.tiny, torch.cuda.is_available(), args.extra, args.log_dir,
+                                   args.strategy, lora_rank=rank)  # fmt: skip
+                print(line(f"{resolution}px {NAMES[mode]}, rank {rank}", result, lora_flops[rank], peak, base), flush=True)
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    sys.exit(run_command(main))

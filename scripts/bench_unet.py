@@ -15,13 +15,14 @@ q/k/v projections), channels_last (U-Net weights and input in NHWC), bN (batch N
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+
+from ldm.utils.cli import ArgumentParser, run_command
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import PEAK_BF16_TFLOPS, unet_config, unet_flops  # noqa: E402
@@ -139,7 +140,7 @@ def profile(step, device: str, n: int = 3) -> list[tuple[str, float, int]]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--variants", nargs="+", default=["eager", "compiled"])
@@ -177,4 +178,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

@@ -9,14 +9,15 @@ Prints one line per attribute: the fraction of images that show what the caption
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
+import sys
 
 import numpy as np
 
 from ldm.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, caption_for, render
 from ldm.metrics.shape_following import agreement
+from ldm.utils.cli import ArgumentParser, run_command
 
 CHANCE = {"color": 1 / len(COLORS), "position": 1 / len(POSITIONS), "size": 1 / len(SIZES),
           "shape": 1 / len(SHAPES)}
@@ -30,7 +31,7 @@ def held_out_attrs(n: int, seed: int) -> list[dict]:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", nargs="?")
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -61,4 +62,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

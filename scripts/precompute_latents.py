@@ -9,11 +9,17 @@ so the cached latents match what on-the-fly training would compute (see ldm/data
         model/vae=pretrained model.vae.path=stabilityai/sd-vae-ft-mse model.vae.subfolder=null
     python -m ldm.train experiment=shapes data=latents data.train_shards=data/shapes-latents \\
         data.val_shards=data/shapes/val
+
+With `data.buckets` set (as for training on images), each image is encoded at the bucket of its aspect ratio (and
+flipped); training on the result (`data=latents`) keeps one bucket per batch:
+
+    python scripts/precompute_latents.py data/mine-latents --device cuda data=shards data.train_shards=data/mine \\
+        data.resolution=1024 data.buckets='{max_aspect: 2.0}' model/vae=pretrained model.vae.path=...
 """
 
 from __future__ import annotations
 
-import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -22,12 +28,13 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from ldm.data.latents import precompute_latents
+from ldm.utils.cli import ArgumentParser, run_command
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="where the latent shards, latents.json and empty_text.npy go")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/train.yaml, as for ldm.train")
     parser.add_argument("--split", choices=["train", "val"], default="train", help="which shards of the data config")
@@ -53,6 +60,8 @@ def main(argv=None) -> None:
         flip=not args.no_flip,
         samples_per_shard=args.samples_per_shard,
         num_workers=args.num_workers,
+        buckets=cfg.data.get("buckets"),
+        upscale=cfg.data.get("upscale", False),
         source={"vae": OmegaConf.to_container(cfg.model.vae, resolve=True),
                 "text_encoder": OmegaConf.to_container(cfg.model.text_encoder, resolve=True)},
     )
@@ -60,4 +69,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

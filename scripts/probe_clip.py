@@ -11,13 +11,14 @@ Prints one line per attribute (accuracy and chance) and a JSON line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
+import sys
 
 import torch
 
 from ldm.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, caption_for, render
+from ldm.utils.cli import ArgumentParser, run_command
 
 VALUES = {"color": list(COLORS), "position": list(POSITIONS), "size": list(SIZES), "shape": list(SHAPES)}
 
@@ -47,7 +48,7 @@ def attribute_accuracy(clip_dir: str, n_images: int, seed: int = 0) -> dict[str,
 
 
 def main(argv=None) -> dict[str, float]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("clip_dir", help="an open_clip directory (what stage 0 exports)")
     p.add_argument("--images", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
@@ -60,4 +61,4 @@ def main(argv=None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

@@ -67,9 +67,14 @@ def test_sidecar_folder_round_trip(sidecar_folder, tmp_path):
     paths = write_shards(samples_from_folder(root), out, samples_per_shard=3, image_format="jpg", progress=False)
 
     assert [p.name for p in paths] == ["000000.tar", "000001.tar", "000002.tar"]
-    assert sorted(p.name for p in out.iterdir()) == ["000000.tar", "000001.tar", "000002.tar", "manifest.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["000000.tar", "000001.tar", "000002.tar", "manifest.json",
+                                                     "sizes.json"]  # fmt: skip
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["count"] for s in manifest["shards"]] == [3, 3, 1] and manifest["total"] == 7
+    # every image's (width, height), recorded as written: what bucket plans read instead of decoding
+    sizes = {key: tuple(size) for shard in json.loads((out / "sizes.json").read_text())["shards"].values()
+             for key, size in shard["sizes"].items()}  # fmt: skip
+    assert sizes == {key: (24 + 4 * list(expected).index(key), 20) for key in expected}
     with tarfile.open(paths[0]) as tar:  # img2dataset layout: <key>.jpg + <key>.txt
         assert sorted(tar.getnames()) == ["a.jpg", "a.txt", "b.jpg", "b.txt", "c.jpg", "c.txt"]
 

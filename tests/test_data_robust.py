@@ -295,12 +295,12 @@ def test_resampled_mode_has_fixed_epochs_and_is_seeded(tmp_path):
 # --- transforms ----------------------------------------------------------------------------------
 
 
-def test_small_images_upscaled_or_skipped_by_policy(tmp_path):
+def test_small_images_upscaled_or_left_out(tmp_path):
     write_shards([("tiny", Image.new("RGB", (6, 10)), "t"), ("big", Image.new("RGB", (20, 16)), "b")], tmp_path,
                  image_format="png", progress=False)  # fmt: skip
     up = make_shard_dataset(tmp_path, 16)
     assert sorted(s["key"] for s in up) == ["big", "tiny"] and up.health.totals()["too_small"] == 0
-    skip = make_shard_dataset(tmp_path, 16, small_images="skip")
+    skip = make_shard_dataset(tmp_path, 16, upscale=False)
     samples, messages = caught_messages(lambda: list(skip))
     assert [s["key"] for s in samples] == ["big"] and skip.health.totals()["too_small"] == 1
     assert skip.health.totals()["skipped"] == 0  # a policy, not damage

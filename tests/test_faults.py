@@ -243,6 +243,84 @@ def test_corrupt_bytes_are_detected(four_steps, tmp_path):
         read_checkpoint(path)
 
 
+def test_auto_skips_checkpoints_it_cannot_continue_from_and_takes_the_newest_good(four_steps, tmp_path, tiny_root):
+    """A sibling run directory holds the newest checkpoint of the same run name, but with an empty state dict: it is
+    skipped with a warning naming why, and the older good one is taken."""
+    good = _copy_run(four_steps, tmp_path)
+    sibling = tmp_path / "runs" / "shapes" / "b" / "checkpoints"
+    sibling.mkdir(parents=True)
+    empty = read_checkpoint(good / "checkpoints" / "last.ckpt")
+    empty["state_dict"] = {}
+    atomic_save(empty, sibling / "last.ckpt")  # newest by mtime
+    cfg = compose_config(tiny_root, tmp_path / "runs" / "shapes" / "new", [*FAST, "resume=auto"])
+    with pytest.warns(ResumeWarning, match=r"cannot resume from .*b/checkpoints/last\.ckpt: its state_dict is empty"):
+        found = resolve_resume(cfg)
+    assert found == str(good / "checkpoints" / "last.ckpt") and cfg.paths.output_dir == str(good)
+
+
+def test_auto_stops_in_one_line_when_checkpoints_exist_but_none_is_good(four_steps, tmp_path, tiny_root):
+    run_dir = _copy_run(four_steps, tmp_path)
+    names = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    for name in names:
+        (run_dir / "checkpoints" / name).write_bytes(b"not a checkpoint")
+    cfg = compose_config(tiny_root, run_dir.parent / "new", [*FAST, "resume=auto"])
+    with pytest.warns(ResumeWarning), pytest.raises(CheckpointError) as caught:
+        resolve_resume(cfg)
+    message = str(caught.value)
+    assert message.startswith(f"resume=auto found 4 checkpoint(s) of run 'shapes' but can continue from none: ")
+    assert all(name in message for name in names) and message.endswith("start fresh with resume=auto_or_new")
+    assert "\n" not in message
+    cfg = compose_config(tiny_root, run_dir.parent / "new", [*FAST, "resume=auto_or_new"])
+    with pytest.warns(ResumeWarning):
+        assert resolve_resume(cfg) is None  # a fresh start, as asked
+    assert cfg.paths.output_dir == str(run_dir.parent / "new")
+
+
+def test_resume_removes_what_interrupted_saves_left_and_no_checkpoint(four_steps, tmp_path, tiny_root):
+    run_dir = _copy_run(four_steps, tmp_path)
+    folder = run_dir / "checkpoints"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    stale = [folder / ".last.ckpt.tmp-4242", folder / ".epoch=0-step=5.ckpt.tmp-4242", folder / ".last.ckpt.sha256.tmp-77"]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")
+    cfg = compose_config(tiny_root, run_dir.parent / "new", [*FAST, "resume=auto"])
+    assert resolve_resume(cfg) == str(folder / "last.ckpt")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_a_resume_with_another_cpu_thread_count_says_it_is_not_bit_for_bit(four_steps, tmp_path, tiny_root):
+    """CPU sums split over threads: another thread count sums in another order (README: exact resume)."""
+    run_dir = _copy_run(four_steps, tmp_path)
+    saved = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["intra_op_threads"]
+    assert saved == torch.get_num_threads()
+    cfg = compose_config(tiny_root, run_dir.parent / "new", [*FAST, "trainer.max_steps=5", "resume=auto"])
+    torch.set_num_threads(saved + 1)
+    try:
+        with pytest.warns(UserWarning, match=rf"resuming with {saved + 1} CPU threads; the checkpoint was written "
+                                             rf"with {saved}: the run continues to float rounding, not bit for bit"):
+            train(cfg)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_a_failed_checksum_write_says_what_exists(tmp_path, monkeypatch):
+    import ldm.training.checkpoint as checkpoint_module
+
+    def full(path, text):
+        path.write_text(text[:3])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module, "_write_sidecar", full)
+    state = {"state_dict": {"w": torch.ones(3)}, "global_step": 7}
+    with pytest.raises(CheckpointError) as caught:
+        atomic_save(state, tmp_path / "last.ckpt")
+    assert str(caught.value) == (f"checkpoint {tmp_path}/last.ckpt was written and is complete, but its checksum file "
+                                 f"last.ckpt.sha256 could not be written: disk full (ENOSPC); the checkpoint loads "
+                                 f"without it (unchecked), the earlier checkpoints in {tmp_path} are intact")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left
+    assert read_checkpoint(tmp_path / "last.ckpt")["global_step"] == 7  # what the message says
+
+
 class _FullDisk:
     """A file that accepts `limit` bytes, then fails like a full disk."""
 
@@ -434,16 +512,26 @@ def test_an_infinite_gradient_of_a_finite_loss_is_skipped(guarded):
     ("model.vae.path=/nonexistent/vae", r"^model\.vae\.path=/nonexistent/vae: no such model directory$"),
     ("model/text_encoder=hf_clip model.text_encoder.path=/nonexistent/clip",
      r"^model\.text_encoder\.path=/nonexistent/clip: no such model"),
-    ("paths.clip_dir=/nonexistent/clip", r"^model\.text_encoder\.arch=local-dir:/nonexistent/clip: no open_clip model"),
+    ("paths.clip_dir=/nonexistent/clip", r"^callbacks\.fid\.clip_model=/nonexistent/clip: no such directory$"),
+    ("paths.clip_dir=/nonexistent/clip callbacks.fid.clip_model=null",
+     r"^model\.text_encoder\.arch=local-dir:/nonexistent/clip: no open_clip model"),
     ("data.resolution=17", r"^data\.resolution=17 is not a multiple of the VAE's downsampling factor 2"),
     ("model.unet.cross_attention_dim=48", r"^model\.unet\.cross_attention_dim=48 does not match the text encoder's "
                                           r"hidden size 32"),
-    ("sampling.sampler=heun2", r"^sampling\.sampler='heun2' is not a sampler; expected one of"),
-    ("optim.schedule=cosine_warm", r"^optim\.schedule='cosine_warm' is not an LR schedule"),
-    ("diffusion.schedule=cosine", r"^diffusion\.schedule='cosine' is not a noise schedule"),
+    ("sampling.sampler=heun2", r"^sampling\.sampler='heun2': expected one of ddim, ddpm, dpm\+\+"),
+    ("optim.schedule=cosine_warm", r"^optim\.schedule='cosine_warm': expected one of linear, cosine"),
+    ("diffusion.schedule=cosine", r"^diffusion\.schedule='cosine': expected one of linear, scaled_linear"),
+    ("data.resolution=18", r"^data\.resolution=18: its 9x9 latents \(VAE factor 2\) do not halve evenly through "
+                           r"the U-Net's 2 levels \(model\.unet\.block_out_channels\); use a multiple of 4$"),
     ("data.train_shards='/nonexistent/{000000..000009}.tar'", r"^data\.train_shards=.*does not exist"),
     ("data.train_shards=/tmp/*.nothing.tar", r"^data\.train_shards=.*no shards match"),
     ("data.batch_size=64", r"^data\.batch_size=64 is larger than the 48 samples of data\.train_shards="),
+    ("data.buckets=[[16,16],[15,16]]", r"^data\.buckets: 15x16 is not a multiple of the VAE's downsampling factor 2"),
+    ("data.buckets={max_aspect:0.5}", r"^data\.buckets\.max_aspect=0\.5: expected a number >= 1"),
+    ("data.buckets={area:4096,step:128}", r"^data\.buckets\.area=4096 is below one 128x128 step"),
+    ("data.buckets=[[16,16]] data.samples_per_epoch=1000", r"^data\.samples_per_epoch with data\.buckets"),
+    ("data.captions={tag_dropout:1.5}", r"^data\.captions\.tag_dropout=1\.5: expected a number in \[0, 1\)"),
+    ("data.dreambooth={class_prompt:'',class_shards:/tmp/x}", r"^data\.dreambooth\.class_prompt='': expected a non-"),
 ])  # fmt: skip
 def test_invalid_config_is_one_line_naming_the_setting(tiny_root, tmp_path, override, message):
     cfg = compose_config(tiny_root, tmp_path, override.split(" "))
@@ -452,6 +540,21 @@ def test_invalid_config_is_one_line_naming_the_setting(tiny_root, tmp_path, over
         validate_config(cfg)
     assert time.monotonic() - start < 10
     assert "\n" not in str(caught.value)
+
+
+def test_no_image_fitting_a_bucket_is_one_line_before_any_model_loads(tiny_root, tmp_path):
+    """Needs the image sizes (sizes.json, else the headers): checked right after the imports, before anything is
+    built (`ldm.run.data_check`)."""
+    from ldm.run.data_check import check_buckets
+
+    cfg = compose_config(tiny_root, tmp_path, ["data.buckets=[[32,32]]"])
+    validate_config(cfg)  # the spec itself is fine
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"^no image fits a bucket: 48 too small for every bucket \(upscaling off: "
+                                          r"set data\.upscale=true"):  # fmt: skip
+        check_buckets(cfg)
+    assert time.monotonic() - start < 10
+    check_buckets(compose_config(tiny_root, tmp_path, ["data.buckets=[[32,32]]", "data.upscale=true"]))
 
 
 def test_missing_required_value_and_pretrained_unet_are_checked(tiny_root, tmp_path):

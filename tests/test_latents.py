@@ -3,6 +3,8 @@ them trains without building the frozen encoders."""
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +12,20 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from ldm.data.latents import LatentShardDataModule, make_latent_dataset, precompute_latents, read_meta
-from ldm.data.webdataset import collate, make_shard_dataset
+from ldm.data.bucketed import KeyReader
+from ldm.data.format import expand_urls
+from ldm.data.health import DataHealth
+from ldm.data.latents import (
+    LatentShardDataModule,
+    is_latent_file,
+    load_npy,
+    make_latent_dataset,
+    precompute_latents,
+    read_meta,
+)
+from ldm.data.sizes import sample_sizes
+from ldm.data.transforms import ImageTransform
+from ldm.data.webdataset import ReadShards, ToTrainingSample, collate, make_shard_dataset
 from ldm.models.text_encoders import hf_clip_text_encoder
 from ldm.models.vae import load_vae
 from ldm.run.fit import train
@@ -78,11 +92,6 @@ def test_cached_batch_gives_the_on_the_fly_loss_within_fp16_tolerance(root):
 
 
 def make_latent_raw(root: Path):
-    from ldm.data.format import expand_urls
-    from ldm.data.health import DataHealth
-    from ldm.data.latents import is_latent_file, load_npy
-    from ldm.data.webdataset import ReadShards
-
     reader = ReadShards(DataHealth(), select=is_latent_file)
     for sample in reader({"url": u} for u in expand_urls(root / "latents")):
         yield {k: load_npy(v) for k, v in sample.items() if k.endswith(".npy")}
@@ -115,3 +124,85 @@ def test_latents_at_another_resolution_are_refused(root):
         LatentShardDataModule(str(root / "latents"), None, batch_size=4, resolution=32)
     with pytest.raises(FileNotFoundError, match="no latents.json"):
         LatentShardDataModule(str(root / "shapes" / "train"), None, batch_size=4)
+
+
+# --- buckets ------------------------------------------------------------------------------------------------------
+LATENT_BUCKETS = {"area": 32 * 32, "step": 8, "max_aspect": 2.0}  # -> 24x40, 32x32, 40x24 (by hand)
+
+
+@pytest.fixture(scope="module")
+def bucketed(root) -> Path:
+    """Mixed-aspect images (two too small) with one masked portrait, encoded at their buckets."""
+    from PIL import Image
+
+    from ldm.data.shards import write_shards
+
+    rng = np.random.default_rng(0)
+    sizes = [(30, 50), (50, 30), (40, 40), (36, 60), (64, 40), (10, 10), (20, 30)] * 2
+    samples = [(f"k{i:02d}", Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)), f"caption {i}")
+               for i, (w, h) in enumerate(sizes)]  # fmt: skip
+    mask = Image.new("L", (30, 50), 0)
+    mask.paste(255, (0, 0, 15, 50))  # left half
+    samples[0] = (*samples[0], mask)
+    write_shards(samples, root / "mixed", samples_per_shard=5, image_format="png", progress=False)
+    vae, text_encoder = frozen_parts(root)
+    precompute_latents(root / "mixed", root / "mixed-latents", vae, text_encoder, resolution=32, batch_size=3,
+                       samples_per_shard=4, num_workers=0, progress=False, buckets=LATENT_BUCKETS)  # fmt: skip
+    return root / "mixed-latents"
+
+
+def test_latents_are_written_at_their_bucket_with_the_flipped_twin(root, bucketed):
+    meta = read_meta(bucketed)
+    assert meta["buckets"] == [[24, 40], [32, 32], [40, 24]] and meta["too_small"] == 4 and meta["factor"] == 2
+    vae, _ = frozen_parts(root)
+    images = {s["key"]: s for s in make_shard_dataset(root / "mixed", 32, random_flip=False, shuffle_buffer=0,
+                                                      shardshuffle=False, split_by_node=False)}  # fmt: skip
+    raw = {s["__key__"]: s for s in ReadShards(DataHealth(), select=is_latent_file)({"url": u}
+                                                                                    for u in expand_urls(bucketed))}
+    assert sorted(raw) == sorted(k for k in images if min(images[k]["original_size"]) >= 24)  # 10 fit, 4 too small
+    source_url = {key: url for url, keys in sample_sizes(expand_urls(root / "mixed")).items() for key in keys}
+    convert = ToTrainingSample(ImageTransform(32, random_flip=False, upscale=False, uint8=True))
+    for key, sample in raw.items():
+        h, w = images[key]["original_size"]
+        bucket = min([(24, 40), (32, 32), (40, 24)], key=lambda b: abs(np.log(w / h) - np.log(b[0] / b[1])))
+        record = json.loads(sample["json"])
+        assert record["target_size"] == [bucket[1], bucket[0]] and record["original_size"] == [h, w]
+        mean = load_npy(sample["mean.npy"])
+        assert mean.shape[-2:] == (bucket[1] // 2, bucket[0] // 2)  # (h, w) / VAE factor 2
+        # the VAE's posterior of the centre crop at that bucket, and of its mirror image
+        source = KeyReader().read(source_url[key], key)
+        pixels = convert({**source, "__size__": bucket})["pixel_values"][None].float() / 127.5 - 1
+        with torch.no_grad():
+            expected = vae.encode(pixels).latent_dist.mean[0] * 0.7
+            mirrored = vae.encode(pixels.flip(-1)).latent_dist.mean[0] * 0.7
+        torch.testing.assert_close(torch.from_numpy(mean).float(), expected, atol=3e-3, rtol=3e-3)
+        torch.testing.assert_close(torch.from_numpy(load_npy(sample["flip_mean.npy"])).float(), mirrored,
+                                   atol=3e-3, rtol=3e-3)  # fmt: skip
+    mask = load_npy(raw["k00"]["mask.npy"])  # 24x40 bucket at factor 2: (1, 20, 12), left half ones
+    assert mask.shape == (1, 20, 12) and mask[0, :, :5].min() == 1 and mask[0, :, 7:].max() == 0
+    assert np.array_equal(load_npy(raw["k00"]["flip_mask.npy"]), mask[..., ::-1])
+
+
+def test_training_on_bucketed_latents_keeps_one_bucket_per_batch(bucketed, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    seen = Counter()
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        dm = LatentShardDataModule(str(bucketed), None, batch_size=2, num_workers=2, seed=3)
+        assert dm.planned
+        batches = list(dm.train_dataloader())
+        for batch in batches:
+            h, w = batch["latent_mean"].shape[-2:]
+            assert (batch["target_size"] == torch.tensor([h * 2, w * 2])).all()  # one bucket per batch
+            assert batch["text_hidden"].shape[0] == len(batch["key"])
+            if "k00" in batch["key"]:
+                assert batch["mask"].shape == (len(batch["key"]), 1, h, w)
+            seen.update(batch["key"])
+        carried = dm.bucket_report(0)["carried"]
+    assert max(seen.values()) == 1 and len(seen) + carried == 10  # each once per pass, or carried into the next
+
+
+def test_tag_captions_on_latents_are_encoded_per_visit(bucketed):
+    dm = LatentShardDataModule(str(bucketed), None, batch_size=2, num_workers=0, captions={"trigger": "sks"})
+    batch = next(iter(dm.train_dataloader()))
+    assert "text_hidden" not in batch and all(c.startswith("sks, caption ") for c in batch["caption"])

@@ -39,10 +39,18 @@ def test_an_upward_import_breaks_the_contracts(tmp_path):
     assert "BROKEN" in out.stdout and "ldm.data.format -> ldm.sweeps.job" in out.stdout
 
 
+ENTRY_POINTS = {"train.py", "sample.py", "export.py", "evaluate.py", "report.py"}
+
+
 def test_no_ldm_import_inside_a_function():
-    """Every import of ldm's own modules sits at the top of its module: none is put off to dodge an import loop."""
+    """Every import of ldm's own modules sits at the top of its module: none is put off to dodge an import loop.
+    The command-line entry points alone import the heavy layers inside `main`, after the light checks of their
+    arguments (a mistake is said in seconds, not after torch and the model libraries are imported); nothing
+    imports an entry point, so no loop can hide there."""
     late = []
     for path in (ROOT / "ldm").rglob("*.py"):
+        if path.parent == ROOT / "ldm" and path.name in ENTRY_POINTS:
+            continue
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):

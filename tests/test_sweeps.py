@@ -49,12 +49,14 @@ def _job_dirs(sweep):
 
 # --- through the CLI ------------------------------------------------------------------------------------
 def test_ddp_sweep_gives_one_run_per_job_and_marks_the_failed_one(tiny_root, tmp_path):
-    """2 jobs x 2 gloo ranks; the first job fails at train time (AdamW refuses lr=-1), the second still runs
+    """2 jobs x 2 gloo ranks; the first job fails at train time (AdamW refuses eps=-1, a key added with `+` that the
+    config checks leave to AdamW), the second still runs
     and returns its FID (measured at step 2 of 3) as the objective."""
     sweep = tmp_path / "lr_sweep"
     out = ldm_train(tmp_path, "-m", *tiny_args(tiny_root), "logger=wandb", "trainer.max_steps=3",
                     "callbacks.fid.every_n_steps=2", "callbacks.fid.at_end=false", "objective.metric=val/fid",
-                    "trainer.devices=2", "trainer.strategy=ddp", "optim.lr=-1,1e-4", f"hydra.sweep.dir={sweep}")
+                    "trainer.devices=2", "trainer.strategy=ddp", "+optim.optimizer.eps=-1,1e-8",
+                    f"hydra.sweep.dir={sweep}")
     assert out.returncode == 0, out.stderr[-4000:]
     log = out.stdout + out.stderr
     assert log.count("Launching 2 jobs") == 1  # the sweep ran once: no rank relaunched it
@@ -62,11 +64,11 @@ def test_ddp_sweep_gives_one_run_per_job_and_marks_the_failed_one(tiny_root, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lr_sweep"]  # no stray run directories
 
     index = json.loads((sweep / "index.json").read_text())
-    assert index["params"] == ["optim.lr"]
+    assert index["params"] == ["optim.optimizer.eps"]
     failed, done = index["jobs"]
-    assert (failed["num"], failed["status"], failed["params"]) == (0, "failed", {"optim.lr": -1.0})
-    assert "Invalid learning rate" in failed["error"] and failed["error"].startswith("RanksFailed: rank ")
-    assert (done["num"], done["status"], done["params"]) == (1, "completed", {"optim.lr": 1e-4})
+    assert (failed["num"], failed["status"], failed["params"]) == (0, "failed", {"optim.optimizer.eps": -1.0})
+    assert "Invalid epsilon value" in failed["error"] and failed["error"].startswith("RanksFailed: rank ")
+    assert (done["num"], done["status"], done["params"]) == (1, "completed", {"optim.optimizer.eps": 1e-8})
     assert done["metrics"]["train/images_seen"] == 2 * 4 * 3  # 2 ranks x batch 4 x 3 steps: both ranks trained
     assert (sweep / "0" / "error.txt").is_file() and "objective" not in failed
 
@@ -79,13 +81,13 @@ def test_ddp_sweep_gives_one_run_per_job_and_marks_the_failed_one(tiny_root, tmp
 
     runs = {f.relative_to(sweep).parts[0]: f for f in run_files(sweep)}
     assert sorted(runs) == ["0", "1"]  # one W&B run per job, in the job's own directory (rank 0 only)
-    for job, name in zip(index["jobs"], ["shapes-0 optim.lr=-1", "shapes-1 optim.lr=0.0001"]):
+    for job, name in zip(index["jobs"], ["shapes-0 optim.optimizer.eps=-1", "shapes-1 optim.optimizer.eps=1e-08"]):
         run = runs[job["dir"]]
         info = run_info(run)
         assert info["group"] == index["group"] == f"shapes-{sweep.name}"
         assert info["name"] == job["name"] == name
         logged = config(run)
-        assert logged["optim"]["lr"] == job["params"]["optim.lr"]
+        assert logged["optim"]["optimizer"]["eps"] == job["params"]["optim.optimizer.eps"]
         assert logged["sweep"] == {"group": index["group"], "job": job["num"], "params": job["params"]}
         assert logged["trainer"]["devices"] == 2
     assert max(row.get("train/images_seen", 0) for row in history(runs["1"])) == 24
@@ -93,14 +95,14 @@ def test_ddp_sweep_gives_one_run_per_job_and_marks_the_failed_one(tiny_root, tmp
     # the job saved the config it trained with: nothing was added to it after Hydra wrote .hydra/config.yaml
     trained = load_checkpoint(sweep / "1" / "checkpoints" / "last.ckpt")["config"]
     assert saved_config(sweep / "1") == trained
-    assert trained["logger"]["name"] == "shapes-1 optim.lr=0.0001" and trained["logger"]["group"] == index["group"]
+    assert trained["logger"]["name"] == "shapes-1 optim.optimizer.eps=1e-08" and trained["logger"]["group"] == index["group"]
 
     report_main([str(sweep)])
     lines = (sweep / "report.md").read_text().splitlines()
-    assert lines[0].startswith("| job | status | optim.lr | val/fid best | val/fid final |")
-    assert lines[2].startswith("| 0 | failed | -1 |  |  |") and "Invalid learning rate" in lines[2]
+    assert lines[0].startswith("| job | status | optim.optimizer.eps | val/fid best | val/fid final |")
+    assert lines[2].startswith("| 0 | failed | -1 |  |  |") and "Invalid epsilon value" in lines[2]
     fid = f"{done['objective']:.4g}"
-    assert lines[3].startswith(f"| 1 | completed | 0.0001 | {fid} | {fid} |")
+    assert lines[3].startswith(f"| 1 | completed | 1e-08 | {fid} | {fid} |")
     with Image.open(sweep / "fid_curves.png") as png:
         assert png.size == (700, 450)
 
@@ -117,7 +119,7 @@ def test_optuna_search_over_parallel_jobs_minimises_best_fid(tiny_root, tmp_path
     assert out.returncode == 0, out.stderr[-4000:]
     assert _job_dirs(sweep) == ["0", "1"]
     index = json.loads((sweep / "index.json").read_text())
-    assert index["params"] == ["optim.lr"]  # the keys fixed on the command line are not searched
+    assert index["params"] == ["optim.optimizer.eps"]  # the keys fixed on the command line are not searched
     jobs = index["jobs"]
     assert [job["status"] for job in jobs] == ["completed", "completed"]
     lrs = [job["params"]["optim.lr"] for job in jobs]
@@ -154,9 +156,15 @@ def _csv_rows(path):
 
 
 def test_report_refuses_a_directory_that_is_not_a_sweep(tmp_path, capsys):
-    with pytest.raises(SystemExit):
+    from ldm.utils.cli import run_command
+
+    with pytest.raises(FileNotFoundError, match="not a sweep directory: no index.json"):
         report_main([str(tmp_path)])
-    assert "not a sweep directory: no index.json" in capsys.readouterr().err
+    assert run_command(report_main, [str(tmp_path)]) == 1  # what `python -m ldm.report DIR` does with it
+    assert capsys.readouterr().err == f"error: {tmp_path} is not a sweep directory: no index.json\n"
+    with pytest.raises(FileNotFoundError):
+        report_main([str(tmp_path / "absent")])
+    assert not (tmp_path / "absent").exists()  # nothing made for a mistaken path
 
 
 # --- the pieces -----------------------------------------------------------------------------------------

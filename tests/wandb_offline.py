@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -76,9 +77,15 @@ def _items(items) -> dict:
     return out
 
 
-def history(path: str | Path) -> list[dict]:
-    """Every `wandb.log` row, in order."""
-    return [_items(r.history.item) for r in records(path) if r.WhichOneof("record_type") == "history"]
+def history(path: str | Path, wait_for: str | None = None, timeout: float = 30.0) -> list[dict]:
+    """Every `wandb.log` row, in order. `wait_for`: a key some row must hold; the file is read again until one
+    does (W&B's service process may still be writing the file when `finish()` has returned)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = [_items(r.history.item) for r in records(path) if r.WhichOneof("record_type") == "history"]
+        if wait_for is None or any(wait_for in row for row in rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.2)
 
 
 def config(path: str | Path) -> dict:

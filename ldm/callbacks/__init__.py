@@ -10,6 +10,8 @@
     preemption     Preemption: checkpoint and stop on SIGTERM/SIGUSR1
     metrics_log    MetricsLog: every run's metrics.jsonl (what sweeps read)
     data_health    DataHealthMonitor: the loader's skip counts
+    bucket_counts  BucketCounts: images per aspect-ratio bucket (W&B table and chart), carried samples per epoch
+    bucket_warmup  LargestBucketWarmup: one step at the largest bucket first (out of memory at once, not later)
 
 May import: ldm.stages, ldm.metrics and everything below them. Not the run or sweeps; not each other.
 """

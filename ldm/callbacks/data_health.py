@@ -2,7 +2,7 @@
 
     Trainer(callbacks=[DataHealthMonitor(log_every_n_steps=50)])   # conf/callbacks/data_health.yaml
 
-Logs `data/skipped`, `data/too_small`, `data/shard_errors` (all ranks summed) and `data/bad_fraction` every
+Logs `data/skipped`, `data/too_small`, `data/shard_errors`, `data/duplicates` (all ranks summed) and `data/bad_fraction` every
 `log_every_n_steps` steps; the check that stops training on too much bad data runs in the loader itself.
 """
 
@@ -22,6 +22,6 @@ class DataHealthMonitor(pl.Callback):
         if health is None or trainer.global_step % self.every != 0:
             return
         totals = health.totals()
-        for field in ("skipped", "too_small", "shard_errors"):
+        for field in ("skipped", "too_small", "shard_errors", "duplicates"):
             pl_module.log(f"data/{field}", float(totals[field]), reduce_fx="sum", sync_dist=True, batch_size=1)
         pl_module.log("data/bad_fraction", health.bad_fraction(), sync_dist=True, batch_size=1)

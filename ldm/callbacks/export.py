@@ -9,19 +9,27 @@ from __future__ import annotations
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 
-from ldm.models.export import export_pipeline
+from ldm.models.export import export_diffusers_lora, export_kohya, export_pipeline
 
 
 class ExportPipeline(pl.Callback):
-    """At the end of fit, write a diffusers `StableDiffusionPipeline` directory (EMA weights when on)."""
+    """At the end of fit, write a diffusers `StableDiffusionPipeline` directory (EMA weights when on; a LoRA run's
+    adapters merged into its base, as trained: under bf16 the base is the bf16 one, `python -m ldm.export` merges
+    into the base reloaded from its source), and for a LoRA run its adapters in `lora_dir`: diffusers'
+    `pytorch_lora_weights.safetensors` and a kohya `<run name>.safetensors`."""
 
-    def __init__(self, out_dir: str):
+    def __init__(self, out_dir: str, lora_dir: str | None = None):
         self.out_dir = out_dir
+        self.lora_dir = lora_dir
 
     @rank_zero_only
     def on_fit_end(self, trainer, pl_module):
         export_pipeline(pl_module, self.out_dir)
         rank_zero_info(f"exported diffusers pipeline -> {self.out_dir}")
+        if self.lora_dir and getattr(pl_module, "adapter", None) is not None:
+            export_diffusers_lora(pl_module, self.lora_dir)
+            path = export_kohya(pl_module, self.lora_dir, steps=trainer.global_step)
+            rank_zero_info(f"exported LoRA (diffusers, kohya) -> {self.lora_dir}/ ({path.name})")
 
 
 class ExportVAE(pl.Callback):

@@ -19,7 +19,9 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-FILENAME = "metrics.jsonl"  # where conf/callbacks/metrics_log.yaml puts it in every run directory
+from ldm.utils.metrics_file import FILENAME, read_metrics
+
+__all__ = ["FILENAME", "MetricsLog", "read_metrics"]
 
 
 def _scalars(metrics: dict) -> dict[str, float]:
@@ -81,16 +83,3 @@ class MetricsLog(pl.Callback):
             self._file.close()
             self._file = None
 
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The rows of a `metrics.jsonl` (none when the file does not exist); a torn last line is skipped."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # the line a killed run was writing
-    return rows

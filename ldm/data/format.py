@@ -3,7 +3,10 @@
 A shard set is a folder of tars in the img2dataset layout: `000000.tar, 000001.tar, ...`, each holding
 `<key>.<ext>` members, one sample per key (`<key>.jpg` + `<key>.txt`, or `<key>.json` with a "caption" or
 "text" that is a string or a list of strings). Beside the tars, `manifest.json` lists every shard's name,
-sample count, size in bytes and sha256 (`write_manifest`). The reader (`ldm.data.webdataset`), the writer
+sample count, size in bytes and sha256, and the keys that name more than one sample (`write_manifest`), and
+`sizes.json` each image's (width, height) per shard (`read_sizes_file`; the writer records them, `ldm.data.sizes`
+reads image headers once for shards written elsewhere): aspect-ratio buckets are planned from them without
+decoding an image. The reader (`ldm.data.webdataset`), the writer
 (`ldm.data.shards`), the latent shards (`ldm.data.latents`), the data module, FID reference statistics and the
 config checks all go through these functions.
 
@@ -25,15 +28,38 @@ import re
 import tarfile
 from pathlib import Path
 
-import webdataset as wds
+import braceexpand
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSIONS = ("txt", "json")
 MANIFEST = "manifest.json"
+SIZES = "sizes.json"
+MASK_EXTENSIONS = tuple(f"mask.{ext}" for ext in IMAGE_EXTENSIONS)  # `<key>.mask.png`: a loss mask, white = learn
 SHARD_NAME = re.compile(r"^(\d{6})\.tar$")
 
 
 # --- shard specs -> urls ---------------------------------------------------------------------------------
+def _wds_expand(pattern: str) -> list[str]:
+    """What `webdataset.shardlists.expand_urls` makes of a string: `::`-joined specs, `${VAR}` read from the
+    environment variable `WDS_VAR`, then brace expansion. Here because importing webdataset imports torch (2 s):
+    config checks expand shard specs before anything heavy is imported (tests compare the two)."""
+    urls = []
+    for url in pattern.split("::"):
+        for _ in range(10):  # webdataset substitutes up to 10 times (a value may name another variable)
+            last, url = url, re.sub(r"\$\{(\w+)\}", _wds_variable, url)
+            if url == last:
+                break
+        urls.extend(braceexpand.braceexpand(url))
+    return urls
+
+
+def _wds_variable(match: re.Match) -> str:
+    name = "WDS_" + match.group(1)
+    if name not in os.environ:
+        raise FileNotFoundError(f"shard spec names ${{{match.group(1)}}} but the environment variable {name} is not set")
+    return os.environ[name]
+
+
 def is_remote(url: str) -> bool:
     """A url that is not a local path (`pipe:`, `s3://`, `https://`, ...): read through a stream, never stat'ed."""
     return "://" in url or url.startswith("pipe:")
@@ -62,7 +88,7 @@ def expand_urls(urls) -> list[str]:
         return [url for spec in urls for url in expand_urls(spec)]
     pattern = os.fspath(urls)
     expanded = []
-    for url in wds.shardlists.expand_urls(pattern):
+    for url in _wds_expand(pattern):
         if is_remote(url):
             expanded.append(url)
         elif os.path.isdir(url):
@@ -104,6 +130,11 @@ def image_bytes(sample: dict) -> bytes | None:
     return next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
 
 
+def mask_bytes(sample: dict) -> bytes | None:
+    """The encoded loss mask of a raw sample (`<key>.mask.png`, ...), or None."""
+    return next((sample[ext] for ext in MASK_EXTENSIONS if ext in sample), None)
+
+
 # --- captions ---------------------------------------------------------------------------------------------
 def decode_texts(sample: dict) -> dict:
     """A raw sample's caption members, decoded: {"txt": str, "json": parsed JSON} (those it holds)."""
@@ -143,10 +174,82 @@ def write_manifest_file(out_dir: str | os.PathLike, manifest: dict) -> None:
     os.replace(tmp, Path(out_dir) / MANIFEST)
 
 
+def read_sizes_file(shard_dir: str | os.PathLike) -> dict:
+    """sizes.json of a shard folder: {shard name: {"bytes": size of the tar, "sizes": {key: [w, h] or None}}}
+    ({} when there is none). An entry whose "bytes" differ from the tar's is stale (the tar was rewritten)."""
+    path = Path(shard_dir) / SIZES
+    try:
+        return json.loads(path.read_text())["shards"] if path.exists() else {}
+    except (ValueError, KeyError):  # unreadable: a cache, read again from the images
+        return {}
+
+
+def write_sizes_file(shard_dir: str | os.PathLike, shards: dict) -> None:
+    """Write sizes.json atomically (see read_sizes_file for the layout); ranks writing it at once each write their
+    own temporary file, and one complete file wins."""
+    tmp = Path(shard_dir) / f"{SIZES}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"shards": shards}, separators=(",", ":")))
+    os.replace(tmp, Path(shard_dir) / SIZES)
+
+
 def tar_sample_count(path: str | os.PathLike) -> int:
     """Samples (distinct keys) in a local tar, from its headers only."""
     with tarfile.open(path) as tar:
         return len({split_name(n)[0] for n in tar.getnames() if split_name(n) is not None})
+
+
+def tar_keys(path: str | os.PathLike, extensions=None) -> list[str]:
+    """The keys of a local tar's samples, in order, from its headers only. Members of one sample are consecutive: a
+    key that comes back, or repeats an extension, starts another sample (as the reader groups them). With
+    ``extensions``, only members with one of them count."""
+    keys, current, seen = [], None, set()
+    with tarfile.open(path) as tar:
+        for member in tar:
+            split = split_name(member.name) if member.isreg() else None
+            if split is None or (extensions is not None and not has_extension(member.name, extensions)):
+                continue
+            key, extension = split[0], split[1].lower()
+            if key != current or extension in seen:
+                keys.append(key)
+                current, seen = key, set()
+            seen.add(extension)
+    return keys
+
+
+def find_duplicates(keys_by_url: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Keys that name more than one sample: key -> the url of each of its samples, in the given order."""
+    where: dict[str, list[str]] = {}
+    for url, keys in keys_by_url.items():
+        for key in keys:
+            where.setdefault(key, []).append(url)
+    return {key: urls for key, urls in where.items() if len(urls) > 1}
+
+
+def duplicate_keys(urls: list[str], extensions=None) -> dict[str, list[str]]:
+    """Keys that name more than one sample in a shard set: key -> the url of each of its samples, in url order.
+    From manifest.json's "duplicates" where the manifest records them (make_shards writes it), else from the local
+    tars' headers; remote shards are not looked into."""
+    local = [url for url in urls if not is_remote(url)]
+    keys_by_url: dict[str, list[str]] = {}
+    recorded: dict[str, list[str]] = {}
+    scan = []
+    for folder in dict.fromkeys(os.path.dirname(url) for url in local):
+        manifest = read_manifest(folder)
+        if manifest is not None and "duplicates" in manifest:
+            for key, names in manifest["duplicates"].items():
+                recorded[key] = [os.path.join(folder, name) for name in names]
+        else:
+            scan.extend(url for url in local if os.path.dirname(url) == folder)
+    for url in scan:
+        try:
+            keys_by_url[url] = tar_keys(url, extensions)
+        except (OSError, tarfile.TarError):
+            keys_by_url[url] = []  # unreadable: the reader names it when it gets there
+    order = {url: i for i, url in enumerate(urls)}
+    found = find_duplicates(keys_by_url)
+    for key, where in recorded.items():
+        found[key] = sorted(found.get(key, []) + [u for u in where if u in order], key=order.__getitem__)
+    return {key: where for key, where in found.items() if len(where) > 1}
 
 
 def shard_record(path: str | os.PathLike) -> dict:
@@ -161,12 +264,23 @@ def shard_record(path: str | os.PathLike) -> dict:
 
 
 def write_manifest(shard_dir: str | os.PathLike) -> dict:
-    """Write manifest.json for a folder of existing shards (img2dataset output, read as is)."""
+    """Write manifest.json for a folder of existing shards (img2dataset output, read as is), with the keys that name
+    more than one sample ("duplicates": key -> shard names; the reader trains each once). A tar that cannot be read
+    is an error naming it, and nothing is written."""
     shard_dir = Path(shard_dir)
-    shards = [shard_record(p) for p in sorted(shard_dir.glob("*.tar"))]
-    if not shards:
+    paths = sorted(shard_dir.glob("*.tar"))
+    if not paths:
         raise ValueError(f"{shard_dir}: no .tar shards")
-    manifest = {"shards": shards, "total": sum(s["count"] for s in shards)}
+    shards, keys = [], {}
+    for path in paths:
+        try:
+            shards.append(shard_record(path))
+            keys[path.name] = tar_keys(path)
+        except (OSError, tarfile.TarError) as error:
+            reason = str(error).strip().splitlines()[0].rstrip(":") if str(error).strip() else type(error).__name__
+            raise ValueError(f"{path}: not a readable tar ({reason}); nothing was written: repair or remove it, then "
+                             f"run again") from None  # fmt: skip
+    manifest = {"shards": shards, "total": sum(s["count"] for s in shards), "duplicates": find_duplicates(keys)}
     write_manifest_file(shard_dir, manifest)
     return manifest
 

@@ -1,8 +1,8 @@
 """Write image-caption pairs as WebDataset shards in the img2dataset layout.
 
-Each shard `000000.tar, 000001.tar, ...` holds `<key>.<jpg|png|webp>` + `<key>.txt`;
-`manifest.json` next to them lists every shard's name, sample count, size in bytes and
-sha256. Shards are written as `*.tar.tmp` and renamed when complete, so a crash never
+Each shard `000000.tar, 000001.tar, ...` holds `<key>.<jpg|png|webp>` + `<key>.txt` (or `<key>.json` with a
+caption list), and `<key>.mask.png` when the sample has a loss mask; `manifest.json` next to them lists every
+shard's name, sample count, size in bytes and sha256, and `sizes.json` every image's (width, height). Shards are written as `*.tar.tmp` and renamed when complete, so a crash never
 leaves a truncated `.tar`; `resume=True` keeps the complete shards and writes only the
 samples they lack.
 
@@ -13,10 +13,11 @@ samples they lack.
     >>> [p.name for p in write_shards(samples, tempfile.mkdtemp(), samples_per_shard=2, progress=False)]
     ['000000.tar', '000001.tar']
 
-Sources of (key, image, caption) samples:
-    samples_from_folder          images + sidecar .txt, or a metadata.jsonl / metadata.csv
+Sources of (key, image, caption[, mask]) samples:
+    samples_from_folder          images + sidecar .txt (+ `<name>.mask.png`), or a metadata.jsonl / metadata.csv
     samples_from_class_folders   `<root>/<label>/*.jpg` with a template "a photo of a {label}"
     samples_from_shards          existing shards (img2dataset output), to re-shard or re-encode
+    ldm.data.hf.samples_from_hf  a Hugging Face `datasets` directory (parquet, imagefolder, save_to_disk)
 An img2dataset folder is also read as is: `write_manifest(folder)` adds the manifest.
 """
 
@@ -35,6 +36,7 @@ from tqdm import tqdm
 
 from ldm.data.format import (
     IMAGE_EXTENSIONS,
+    MASK_EXTENSIONS,
     SHARD_NAME,
     caption_choices,
     decode_texts,
@@ -43,7 +45,9 @@ from ldm.data.format import (
     shard_record,
     split_name,
     write_manifest_file,
+    write_sizes_file,
 )
+from ldm.data.sizes import image_size, sample_sizes
 from ldm.data.transforms import to_rgb
 
 IMAGE_FORMATS = ("jpg", "png", "webp", "keep")
@@ -53,29 +57,46 @@ _EXTENSION_OF_PIL_FORMAT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 ImageLike = str | os.PathLike | Image.Image | bytes
 
 
-def samples_from_folder(root: str | os.PathLike) -> Iterator[tuple[str, Path, str]]:
-    """Yield (key, image_path, caption) from a folder of images.
+def samples_from_folder(root: str | os.PathLike, caption: str | None = None) -> Iterator[tuple]:
+    """Yield (key, image_path, caption) from a folder of images, or (key, image_path, caption, mask_path) for an
+    image with a loss mask beside it (`cat.png` + `cat.mask.png`: white = learn).
 
     Captions come from `metadata.jsonl` or `metadata.csv` (Hugging Face imagefolder: a
     `file_name` and a `text` or `caption` per row) when present, else from a sidecar
-    `.txt` next to each image (`cat.png` + `cat.txt`), searched recursively.
-    Keys are the image paths relative to `root`, without suffix, with `/` and `.` -> `_`.
+    `.txt` next to each image (`cat.png` + `cat.txt`), searched recursively; `caption` captions every image
+    alike instead (a DreamBooth instance set: "a photo of sks dog"). Keys are the image paths relative to `root`, without suffix, with `/` and `.` -> `_`.
     """
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"{root}: not a directory")
     for metadata, reader in ((root / "metadata.jsonl", _jsonl_records), (root / "metadata.csv", _csv_records)):
-        if metadata.exists():
-            yield from _samples_from_metadata(root, metadata, reader(metadata))
+        if metadata.exists() and caption is None:
+            for key, image_path, text in _samples_from_metadata(root, metadata, reader(metadata)):
+                yield _with_mask(key, image_path, text)
             return
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and not _is_mask(p))
     if not images:
         raise ValueError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) and no metadata.jsonl or metadata.csv")
     for image_path in images:
         caption_path = image_path.with_suffix(".txt")
-        if not caption_path.exists():
-            raise ValueError(f"{root}: image {image_path.name} has no caption file {caption_path.name}")
-        yield _key_of(image_path, root), image_path, caption_path.read_text(encoding="utf-8").strip()
+        if caption is not None:
+            text = caption
+        elif caption_path.exists():
+            text = caption_path.read_text(encoding="utf-8").strip()
+        else:
+            raise ValueError(f"{root}: image {image_path.name} has no caption file {caption_path.name} "
+                             f"(or give one caption for all)")  # fmt: skip
+        yield _with_mask(_key_of(image_path, root), image_path, text)
+
+
+def _is_mask(path: Path) -> bool:
+    return any(path.name.lower().endswith("." + ext) for ext in MASK_EXTENSIONS)
+
+
+def _with_mask(key: str, image_path: Path, caption: str) -> tuple:
+    """(key, image, caption), plus the mask path when `<stem>.mask.<ext>` lies beside the image."""
+    mask = next((m for ext in MASK_EXTENSIONS if (m := image_path.with_name(f"{image_path.stem}.{ext}")).exists()), None)
+    return (key, image_path, caption) if mask is None else (key, image_path, caption, mask)
 
 
 def _jsonl_records(metadata: Path) -> Iterator[tuple[str, dict]]:
@@ -211,18 +232,21 @@ def _complete_shards(out_dir: Path) -> list[Path]:
 class ShardSink:
     """Writes samples into tar shards `000000.tar, ...` under `out_dir`, each as `*.tar.tmp` renamed to its
     final name only when `finish()` closes it; `abort()` drops an unfinished one. Published shards' records
-    (name, count, bytes, sha256) are appended to `records`. As a context manager it finishes the last shard,
+    (name, count, bytes, sha256) are appended to `records`, and, when `sizes` is a dict, the (width, height) given
+    with each sample go to `sizes[name]` (the sizes.json entry). As a context manager it finishes the last shard,
     or aborts it when an exception (a crash, Ctrl-C) ends the block."""
 
-    def __init__(self, out_dir: Path, records: list[dict]):
-        self.out_dir, self.records = out_dir, records
+    def __init__(self, out_dir: Path, records: list[dict], sizes: dict | None = None):
+        self.out_dir, self.records, self.sizes = out_dir, records, sizes
         self.writer, self.tmp_path, self.count = None, None, 0
+        self._sizes: dict[str, list[int] | None] = {}
 
-    def write(self, sample: dict) -> None:
+    def write(self, sample: dict, size: tuple[int, int] | None = None) -> None:
         if self.writer is None:
             self.tmp_path = self.out_dir / f"{len(self.records):06d}.tar.tmp"
             self.writer = wds.TarWriter(str(self.tmp_path), encoder=False)
         self.writer.write(sample)
+        self._sizes[sample["__key__"]] = list(size) if size else None
         self.count += 1
 
     def finish(self) -> None:
@@ -232,13 +256,15 @@ class ShardSink:
         final = self.tmp_path.with_suffix("")  # 000000.tar.tmp -> 000000.tar
         os.replace(self.tmp_path, final)
         self.records.append(shard_record(final))
-        self.writer, self.count = None, 0
+        if self.sizes is not None:
+            self.sizes[final.name] = {"bytes": final.stat().st_size, "sizes": self._sizes}
+        self.writer, self.count, self._sizes = None, 0, {}
 
     def abort(self) -> None:
         if self.writer is not None:  # never publish a half-written shard
             self.writer.close()
             self.tmp_path.unlink(missing_ok=True)
-            self.writer, self.count = None, 0
+            self.writer, self.count, self._sizes = None, 0, {}
 
     def __enter__(self) -> "ShardSink":
         return self
@@ -247,8 +273,40 @@ class ShardSink:
         self.abort() if exc_type is not None else self.finish()
 
 
+def _caption_member(caption: str | list[str]) -> tuple[str, bytes]:
+    """("txt", text) for a caption, ("json", {"caption": [...]}) for a list of them."""
+    if isinstance(caption, str):
+        return "txt", caption.encode("utf-8")
+    if isinstance(caption, (list, tuple)) and caption and all(isinstance(c, str) for c in caption):
+        return "json", json.dumps({"caption": list(caption)}).encode("utf-8")
+    raise ValueError(f"caption must be a string or a non-empty list of strings, got {caption!r}")
+
+
+def encode_mask(mask: ImageLike) -> bytes:
+    """A loss mask (path, PIL image or bytes) as a greyscale PNG (white = learn), at its own size."""
+    if isinstance(mask, Image.Image):
+        grey = mask.convert("L")
+    else:
+        with Image.open(io.BytesIO(mask) if isinstance(mask, bytes) else mask) as opened:
+            grey = opened.convert("L")
+    buffer = io.BytesIO()
+    grey.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def refuse_duplicates(samples) -> None:
+    """ValueError naming the first key two samples share (nothing is written then): a key names one sample."""
+    first: dict[str, object] = {}
+    for key, image, *_ in samples:
+        if key in first:
+            what = (lambda x: str(x) if isinstance(x, (str, os.PathLike)) else type(x).__name__)
+            raise ValueError(f"two samples have the key {key!r} ({what(first[key])} and {what(image)}); keys must be "
+                             f"unique: nothing was written")  # fmt: skip
+        first[key] = image
+
+
 def write_shards(
-    samples: Iterable[tuple[str, ImageLike, str]],
+    samples: Iterable[tuple],
     out_dir: str | os.PathLike,
     samples_per_shard: int = 1000,
     image_format: str = "jpg",
@@ -259,13 +317,15 @@ def write_shards(
     resume: bool = False,
     total: int | None = None,
 ) -> list[Path]:
-    """Write (key, image, caption) samples as tar shards + manifest.json; return shard paths.
+    """Write (key, image, caption) or (key, image, caption, mask) samples as tar shards + manifest.json +
+    sizes.json; return shard paths. A caption is a string (`<key>.txt`) or a list of them (`<key>.json`).
 
     A shard is closed after `samples_per_shard` samples or once it holds `max_shard_bytes`
     (so it may pass that size by one sample). `max_size` shrinks the long side of larger
-    images. A sample whose image cannot be read or encoded is skipped with a warning and
+    images. A sample whose image (or mask) cannot be read or encoded is skipped with a warning and
     counted as "skipped" in the manifest. With `resume=True`, complete shards already in
-    `out_dir` are kept and samples whose key they hold are not written again.
+    `out_dir` are kept and samples whose key they hold are not written again. Two samples with
+    one key are refused before anything is written (for a list; a stream stops at the second).
     """
     if samples_per_shard <= 0:
         raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
@@ -287,29 +347,39 @@ def write_shards(
             shards.append(shard_record(path))
             with tarfile.open(path) as tar:
                 done_keys.update(split_name(name)[0] for name in tar.getnames() if split_name(name))
-    if total is None and hasattr(samples, "__len__"):
-        total = len(samples)
+    kept = [out_dir / shard["name"] for shard in shards]
+    sizes = {Path(url).name: {"bytes": Path(url).stat().st_size, "sizes": {k: list(v) if v else None for k, v in s.items()}}
+             for url, s in sample_sizes([str(p) for p in kept]).items()} if kept else {}  # fmt: skip
+    if hasattr(samples, "__len__"):
+        total = len(samples) if total is None else total
+        refuse_duplicates(samples)
 
     seen: set[str] = set()
     skipped = 0
     size = 0
-    with ShardSink(out_dir, shards) as sink, tqdm(samples, total=total, desc=f"writing {out_dir}", unit="img",
-                                                   disable=not progress) as bar:  # fmt: skip
-        for key, image, caption in bar:
-            if not key or "." in key or key.startswith("_") or key in seen:
-                raise ValueError(f"bad sample key {key!r}: must be unique, non-empty, no '.', not start with '_'")
+    with ShardSink(out_dir, shards, sizes) as sink, tqdm(samples, total=total, desc=f"writing {out_dir}", unit="img",
+                                                          disable=not progress) as bar:  # fmt: skip
+        for key, image, caption, *mask in bar:
+            if key in seen:
+                raise ValueError(f"two samples have the key {key!r}; keys must be unique: stopped, the shard being "
+                                 f"written was removed and no manifest written")  # fmt: skip
+            if not key or "." in key or key.startswith("_"):
+                raise ValueError(f"bad sample key {key!r}: must be non-empty, hold no '.', not start with '_'")
             seen.add(key)
             if key in done_keys:
                 continue
             try:
                 extension, data = encode_image(image, image_format, quality, max_size)
+                members = {extension: data, **dict([_caption_member(caption)])}
+                if mask and mask[0] is not None:
+                    members["mask.png"] = encode_mask(mask[0])
+                dimensions = image_size(data)
             except (OSError, ValueError, Image.DecompressionBombError) as error:
                 warnings.warn(f"{out_dir}: skipping sample {key} ({error!r})", stacklevel=2)
                 skipped += 1
                 continue
-            text = caption.encode("utf-8")
-            sink.write({"__key__": key, extension: data, "txt": text})
-            size += _tar_bytes(len(data)) + _tar_bytes(len(text))
+            sink.write({"__key__": key, **members}, size=dimensions)
+            size += sum(_tar_bytes(len(member)) for member in members.values())
             if sink.count >= samples_per_shard or (max_shard_bytes is not None and size >= max_shard_bytes):
                 sink.finish()
                 size = 0
@@ -318,8 +388,9 @@ def write_shards(
         raise ValueError(f"{out_dir}: no samples to write")
 
     manifest = {"shards": shards, "total": sum(s["count"] for s in shards), "image_format": image_format,
-                "skipped": skipped}  # fmt: skip
+                "skipped": skipped, "duplicates": {}}  # fmt: skip  # keys are unique: checked above
     write_manifest_file(out_dir, manifest)
+    write_sizes_file(out_dir, sizes)
 
     written = {shard["name"] for shard in shards}
     stale = sorted(p.name for p in out_dir.glob("*.tar") if p.name not in written)

@@ -6,7 +6,9 @@
     >>> batch["pixel_values"].shape  # doctest: +SKIP
     torch.Size([1, 3, 32, 32])
 
-Each sample is `{"pixel_values": (3, R, R) float in [-1, 1], "caption": str, "key": str}`.
+Each sample is `{"pixel_values": (3, R, R) float in [-1, 1], "caption": str, "key": str}` plus its geometry
+(`original_size`, `crop_top_left`, `target_size`: what SDXL conditions on) and, when the shard has one, its loss
+`mask`. Aspect-ratio buckets are read by `ldm.data.bucketed` instead (a planned order, by key).
 
 Shards: a brace pattern, glob, folder, list file (`shards.txt`, one url per line), or a
 list of these; local paths, `pipe:` and http(s) urls through webdataset, any other
@@ -20,7 +22,8 @@ replacement forever, seeded per (seed, rank, worker): for large corpora, cut int
 by the loader.
 
 Bad input never stops a worker: a corrupt image, unreadable caption, truncated tar or
-empty shard is skipped with a warning naming shard and key, and counted in `DataHealth`.
+empty shard is skipped with a warning naming shard and key, and counted in `DataHealth`. A key that
+names two samples (twice in a shard, or in two shards) is trained once per pass (`DropDuplicates`).
 
 What comes from webdataset and what does not: shard urls are expanded by webdataset's brace expansion
 (`ldm.data.format.expand_urls`), streams are opened by `wds.gopen`, the pipeline is a `wds.DataPipeline`,
@@ -48,12 +51,15 @@ from ldm.data.format import (
     IMAGE_EXTENSIONS,
     caption_choices,
     decode_texts,
+    duplicate_keys,
     expand_urls,
     has_extension,
     image_bytes,
+    mask_bytes,
     shard_counts,
     split_name,
 )
+from ldm.data.captions import CaptionProcessor
 from ldm.data.health import DataHealth
 from ldm.data.transforms import ImageTooSmall, ImageTransform
 
@@ -103,7 +109,8 @@ def rank_and_world_size() -> tuple[int, int]:
     return 0, 1
 
 
-def _worker() -> tuple[int, int]:
+def worker_and_count() -> tuple[int, int]:
+    """(this dataloader worker's id, the number of workers); (0, 1) in the main process."""
     info = torch.utils.data.get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
 
@@ -123,7 +130,7 @@ class ShardList(torch.utils.data.IterableDataset):
         self.passes = 0  # per worker copy; workers of a rank start and end passes together
 
     def __iter__(self):
-        worker, num_workers = _worker()
+        worker, num_workers = worker_and_count()
         epoch, self.passes = self.passes, self.passes + 1
         if self.resampled:
             rng = random.Random(f"{self.seed}-{epoch}-{self.rank}-{worker}")
@@ -185,9 +192,10 @@ class ReadShards:
         self.health, self.expected_counts, self.select = health, expected_counts or {}, select
 
     def __call__(self, sources):
-        for source in sources:
+        for reading, source in enumerate(sources):
             for sample in self.read(source["url"]):
                 sample["__pass__"] = source.get("__pass__", 0)
+                sample["__reading__"] = reading  # which reading of a shard the sample came from (DropDuplicates)
                 yield sample
 
     def read(self, url: str):
@@ -199,7 +207,8 @@ class ReadShards:
                     if split_name(name) is None:
                         continue
                     key, extension = split_name(name)
-                    if current is None or key != current["__key__"]:
+                    # a new key, or a member the sample already has (the same key twice in a row), starts a sample
+                    if current is None or key != current["__key__"] or extension.lower() in current:
                         if current is not None:
                             n += 1
                             yield current
@@ -218,7 +227,7 @@ class ReadShards:
             # the sample being read is lost; with a manifest, so is everything after it
             lost = max(0, self.expected_counts[url] - n) if url in self.expected_counts else int(key is not None)
             self.health.add("shard_errors")
-            self.health.add("skipped", lost)
+            self.health.add("skipped", lost, shard=url)
             warnings.warn(f"shard {url}: unreadable after {n} samples (at key {key!r}): {error!r}; "
                           f"skipping the rest of the shard", DataWarning, stacklevel=2)  # fmt: skip
             return
@@ -228,40 +237,99 @@ class ReadShards:
         expected = self.expected_counts.get(url)
         if n == 0:
             self.health.add("shard_errors")
-            self.health.add("skipped", expected or 0)
+            self.health.add("skipped", expected or 0, shard=url)
             warnings.warn(f"shard {url}: empty, no samples", DataWarning, stacklevel=2)
         elif expected is not None and n < expected:
             self.health.add("shard_errors")
-            self.health.add("skipped", expected - n)
+            self.health.add("skipped", expected - n, shard=url)
             warnings.warn(f"shard {url}: {n} of {expected} samples (truncated?), last key {current['__key__']!r}",
                           DataWarning, stacklevel=2)  # fmt: skip
 
 
-class ToTrainingSample:
-    """Raw sample (bytes) -> {"pixel_values", "caption", "key"}; raises SampleError naming shard and key.
+class DropDuplicates:
+    """Pipeline stage (right after ReadShards): a key seen twice in one pass is trained once, and each extra copy is
+    warned about naming key and shards, and counted as `duplicates`.
 
-    Random choices (a caption of a JSON caption list, random crop and flip) come from an RNG seeded by
-    (seed, pass, shard, key): they change every pass, yet do not depend on ranks, workers, the global
-    RNG or where a resumed run restarts (exact resume). `jpeg_draft` lets
-    libjpeg decode large JPEGs at 1/2, 1/4 or 1/8 scale when that still covers the resolution.
+    Within a shard, the first copy is kept. Across shards, ``owners`` (key -> (url, n): the n-th sample of that key in
+    that shard; from `ldm.data.format.duplicate_keys`, the first copy in url order) says which copy is trained, so
+    every rank and worker agrees without talking to the others. Memory is one shard's keys, not a pass's.
     """
 
-    def __init__(self, transform: ImageTransform, seed: int = 0, jpeg_draft: bool = False):
+    def __init__(self, health: DataHealth, duplicates: dict[str, list[str]] | None = None):
+        self.health = health
+        self.owners = {key: (urls[0], 0) for key, urls in (duplicates or {}).items()}
+        self.first = {key: urls[0] for key, urls in (duplicates or {}).items()}
+
+    def __call__(self, samples):
+        reading, copies = None, {}
+        for sample in samples:
+            if sample.get("__reading__") != reading:  # the next shard: a fresh count of its keys
+                reading, copies = sample.get("__reading__"), {}
+            key, url = sample["__key__"], sample["__url__"]
+            n = copies.get(key, 0)
+            copies[key] = n + 1
+            if key in self.owners:
+                keep, first = (url, n) == self.owners[key], self.first[key]
+            else:
+                keep, first = n == 0, url
+            if keep:
+                yield sample
+                continue
+            self.health.add("duplicates")
+            where = f"in shard {url}" if first == url else f"in shards {first} and {url}"
+            warnings.warn(f"duplicate key {key!r} {where}: trained once (the first copy, in {first}), this copy "
+                          f"skipped", DataWarning, stacklevel=2)  # fmt: skip
+
+
+class ToTrainingSample:
+    """Raw sample (bytes) -> training sample; raises SampleError naming shard and key.
+
+    The training sample: {"pixel_values", "caption", "key", "original_size", "crop_top_left", "target_size"}
+    (the geometry, see `ldm.data.transforms`), plus "mask" (1, H, W) uint8 when the shard holds `<key>.mask.png`
+    and "loss_weight" when the planner set one (`__weight__`). The target size is `__size__` (width, height), set
+    by the bucket planner, else the transform's square resolution. Random choices (a caption of a JSON caption
+    list, tag shuffling and dropout, random crop and flip) come from an RNG seeded by (seed, pass, shard, key):
+    they change every pass, yet do not depend on ranks, workers, the global RNG or where a resumed run restarts
+    (exact resume). Captions of class samples (`__kind__` "class", DreamBooth) are not tag-processed.
+    `jpeg_draft` lets libjpeg decode large JPEGs at 1/2, 1/4 or 1/8 scale when that still covers the target.
+    """
+
+    def __init__(self, transform: ImageTransform, seed: int = 0, jpeg_draft: bool = False,
+                 captions: CaptionProcessor | None = None):  # fmt: skip
         self.transform = transform
         self.seed = seed
         self.jpeg_draft = jpeg_draft
+        self.captions = captions
+        self.converted: set[str] = set()  # image modes already reported as converted (`image`)
 
     def rng(self, sample: dict) -> random.Random:
         """The randomness of one visit of one sample."""
         return random.Random(f"{self.seed}-{sample.get('__pass__', 0)}-{sample.get('__url__')}-{sample.get('__key__')}")
 
-    def image(self, data: bytes) -> Image.Image:
+    def image(self, data: bytes, target: tuple[int, int] | None = None,
+              where: str = "") -> tuple[Image.Image, tuple[int, int]]:  # fmt: skip
+        """(decoded image, its (width, height) as displayed before any reduced decode)."""
         image = Image.open(io.BytesIO(data))
+        swapped = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF rotation by 90 degrees
+        original = image.size[::-1] if swapped else image.size
         if self.jpeg_draft and image.format == "JPEG":
-            side = self.transform.resolution
-            image.draft("RGB", (side, side))  # keeps both sides >= resolution
+            w, h = target or (self.transform.resolution, self.transform.resolution)
+            image.draft("RGB", (h, w) if swapped else (w, h))  # keeps the image covering the target
         image.load()  # raises now on truncated files, not later inside a transform
-        return image
+        if image.mode != "RGB" and image.mode not in self.converted:  # once per mode and process
+            self.converted.add(image.mode)
+            warnings.warn(f"images in mode {image.mode} are converted to RGB (the first: {where})", DataWarning,
+                          stacklevel=2)  # fmt: skip
+        return image, original
+
+    @staticmethod
+    def mask(data: bytes) -> Image.Image:
+        try:
+            mask = Image.open(io.BytesIO(data))
+            mask.load()
+            return mask.convert("L")
+        except Exception as error:
+            raise ValueError(f"unreadable mask ({error!r})") from error
 
     def __call__(self, sample: dict) -> dict:
         url, key = sample.get("__url__"), sample.get("__key__")
@@ -272,11 +340,21 @@ class ToTrainingSample:
             captions = caption_choices(decode_texts(sample))
             rng = self.rng(sample)
             caption = rng.choice(captions)
-            image = self.image(data)
-            with torch.random.fork_rng(devices=[]):  # torchvision's random crop/flip draw from torch's RNG
+            if self.captions is not None and sample.get("__kind__") != "class":
+                caption = self.captions(caption, rng)
+            target = sample.get("__size__")
+            mask_data = mask_bytes(sample)
+            mask = self.mask(mask_data) if mask_data is not None else None
+            image, original = self.image(data, target, f"key {key!r} of shard {url}")
+            with torch.random.fork_rng(devices=[]):  # crop and flip draw from torch's RNG
                 torch.manual_seed(rng.getrandbits(63))
-                pixel_values = self.transform(image)
-            return {"pixel_values": pixel_values, "caption": caption, "key": key}
+                pixel_values, geometry, mask = self.transform.apply(image, target, mask, original)
+            out = {"pixel_values": pixel_values, "caption": caption, "key": key, **geometry}
+            if mask is not None:
+                out["mask"] = mask
+            if "__weight__" in sample:
+                out["loss_weight"] = sample["__weight__"]
+            return out
         except ImageTooSmall:
             raise
         except Exception as error:
@@ -297,7 +375,7 @@ class ToTrainingSamples:
                 self.health.add("too_small")  # a policy, not damage: counted, no warning
                 continue
             except SampleError as error:
-                self.health.add("skipped")
+                self.health.add("skipped", shard=error.url)
                 warn_and_skip(error)
                 continue
             self.health.add("ok")
@@ -314,21 +392,23 @@ def make_shard_dataset(
     shardshuffle: bool = True,
     split_by_node: bool = True,
     resampled: bool = False,
-    small_images: str = "upscale",
+    upscale: bool = True,
     jpeg_draft: bool = False,
     uint8: bool = False,
     health: DataHealth | None = None,
     rank: int | None = None,
     world_size: int | None = None,
+    captions: CaptionProcessor | None = None,
 ) -> wds.DataPipeline:
-    """A pipeline yielding {"pixel_values": (3, R, R), "caption", "key"} dicts.
+    """A pipeline yielding {"pixel_values": (3, R, R), "caption", "key", geometry[, "mask"]} dicts.
 
     One pass reads every sample once, split over DDP ranks (`split_by_node`; rank and world
     size from env RANK/WORLD_SIZE or torch.distributed, read now, unless given) and dataloader
     workers. `resampled=True` streams forever instead. `shuffle_buffer=0` keeps the order
     within shards; shuffles are seeded by `seed` and change every pass. Skips are counted in
     `health` (a new DataHealth if None, as `.health` of the result). `uint8=True` yields pixels as
-    uint8 in [0, 255] (see `transforms.to_model_range`) instead of float in [-1, 1].
+    uint8 in [0, 255] (see `transforms.to_model_range`) instead of float in [-1, 1]. `upscale=False` leaves
+    images smaller than the resolution out (counted as too small). `captions` processes tag captions.
     """
     shard_urls = expand_urls(urls)
     if rank is None or world_size is None:
@@ -338,15 +418,19 @@ def make_shard_dataset(
     if not resampled and len(shard_urls) < world_size:
         raise ValueError(f"{len(shard_urls)} shards cannot feed {world_size} ranks; write more (smaller) shards")
     health = health if health is not None else DataHealth()
-    transform = ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip, small_images=small_images,
+    health.track_shards(shard_urls)  # bad samples per shard, for the error that names the worst
+    transform = ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip, upscale=upscale,
                                uint8=uint8)  # fmt: skip
     stages = [
         ShardList(shard_urls, rank, world_size, shuffle=shardshuffle, seed=seed, resampled=resampled),
         ReadShards(health, expected_counts=shard_counts(shard_urls)),
+        # a key twice in one pass is trained once; across shards that takes knowing them all (not when resampling)
+        DropDuplicates(health, None if resampled else duplicate_keys(shard_urls, _READ_EXTENSIONS)),
     ]
     if shuffle_buffer > 0:
         stages.append(wds.detshuffle(shuffle_buffer, initial=min(100, shuffle_buffer), seed=seed))
-    stages.append(ToTrainingSamples(ToTrainingSample(transform, seed=seed, jpeg_draft=jpeg_draft), health))
+    stages.append(ToTrainingSamples(ToTrainingSample(transform, seed=seed, jpeg_draft=jpeg_draft, captions=captions),
+                                    health))  # fmt: skip
     dataset = wds.DataPipeline(*stages)
     dataset.health = health
     return dataset
@@ -380,10 +464,24 @@ def read_captions(urls, n: int) -> list[str]:
     return captions
 
 
+GEOMETRY = ("original_size", "crop_top_left", "target_size")  # (B, 2) int64, (height, width) each (SDXL's order)
+
+
 def collate(batch: list[dict]) -> dict:
-    """List of samples -> {"pixel_values": (B, 3, R, R), "caption": list[str], "key": list[str]}."""
-    return {
+    """List of samples -> {"pixel_values": (B, 3, H, W), "caption": list[str], "key": list[str], "original_size",
+    "crop_top_left", "target_size": (B, 2) int64}, plus "mask" (B, 1, H, W) uint8 when a sample has one (255,
+    learn everywhere, for the others) and "loss_weight" (B,) float when samples carry one."""
+    out = {
         "pixel_values": torch.stack([sample["pixel_values"] for sample in batch]),
         "caption": [sample["caption"] for sample in batch],
         "key": [sample["key"] for sample in batch],
     }
+    for name in GEOMETRY:
+        if name in batch[0]:
+            out[name] = torch.tensor([sample[name] for sample in batch], dtype=torch.int64)  # (B, 2)
+    if any("mask" in sample for sample in batch):
+        full = torch.full((1, *out["pixel_values"].shape[-2:]), 255, dtype=torch.uint8)
+        out["mask"] = torch.stack([sample.get("mask", full) for sample in batch])  # (B, 1, H, W)
+    if any("loss_weight" in sample for sample in batch):
+        out["loss_weight"] = torch.tensor([float(sample.get("loss_weight", 1.0)) for sample in batch])  # (B,)
+    return out

@@ -3,7 +3,7 @@
 May import: nothing from ldm.
 """
 
-from ldm.diffusion.loss import diffusion_loss, min_snr_weight, offset_noise, sample_timesteps
+from ldm.diffusion.loss import diffusion_loss, loss_mask, min_snr_weight, offset_noise, sample_timesteps
 from ldm.diffusion.parameterization import add_noise, predict_x0, target, velocity
 from ldm.diffusion.sampling import SCHEDULERS, guided, make_scheduler, sample_latents
 from ldm.diffusion.schedules import (
@@ -23,6 +23,7 @@ __all__ = [
     "config_alpha_bar",
     "diffusion_loss",
     "guided",
+    "loss_mask",
     "make_scheduler",
     "min_snr_weight",
     "offset_noise",

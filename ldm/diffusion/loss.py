@@ -1,4 +1,4 @@
-"""Training-loss pieces: timestep sampling, offset noise, Min-SNR weighting and the weighted MSE.
+"""Training-loss pieces: timestep sampling, offset noise, Min-SNR weighting and the weighted (masked) MSE.
 
     >>> t = sample_timesteps(B, 1000, device=latents.device)                   # (B,)
     >>> noise = offset_noise(torch.randn_like(latents), strength=0.05)
@@ -68,12 +68,30 @@ def min_snr_weight(snr_t: Tensor, gamma: float | None, prediction_type: str) -> 
     return weight(snr_t, gamma)
 
 
-def diffusion_loss(model_output: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+def diffusion_loss(model_output: Tensor, target: Tensor, weight: Tensor | None = None,
+                   mask: Tensor | None = None) -> Tensor:  # fmt: skip
     """mean_b [ weight_b * mean_{c,h,w} (model_output - target)^2 ], a float32 scalar.
 
-    Computed in float32 even when the U-Net ran in bf16/fp16; ``weight`` has shape (B,).
+    Computed in float32 even when the U-Net ran in bf16/fp16; ``weight`` has shape (B,). With a ``mask``
+    (B, 1, h, w) of weights in [0, 1] (a loss mask in latent space, see `loss_mask`), each sample's mean is the
+    mask-weighted mean sum_{c,h,w} m (out - target)^2 / (C sum_{h,w} m); a sample whose mask is all zero adds 0.
     """
-    per_sample = (model_output.float() - target.float()).pow(2).flatten(1).mean(dim=1)  # (B,)
+    error = (model_output.float() - target.float()).pow(2)  # (B, C, h, w)
+    if mask is None:
+        per_sample = error.flatten(1).mean(dim=1)  # (B,)
+    else:
+        m = mask.float().to(error.device).expand_as(error)
+        per_sample = (error * m).flatten(1).sum(dim=1) / m.flatten(1).sum(dim=1).clamp_min(1e-8)
     if weight is not None:
         per_sample = per_sample * weight.float().to(per_sample.device)
     return per_sample.mean()
+
+
+def loss_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
+    """A loss mask as data delivers it -> (B, 1, h, w) float weights in [0, 1] at the latents' size: uint8 in
+    [0, 255] (white = learn) is scaled; a mask of another size is area-averaged (a latent pixel's weight is the
+    share of its image pixels to learn)."""
+    mask = mask.float() / 255.0 if mask.dtype == torch.uint8 else mask.float()
+    if tuple(mask.shape[-2:]) != tuple(size):
+        mask = torch.nn.functional.interpolate(mask, size=size, mode="area")
+    return mask

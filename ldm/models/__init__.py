@@ -6,7 +6,9 @@
     tokenizer       the real CLIP BPE tokenizer, written offline from open_clip's vocabulary
     clip            build, save and load open_clip CLIP models (stage 0)
     clip_convert    an open_clip text tower as a transformers CLIPTextModel (for export)
-    export          a trained latent-diffusion stage as a diffusers StableDiffusionPipeline directory
+    adapters        LoRA (peft) on a frozen U-Net and text encoder: attach, read and set adapter weights, merge
+    formats/        the files other tools load: diffusers and kohya LoRA files, original-layout single files
+    export          a trained latent-diffusion stage in each of those formats, or as a StableDiffusionPipeline dir
     freeze          freeze(module): eval mode and no gradients, visibly
 
 May import: ldm.data, ldm.diffusion, ldm.utils. Not ldm.training (a sibling), nor anything above.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import UNet2DConditionModel
+from diffusers.utils import is_accelerate_available
 
 
 def build_unet(seed: int | None = 0, **config) -> UNet2DConditionModel:
@@ -20,4 +21,14 @@ def build_unet(seed: int | None = 0, **config) -> UNet2DConditionModel:
 
 def load_unet(path: str, subfolder: str | None = "unet", **kwargs) -> UNet2DConditionModel:
     """`UNet2DConditionModel.from_pretrained(path, subfolder=...)`, trainable (fine-tuning)."""
+    kwargs.setdefault("low_cpu_mem_usage", is_accelerate_available())  # diffusers' notice otherwise asks for it
     return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, **kwargs)
+
+
+def base_model_version(config, prediction_type: str = "epsilon") -> str:
+    """The model family as kohya's `ss_base_model_version` names it, from the U-Net's shape: SDXL's added
+    time/text embedding, SD 2.x's 1024-wide (OpenCLIP-H) cross-attention, else SD 1.x; `_v` for v-prediction."""
+    if config.get("addition_embed_type") == "text_time":
+        return "sdxl_base_v1-0"
+    version = "sd_v2" if config.get("cross_attention_dim") == 1024 else "sd_v1"
+    return version + ("_v" if prediction_type == "v_prediction" else "")

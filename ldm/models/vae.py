@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKL
+from diffusers.utils import is_accelerate_available
 
 from ldm.models.freeze import freeze
 
 
 def load_vae(path: str, subfolder: str | None = "vae", frozen: bool = True, **kwargs) -> AutoencoderKL:
     """`AutoencoderKL.from_pretrained(path, subfolder=...)`: a hub id and a local directory take the same path."""
+    kwargs.setdefault("low_cpu_mem_usage", is_accelerate_available())  # diffusers' notice otherwise asks for it
     vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder, **kwargs)
     return freeze(vae) if frozen else vae
 

@@ -2,6 +2,7 @@
 
     from ldm.run.fit import train
     metrics = train(cfg)        # check, resume, seed, build (data, stage, callbacks, logger, trainer), fit
+                                # (DreamBooth: the class images the data lacks are generated first)
 
 Everything is built from the config by `hydra.utils.instantiate`; nothing is added to it here, so the config a
 run saves (`.hydra/config.yaml`) is the one it trained with. Resuming (`resume=auto`) is the one exception: it
@@ -15,6 +16,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
+from ldm.run.adapter_check import check_adapter
+from ldm.run.class_images import ensure_class_images
+from ldm.run.data_check import check_buckets
 from ldm.run.launch import launch, ranks_to_launch
 from ldm.run.resume import resolve_resume
 from ldm.run.validate import validate_config
@@ -27,11 +31,14 @@ register_resolvers()  # ${ldm.run_name:...} and friends in conf/ resolve whereve
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the run in this process; returns the trainer's final metrics."""
     validate_config(cfg)  # seconds, before anything heavy
+    check_adapter(cfg)  # the adapter against the model's layers (on the meta device)
+    check_buckets(cfg)  # a batch some bucket can fill (image sizes from sizes.json, or their headers once)
     ckpt_path = resolve_resume(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, _convert_="all")
     module = instantiate(cfg.model, _convert_="all")
     module.run_config = redact(OmegaConf.to_container(cfg, resolve=True))  # no API keys in logs or checkpoints
+    ensure_class_images(datamodule, module)  # DreamBooth: class images from the base model, before any step
     callbacks = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c]
     logger = instantiate(cfg.logger, _convert_="all") if cfg.get("logger") else False
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
@@ -51,5 +58,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     nprocs = ranks_to_launch(cfg.trainer)
     if nprocs:
         validate_config(cfg)  # a config mistake in one line here, before any rank starts (each rank checks again)
+        check_adapter(cfg)
+        check_buckets(cfg)
         return launch(cfg, cfg.paths.output_dir, nprocs)
     return train(cfg)

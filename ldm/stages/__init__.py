@@ -4,7 +4,7 @@
     autoencoder        AutoencoderModule: the VAE, reconstruction + KL (+ patch GAN) (stage 1)
     clip               CLIPModule: an open_clip CLIP, contrastive loss (stage 0); hard_negatives its caption swaps
     base               Stage: what they share (run config in checkpoints, images seen, the skip verdict)
-    load               load_module: a trained stage back from its checkpoint
+    load               load_module: a trained stage back from its checkpoint, building only ldm's own builders
 
 May import: ldm.models, ldm.training, ldm.data, ldm.diffusion, ldm.utils. Not the callbacks, the run or sweeps.
 """

@@ -7,6 +7,11 @@
   every checkpoint as `checkpoint["config"]`; `ldm.stages.load.load_module` rebuilds the stage from it.
 - `images_seen`: training images (samples) seen so far, all ranks together, counted here once per batch before
   the step runs and kept in checkpoints (`checkpoint["images_seen"]`). Callbacks read it (throughput, FID curves).
+- `trained_steps`: the optimizer steps of the checkpoint the stage was loaded from (0 for a fresh one); exports
+  record it (kohya's ss_steps).
+- `intra_op_threads`: torch's CPU thread count is kept in checkpoints; a run resumed with another count is warned
+  that it continues to float rounding, not bit for bit (CPU matrix products and convolutions sum in an order that
+  depends on how many threads share them: 1 vs 2 threads moved weights by 1.2e-7 over 5 steps; README: exact resume).
 - `step_skipped`: the non-finite guard's verdict for the current optimizer step, when the guard
   (`ldm.callbacks.nonfinite.NonFiniteLoss`) judges on the device: a 0-dim 0/1 float tensor, 1 when the fused
   optimizer skips the step. None otherwise (no guard, or a skipped step shows as dropped gradients).
@@ -15,6 +20,8 @@
 from __future__ import annotations
 
 import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 
@@ -28,6 +35,7 @@ class Stage(pl.LightningModule):
         super().__init__()
         self.run_config: dict | None = None
         self.images_seen = 0
+        self.trained_steps = 0
         self.step_skipped: Tensor | None = None
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
@@ -35,8 +43,14 @@ class Stage(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["images_seen"] = self.images_seen
+        checkpoint["intra_op_threads"] = torch.get_num_threads()
         if self.run_config is not None:
             checkpoint["config"] = self.run_config
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.images_seen = checkpoint.get("images_seen", 0)
+        self.trained_steps = checkpoint.get("global_step", 0)
+        saved, now = checkpoint.get("intra_op_threads"), torch.get_num_threads()
+        if self._trainer is not None and saved is not None and saved != now and self.device.type == "cpu":
+            rank_zero_warn(f"resuming with {now} CPU threads; the checkpoint was written with {saved}: the run "
+                           f"continues to float rounding, not bit for bit (set OMP_NUM_THREADS={saved} for that)")

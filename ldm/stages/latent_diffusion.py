@@ -14,6 +14,11 @@ of a module: it is then built when training starts, unless the data module deliv
 encodings (`data=latents`: its `cached_encodings` is true), in which case it is built on first use, so such a
 run only loads it when it samples, evaluates or exports.
 
+LoRA (`adapter`, conf/model/adapter/lora.yaml): the U-Net's base weights are frozen (bf16 under bf16 mixed precision on a
+GPU) and only peft adapters train, with their own EMA; checkpoints hold the adapters, the base is reloaded from its
+source as the frozen VAE and text encoder are. `adapter.text_encoder` adapts the text encoder too (a transformers
+CLIP), which then runs on every step with gradients (no caption cache, no cached encodings).
+
 Speed options (all off by default, harmless on CPU): `channels_last`, `compile` (torch.compile of the
 U-Net in place, and of the VAE encoder when it encodes on the fly; True or a dict of torch.compile options
 such as {"mode": "max-autotune-no-cudagraphs"}), `gradient_checkpointing`. `vae_bf16` (on): under bf16 mixed
@@ -37,6 +42,7 @@ from ldm.diffusion import (
     add_noise,
     config_alpha_bar,
     diffusion_loss,
+    loss_mask,
     make_scheduler,
     min_snr_weight,
     offset_noise,
@@ -46,8 +52,12 @@ from ldm.diffusion import (
     snr,
     target,
 )
+from ldm.models.adapters import BASE_DTYPES, LoRA, cast_base, is_adapter_key, keep_input_dtype
+from ldm.models.text_encoders import HFCLIPTextEncoder
+from ldm.models.unet import base_model_version
 from ldm.models.vae import downsample_factor
 from ldm.stages.base import Stage
+from ldm.training.compile import allow_recompiles
 from ldm.training.ema import EMA
 from ldm.training.fsdp import FSDP, full_params
 from ldm.training.optim import configure_optimizers
@@ -79,9 +89,13 @@ class LatentDiffusion(Stage):
         compile: bool | Mapping[str, Any] = False,
         gradient_checkpointing: bool = False,
         vae_bf16: bool = True,
+        adapter: LoRA | None = None,
     ):
         super().__init__()
         self.unet = unet
+        self.adapter = adapter
+        if adapter is not None:
+            adapter.attach_unet(unet)  # base frozen, adapters added (before the EMA copies the U-Net)
         # Frozen parts given as factories are built on first use (see __getattr__).
         self._frozen_factories: dict[str, Callable[[], torch.nn.Module]] = {}
         for name, part in (("vae", vae), ("text_encoder", text_encoder)):
@@ -107,7 +121,9 @@ class LatentDiffusion(Stage):
         self.register_buffer("alpha_bar", config_alpha_bar(self.scheduler_config), persistent=False)  # (T,)
 
         # EMA of the U-Net weights (torch's AveragedModel layout, updated without host syncs); sampling uses it.
-        self.ema = EMA(unet, ema_decay) if ema_decay else None
+        self.ema = EMA(unet, ema_decay) if ema_decay else None  # of the adapters only when adapted (EMA docstring)
+        self.ema_decay = ema_decay
+        self.base_dtype: torch.dtype | None = None  # an adapted model's frozen base, when cast (adapters stay fp32)
         self._empty_hidden: Tensor | None = None
         # The text encoder is frozen, so a caption always encodes the same: data sets with few distinct
         # captions (class templates, the built-in shapes) skip most text-encoder work with this cache.
@@ -116,6 +132,22 @@ class LatentDiffusion(Stage):
 
         if isinstance(text_encoder, torch.nn.Module):
             self._check_text_width(text_encoder.hidden_size, "the text encoder's hidden size")
+            self._adapt_text_encoder(text_encoder)
+
+    @property
+    def text_encoder_trains(self) -> bool:
+        return self.adapter is not None and self.adapter.text_encoder
+
+    def _adapt_text_encoder(self, text_encoder: torch.nn.Module) -> None:
+        """With `adapter.text_encoder`: adapters on the text encoder's CLIP, and their EMA."""
+        if not self.text_encoder_trains:
+            return
+        if not isinstance(text_encoder, HFCLIPTextEncoder):
+            raise ValueError(f"model.adapter.text_encoder=true needs a transformers CLIP text encoder "
+                             f"(model/text_encoder=hf_clip), not {type(text_encoder).__name__}")  # fmt: skip
+        self.adapter.attach_text_encoder(text_encoder.text_encoder)
+        if self.ema_decay:
+            self.ema_text_encoder = EMA(text_encoder, self.ema_decay)
 
     def _check_text_width(self, width: int, what: str) -> None:
         if self.unet.config.cross_attention_dim != width:
@@ -131,6 +163,7 @@ class LatentDiffusion(Stage):
                 part.to(torch.bfloat16)
             if name == "text_encoder":
                 self._check_text_width(part.hidden_size, "the text encoder's hidden size")
+                self._adapt_text_encoder(part)
             self.add_module(name, part)
             return part
         return super().__getattr__(name)
@@ -143,18 +176,52 @@ class LatentDiffusion(Stage):
     def configure_model(self) -> None:
         """Frozen parts and speed options (Lightning calls this before the strategy moves and wraps the module and
         before the optimizer): in a fit, the frozen encoders are built now unless the data module delivers cached
-        encodings."""
-        if self._trainer is not None and not getattr(self._trainer.datamodule, "cached_encodings", False):
+        encodings (a text encoder that trains adapters is always built)."""
+        if self._trainer is not None and (not getattr(self._trainer.datamodule, "cached_encodings", False)
+                                          or self.text_encoder_trains):  # fmt: skip
             self.build_frozen()
+        if self.adapter is not None and not getattr(self, "_adapter_ready", False):
+            self._setup_adapter()
         if self.channels_last:
             self.unet.to(memory_format=torch.channels_last)
         if self.compile_options is not None and not getattr(self, "_compiled", False):
+            buckets = len(getattr(datamodule, "bucket_sizes", None) or ())
+            if buckets > 1:  # a graph per bucket (and per batch size of a short batch) may be kept, none runs eagerly
+                allow_recompiles(2 * buckets)
             self.unet.compile(**self.compile_options)  # in place: parameter names (and checkpoints) unchanged
             if "vae" in self._modules:  # encoding on the fly (cached latents leave the VAE unbuilt)
                 self.vae.encoder.compile(**self.compile_options)
             self._compiled = True
         if "vae" in self._modules and self._vae_in_bf16():
             self.vae.to(torch.bfloat16)
+
+    def _setup_adapter(self) -> None:
+        """Once, before training (before a resumed checkpoint's weights are restored, and before Lightning moves the
+        module to its device): the frozen base in its training dtype, and the adapters of `adapter.init_from` in the
+        model and its EMA."""
+        adapted = {"unet": self.unet}
+        if self.text_encoder_trains:
+            adapted["text_encoder"] = self.text_encoder.text_encoder
+        dtype = BASE_DTYPES[self.adapter.base_dtype]
+        on_gpu = self.trainer.strategy.root_device.type == "cuda"  # (Lightning moves the module there after this hook)
+        if dtype is None and on_gpu and "bf16" in str(self.trainer.precision):
+            dtype = torch.bfloat16  # "auto": the frozen base in bf16 under bf16 mixed precision
+        if dtype is not None:
+            for part in adapted.values():
+                cast_base(part, dtype)  # the EMA shares the base, so it follows
+            self.base_dtype = dtype
+        if "mixed" in str(self.trainer.precision):
+            for part in (self.unet, self.text_encoder.text_encoder if self.text_encoder_trains else None):
+                if part is not None:
+                    keep_input_dtype(part)  # the EMA copies were made with the flag unset: they cast, as diffusers does
+        version = base_model_version(self.unet.config, self.prediction_type)
+        self.adapter.load_init(adapted, version)
+        copies = {"unet": self.ema.module} if self.ema is not None else {}
+        if "text_encoder" in adapted and self.ema is not None:
+            copies["text_encoder"] = self.ema_text_encoder.module.text_encoder
+        if copies:
+            self.adapter.load_init(copies, version)
+        self._adapter_ready = True
 
     def _vae_in_bf16(self) -> bool:
         """Under bf16 mixed precision the frozen VAE runs in plain bf16, weights and activations (autocast off),
@@ -166,6 +233,12 @@ class LatentDiffusion(Stage):
     def latent_shape(self) -> tuple[int, int, int]:
         s = self.unet.config.sample_size
         return (self.unet.config.in_channels, s, s)
+
+    def _latent_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        factor = downsample_factor(self.vae)
+        if size[0] % factor or size[1] % factor:
+            raise ValueError(f"size {size[1]}x{size[0]} is not a multiple of the VAE's downsampling factor {factor}")
+        return size[0] // factor, size[1] // factor
 
     @property
     def resolution(self) -> int:
@@ -235,9 +308,11 @@ class LatentDiffusion(Stage):
         return hidden
 
     # --- training --------------------------------------------------------------------------
-    def diffusion_step(self, latents: Tensor, cond: Tensor, noise: Tensor | None = None, t: Tensor | None = None) -> Tensor:
+    def diffusion_step(self, latents: Tensor, cond: Tensor, noise: Tensor | None = None, t: Tensor | None = None,
+                       mask: Tensor | None = None, sample_weight: Tensor | None = None) -> Tensor:  # fmt: skip
         """One denoising loss on latents (B, C, h, w) with conditioning (B, L, D); the noise (B, C, h, w) and
-        timesteps (B,) are drawn here unless given."""
+        timesteps (B,) are drawn here unless given. `mask` (B, 1, h', w'): a loss mask (white = learn, resized to
+        the latents); `sample_weight` (B,): per-sample loss weights (DreamBooth's prior_loss_weight)."""
         b = latents.shape[0]
         if noise is None:  # randn of the shape, not randn_like: the same noise whatever the memory format
             noise = offset_noise(torch.randn(latents.shape, device=latents.device), self.offset_noise)
@@ -249,13 +324,18 @@ class LatentDiffusion(Stage):
             x_t = x_t.contiguous(memory_format=torch.channels_last)
         model_output = self.unet(x_t, t, encoder_hidden_states=cond).sample
         weight = min_snr_weight(snr(ab), self.min_snr_gamma, self.prediction_type)
-        return diffusion_loss(model_output, target(self.prediction_type, latents, noise, ab), weight)
+        if sample_weight is not None:
+            weight = weight * sample_weight.to(weight.device)
+        mask = loss_mask(mask, latents.shape[-2:]) if mask is not None else None
+        return diffusion_loss(model_output, target(self.prediction_type, latents, noise, ab), weight, mask)
 
     def training_condition(self, captions: Sequence[str], hidden: Tensor | None = None) -> Tensor:
         """Conditioning for training: each caption is replaced by the empty one with probability
         `diffusion.cfg_dropout` (classifier-free guidance training, Ho & Salimans 2022). The one place
         where caption dropout happens. ``hidden``: the captions' encodings when cached (B, L, D)."""
         drop = drop_mask(len(captions), self.cfg_dropout, self.device)
+        if self.text_encoder_trains:  # adapted text encoder: encoded with gradients, dropped captions as ""
+            return self.text_encoder.encode(["" if d else c for c, d in zip(captions, drop.tolist())])
         if hidden is None:
             return self.condition(captions, drop)
         return torch.where(drop[:, None, None], self.empty_hidden().to(hidden.dtype), hidden)
@@ -268,15 +348,16 @@ class LatentDiffusion(Stage):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         if "latent_mean" in batch:  # cached latents and text encodings: no frozen encoder runs
-            latents = self.cached_latents(batch)  # (B, C, h, w)
-            if latents.shape[1:] != self.latent_shape:
-                raise ValueError(f"cached latents are {tuple(latents.shape[1:])} but the U-Net takes "
-                                 f"{self.latent_shape}: precompute them at the training resolution")  # fmt: skip
-            cond = self.training_condition(batch["caption"], batch["text_hidden"].float())  # (B, L, D)
+            latents = self.cached_latents(batch)  # (B, C, h, w): any bucket's h, w
+            if latents.shape[1] != self.latent_shape[0]:
+                raise ValueError(f"cached latents have {latents.shape[1]} channels but the U-Net takes "
+                                 f"{self.latent_shape[0]}: precompute them with this model's VAE")  # fmt: skip
+            hidden = batch.get("text_hidden")  # absent when captions change per visit (tag shuffling): encoded here
+            cond = self.training_condition(batch["caption"], hidden.float() if hidden is not None else None)
         else:
             latents = self.encode_images(batch["pixel_values"])  # (B, C, h, w)
             cond = self.training_condition(batch["caption"])  # (B, L, D)
-        loss = self.diffusion_step(latents, cond)
+        loss = self.diffusion_step(latents, cond, mask=batch.get("mask"), sample_weight=batch.get("loss_weight"))
         self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
         return loss
 
@@ -292,8 +373,11 @@ class LatentDiffusion(Stage):
         skipped = self.step_skipped
         if skipped is None and all(p.grad is None for p in self.unet.parameters()):
             return  # gradients dropped: the step was skipped on the host
+        keep = None if skipped is None else 1 - skipped  # skipped: not counted
         with full_params(self.unet):
-            self.ema.update(self.unet, keep=None if skipped is None else 1 - skipped)  # skipped: not counted
+            self.ema.update(self.unet, keep=keep)
+        if "ema_text_encoder" in self._modules:
+            self.ema_text_encoder.update(self.text_encoder, keep=keep)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Lightning's mixed-precision plugin refuses to clip for a fused optimizer, because with fp16 such an
@@ -308,25 +392,40 @@ class LatentDiffusion(Stage):
         else:
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
-    def configure_optimizers(self):
-        return configure_optimizers(self.unet.parameters(), self.optimizer_factory, self.lr_scheduler_factory)
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimizer steps: the whole U-Net, or its adapters (and the text encoder's) when adapted."""
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        if self.text_encoder_trains:
+            params += [p for p in self.text_encoder.parameters() if p.requires_grad]
+        return params
 
-    # --- frozen parts stay out of checkpoints -------------------------------------------------
+    def configure_optimizers(self):
+        return configure_optimizers(self.trainable_parameters(), self.optimizer_factory, self.lr_scheduler_factory)
+
+    # --- frozen parts (and an adapted model's base) stay out of checkpoints --------------------------------
+    def _reloaded(self, key: str) -> bool:
+        """Whether a state-dict key is a weight reloaded from its source rather than saved: the frozen VAE and
+        text encoder (unless `checkpoint_frozen`) and, when adapted, the U-Net's base and its EMA's (shared)."""
+        if is_adapter_key(key):
+            return False
+        if key.startswith(FROZEN_PREFIXES + ("ema_text_encoder.module.",)):
+            return not self.checkpoint_frozen
+        return self.adapter is not None and key.startswith(("unet.", "ema.module."))
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        if not self.checkpoint_frozen:
-            state = checkpoint["state_dict"]
-            for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
-                del state[key]
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if self._reloaded(k)]:
+            del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
-        if any(k.startswith(FROZEN_PREFIXES) for k in state):  # saved with checkpoint_frozen: load them too
+        if any(k.startswith(FROZEN_PREFIXES + ("ema_text_encoder.",)) for k in state):  # frozen parts or their adapters
             self.build_frozen()
         # Frozen weights come from their source, not from the checkpoint: put the loaded ones back.
         for key, value in self.state_dict().items():
-            if key.startswith(FROZEN_PREFIXES) and key not in state:
+            if key not in state and self._reloaded(key):
                 state[key] = value
 
     # --- sampling ----------------------------------------------------------------------------
@@ -338,6 +437,30 @@ class LatentDiffusion(Stage):
                                "with the EMA (model.ema_decay), which every rank holds whole")  # fmt: skip
         return self.unet
 
+    def _base_precision(self):
+        """Autocast for a frozen base cast to bf16, as in training (sampling callbacks run outside the training
+        step's autocast); nothing otherwise."""
+        if self.base_dtype in (None, torch.float32):
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, self.base_dtype)
+
+    @torch.no_grad()
+    def sampling_condition(self, prompts: Sequence[str], use_ema: bool = True) -> tuple[Tensor, Tensor]:
+        """(prompts' hidden states (B, L, D), the empty caption's (1, L, D)) to sample with, in fp32."""
+        if self.text_encoder_trains:  # no caches: an adapted text encoder changes as it trains
+            text_encoder = self.sampling_text_encoder(use_ema)
+            with self._base_precision():
+                cond, uncond = text_encoder.encode(list(prompts)), text_encoder.encode([""])
+        else:
+            cond, uncond = self.encode_captions(prompts), self.empty_hidden()
+        return cond.float(), uncond.float()  # the noise and the sampler's arithmetic stay in fp32
+
+    def sampling_text_encoder(self, use_ema: bool = True) -> torch.nn.Module:
+        """The text encoder to sample with: the EMA of an adapted one when EMA is on, else the text encoder."""
+        if use_ema and self.text_encoder_trains and "ema_text_encoder" in self._modules:
+            return self.ema_text_encoder.module
+        return self.text_encoder
+
     @torch.no_grad()
     def generate(
         self,
@@ -347,8 +470,10 @@ class LatentDiffusion(Stage):
         num_inference_steps: int | None = None,
         sampler: str | None = None,
         use_ema: bool = True,
+        size: tuple[int, int] | None = None,
     ) -> Tensor:
-        """Images (B, 3, H, W) in [0, 1] for ``prompts``; the same seed gives the same images.
+        """Images (B, 3, H, W) in [0, 1] for ``prompts``; the same seed gives the same images. ``size``:
+        (height, width) in pixels (a multiple of the VAE's factor), else the U-Net's own square size.
 
         ``seed`` is one seed for the batch (as StableDiffusionPipeline's generator), or one per prompt,
         which makes each image independent of how prompts are batched or split across ranks."""
@@ -361,16 +486,17 @@ class LatentDiffusion(Stage):
             generator = torch.Generator("cpu").manual_seed(seed)
         else:
             generator = [torch.Generator("cpu").manual_seed(int(s)) for s in seed]
-        cond = self.encode_captions(prompts)
-        latents = sample_latents(
-            unet,
-            scheduler,
-            cond,
-            self.empty_hidden(),
-            guidance_scale=opts["guidance_scale"] if guidance_scale is None else guidance_scale,
-            num_inference_steps=num_inference_steps or opts["num_inference_steps"],
-            latent_shape=self.latent_shape,
-            generator=generator,
-        )
+        cond, uncond = self.sampling_condition(prompts, use_ema)
+        with self._base_precision():
+            latents = sample_latents(
+                unet,
+                scheduler,
+                cond,
+                uncond,
+                guidance_scale=opts["guidance_scale"] if guidance_scale is None else guidance_scale,
+                num_inference_steps=num_inference_steps or opts["num_inference_steps"],
+                latent_shape=self.latent_shape if size is None else (self.latent_shape[0], *self._latent_size(size)),
+                generator=generator,
+            ).float()
         unet.train(was_training)
         return self.decode_latents(latents)

@@ -22,9 +22,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_only
 
-from ldm.callbacks.metrics_log import FILENAME as METRICS
-from ldm.callbacks.metrics_log import read_metrics
 from ldm.run.fit import run
+from ldm.utils.cli import log_to_files, one_line
+from ldm.utils.metrics_file import FILENAME as METRICS
+from ldm.utils.metrics_file import read_metrics
+from ldm.utils.secrets import redact
 from ldm.utils.sweep_index import current_job, run_name, sweep_group, update_job
 
 log = logging.getLogger(__name__)
@@ -87,8 +89,9 @@ def run_job(cfg: DictConfig) -> float | None:
         metrics = run(cfg)
         value = objective_value(objective, metrics, read_metrics(Path(cfg.paths.output_dir) / METRICS))
     except Exception as e:  # the sweep goes on: this job is marked failed and returns the worst objective
-        log.error(f"job {job['num']} ({record['name']}) failed", exc_info=True)
-        (Path(cfg.paths.output_dir) / "error.txt").write_text(traceback.format_exc())
+        log.error(f"job {job['num']} ({record['name']}) failed: {one_line(e)}")  # the traceback: error.txt, train.log
+        log_to_files(f"job {job['num']} failed", e)
+        (Path(cfg.paths.output_dir) / "error.txt").write_text(redact(traceback.format_exc()))
         record.update(status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0], finished=_now())
         value = _worst(objective)
     else:

@@ -4,7 +4,7 @@
     # -> report.md, report.csv (each job: status, swept values, best and final metrics, objective, error)
     #    fid_curves.png (every job's val/fid against training step on one plot; failed jobs dashed)
 
-Reads the sweep's `index.json` (ldm/utils/sweep_index.py) and each job's `metrics.jsonl` (ldm/callbacks/metrics_log.py).
+Reads the sweep's `index.json` (ldm/utils/sweep_index.py) and each job's `metrics.jsonl` (ldm/utils/metrics_file.py).
 A sweep writes its report by itself when it ends; this command rewrites it, e.g. while jobs still run.
 """
 
@@ -14,8 +14,8 @@ import csv
 import math
 from pathlib import Path
 
-from ldm.callbacks.metrics_log import FILENAME as METRICS
-from ldm.callbacks.metrics_log import read_metrics
+from ldm.utils.metrics_file import FILENAME as METRICS
+from ldm.utils.metrics_file import read_metrics
 from ldm.utils.sweep_index import format_params, read_index
 
 # metric -> which value is best; the ones a run logged appear in the table
@@ -101,8 +101,8 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, metri
     """report.md, report.csv and fid_curves.png (for ``metric``) in ``out_dir`` (default: the sweep directory)."""
     sweep_dir = Path(sweep_dir)
     out_dir = Path(out_dir or sweep_dir)
+    columns, rows = job_rows(sweep_dir)  # first: a folder that is no sweep is refused before anything is made
     out_dir.mkdir(parents=True, exist_ok=True)
-    columns, rows = job_rows(sweep_dir)
     md, csv_path = out_dir / "report.md", out_dir / "report.csv"
     write_table(columns, rows, md, csv_path)
     curves = plot_jobs(sweep_dir, out_dir / f"{metric.split('/')[-1]}_curves.png", metric)

@@ -5,6 +5,7 @@
     ema          an EMA of weights updated without host syncs
     fsdp         ShardedUNetStrategy: FSDP of the U-Net only (+trainer/strategy=fsdp)
     loggers      wandb_logger: W&B, offline by itself when it cannot reach a server
+    compile      allow_recompiles: torch.compile keeps a graph per bucket shape (none falls back to eager)
 
 May import: ldm.data, ldm.diffusion, ldm.utils. Not ldm.models (a sibling), nor anything above.
 """

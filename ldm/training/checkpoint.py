@@ -86,9 +86,18 @@ def _write_failure(error: BaseException) -> OSError | None:
     return None
 
 
+def _write_sidecar(path: Path, text: str) -> None:
+    """Write a checksum sidecar's temporary file (a seam for tests that fill the disk)."""
+    path.write_text(text)
+
+
+def _reason(cause: OSError) -> str:
+    return "disk full (ENOSPC)" if cause.errno == errno.ENOSPC else f"{cause.strerror or cause}"
+
+
 def atomic_save(checkpoint: dict[str, Any], path: str | Path) -> Path:
     """torch.save to `.NAME.tmp-PID`, flush + fsync, rename over `path`, fsync the folder; then the
-    `NAME.sha256` sidecar (removed first, so a stale one never describes the new file)."""
+    `NAME.sha256` sidecar (removed first, so a stale one never describes the new file), the same way."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -101,21 +110,34 @@ def atomic_save(checkpoint: dict[str, Any], path: str | Path) -> Path:
             os.fsync(f.fileno())
         sidecar.unlink(missing_ok=True)
         os.replace(tmp, path)
-        sidecar_tmp = sidecar.with_name(f".{sidecar.name}.tmp-{os.getpid()}")
-        sidecar_tmp.write_text(f"{hashing.sha256.hexdigest()}  {path.name}\n")
-        os.replace(sidecar_tmp, sidecar)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
         cause = _write_failure(error)
         if cause is None:
             raise
-        reason = "disk full (ENOSPC)" if cause.errno == errno.ENOSPC else f"{cause.strerror or cause}"
         raise CheckpointError(
-            f"could not write checkpoint {path}: {reason}; nothing was replaced, the previous checkpoints "
+            f"could not write checkpoint {path}: {_reason(cause)}; nothing was replaced, the previous checkpoints "
             f"in {path.parent} are intact"
         ) from error
     _fsync_dir(path.parent)
+    sidecar_tmp = sidecar.with_name(f".{sidecar.name}.tmp-{os.getpid()}")
+    try:
+        _write_sidecar(sidecar_tmp, f"{hashing.sha256.hexdigest()}  {path.name}\n")
+        os.replace(sidecar_tmp, sidecar)
+    except OSError as error:
+        sidecar_tmp.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"checkpoint {path} was written and is complete, but its checksum file {sidecar.name} could not be "
+            f"written: {_reason(error)}; the checkpoint loads without it (unchecked), the earlier checkpoints in "
+            f"{path.parent} are intact"
+        ) from error
+    _fsync_dir(path.parent)
     return path
+
+
+def stale_temporaries(folder: str | Path) -> list[Path]:
+    """Temporary files that interrupted saves left in a checkpoint folder (`.NAME.tmp-PID`, never a checkpoint)."""
+    return sorted(p for p in Path(folder).glob(".*.tmp-*") if p.is_file())
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device | None = "cpu") -> dict:
@@ -146,7 +168,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """A checkpoint written by ldm.train (it holds the resolved config)."""
     checkpoint = read_checkpoint(path, map_location)
     if "config" not in checkpoint:
-        raise ValueError(f"{path} holds no 'config': it was not written by ldm.train")
+        raise CheckpointError(f"checkpoint {path} holds no 'config': it was not written by ldm.train")
     return checkpoint
 
 

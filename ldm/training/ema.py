@@ -5,6 +5,10 @@
     ema.update(unet, keep=1 - optimizer.found_inf)   # a step the fused optimizer skipped on the device:
                                                      # the EMA skips it too, and the host never waits
 
+Parameters that do not train (`requires_grad` False when the EMA is made: the frozen base of a LoRA-adapted
+U-Net) are not copied: the EMA's module shares them with the model, and `update` skips them. So the EMA of an
+adapted model holds the adapters' averages only, next to the one frozen base.
+
 The arithmetic is torch's `get_ema_multi_avg_fn` over parameters and buffers (`use_buffers=True`), but
 torch's `AveragedModel.update_parameters` reads `n_averaged` (a tensor on the model's device) on the host
 twice per update, which drains the GPU's queue every training step. Here the first-update copy is a lerp of
@@ -28,6 +32,7 @@ class EMA(AveragedModel):
             raise ValueError(f"ema decay must be in [0, 1], got {decay}")
         device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
         super().__init__(model, device=device, use_buffers=True)  # the counter too lives where the model does
+        _share_frozen(self.module, model)
         self.decay = decay
         self.requires_grad_(False)
 
@@ -42,6 +47,8 @@ class EMA(AveragedModel):
         mine = itertools.chain(self.module.parameters(), self.module.buffers())
         theirs = itertools.chain(model.parameters(), model.buffers())
         for averaged, current in zip(mine, theirs, strict=True):
+            if averaged is current:  # a frozen parameter shared with the model
+                continue
             current = current.detach().to(averaged.device)
             if averaged.is_floating_point():
                 groups[averaged.dtype][0].append(averaged.detach())
@@ -52,3 +59,11 @@ class EMA(AveragedModel):
             w = weight.to(dtype)
             torch._foreach_lerp_(averaged, current, [w] * len(averaged))  # a 0-dim weight broadcasts per tensor
         self.n_averaged += 1 if keep is None else keep.long()
+
+
+def _share_frozen(copy: nn.Module, model: nn.Module) -> None:
+    """Point ``copy``'s parameters at ``model``'s own where these do not train (a structural twin of ``model``)."""
+    for (name, mine), (_, theirs) in zip(copy.named_parameters(), model.named_parameters(), strict=True):
+        if not theirs.requires_grad:
+            owner, _, leaf = name.rpartition(".")
+            setattr(copy.get_submodule(owner), leaf, theirs)

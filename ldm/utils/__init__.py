@@ -4,6 +4,9 @@
     secrets         redaction of API keys and tokens in configs, files and the command line
     sweep_index     a sweep's index.json and the `${ldm.run_name:...}` config resolvers that name its jobs
     targets         Python objects as Hydra `_target_` strings (config checks key on code, not strings)
+    metrics_file    a run's metrics.jsonl, read as plain JSON (reports read it without the training stack)
+    rules           typed rules for config values (Int, Float, Choice, ...) and the walk that checks a config
+    cli             how every command stops: one line, exit code, the traceback only on request; warnings to train.log
 
 May import: nothing from ldm.
 """

@@ -12,6 +12,7 @@ wherever it sits (e.g. `${oc.env:HF_TOKEN}` resolved into the config).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -36,7 +37,8 @@ def secret_values() -> list[str]:
     return sorted({os.environ[k] for k in names if len(os.environ.get(k, "")) >= 8}, key=len, reverse=True)
 
 
-_OVERRIDE = re.compile(r"(?P<name>(?:^|(?<=[,\s]))[+~]{0,2}[\w.\-/]+)=(?P<value>[^,\s]+)")
+# `key=value`, where a sweep's value list runs on through commas up to the next `key=` (`k=a,b,other=1`)
+_OVERRIDE = re.compile(r"(?P<name>(?:^|(?<=[,\s]))[+~]{0,2}[\w.\-/]+)=(?P<value>[^,\s]+(?:,(?![^,\s]*=)[^,\s]+)*)")
 
 
 def _redact_string(text: str, values: list[str]) -> str:
@@ -78,3 +80,23 @@ def redact_argv() -> None:
     """Redact secret overrides in `sys.argv` in place (W&B stores the command line in its metadata)."""
     values = secret_values()
     sys.argv[:] = [_redact_string(arg, values) for arg in sys.argv]
+
+
+def redact_logging() -> None:
+    """Redact every log record from now on, whatever logger or handler writes it (idempotent): the record factory
+    is wrapped, so it holds through Hydra configuring its logging again (its launcher does, then logs each job's
+    overrides: `#0 : optim.lr=1e-4 +api_key=...`), W&B, Lightning and the run's train.log."""
+    make = logging.getLogRecordFactory()
+    if getattr(make, "_ldm_redacts", False):
+        return
+
+    def factory(*args, **kwargs) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        message = record.getMessage()
+        clean = _redact_string(message, secret_values())
+        if clean != message:
+            record.msg, record.args = clean, None
+        return record
+
+    factory._ldm_redacts = True
+    logging.setLogRecordFactory(factory)

@@ -27,6 +27,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
+from ldm.utils.secrets import REDACTED, is_secret_name, redact
+
 INDEX = "index.json"
 
 
@@ -50,9 +52,10 @@ def read_index(sweep_dir: str | Path) -> dict:
 
 
 def write_index(sweep_dir: Path, index: dict) -> None:
-    """Replace the index (call it under `locked`); readers never see half a file."""
+    """Replace the index (call it under `locked`), secrets redacted (`ldm.utils.secrets`); readers never see half
+    a file."""
     tmp = sweep_dir / f".{INDEX}.tmp"
-    tmp.write_text(json.dumps(index, indent=1))
+    tmp.write_text(json.dumps(redact(index), indent=1))
     os.replace(tmp, sweep_dir / INDEX)
 
 
@@ -84,7 +87,8 @@ def job_params(job_overrides: list[str], keys: list[str] | None) -> dict:
 
 def format_params(params: dict) -> str:
     """`optim.lr=0.0001252,diffusion.cfg_dropout=0.1` (floats to 4 significant digits; configs keep them all)."""
-    return ",".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    return ",".join(f"{k}={REDACTED}" if is_secret_name(k.rsplit(".", 1)[-1]) else f"{k}={v:.4g}"
+                    if isinstance(v, float) else f"{k}={v}" for k, v in params.items())  # fmt: skip
 
 
 def run_name(base: str, num: int, params: dict) -> str:
