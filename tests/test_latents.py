@@ -87,7 +87,7 @@ def test_cached_batch_gives_the_on_the_fly_loss_within_fp16_tolerance(root):
     torch.testing.assert_close(cached["text_hidden"].float(), text_encoder.encode(images["caption"]),
                                atol=2e-3, rtol=2e-3)  # fmt: skip
     dm = LatentShardDataModule(str(root / "latents"), None, batch_size=4, num_workers=0)
-    torch.testing.assert_close(dm.empty_hidden.float(), text_encoder.encode([""]), atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(dm.empty_condition["encoder_hidden_states"].float(), text_encoder.encode([""]), atol=2e-3, rtol=2e-3)
     assert read_meta(root / "latents")["scaling_factor"] == 0.7
 
 

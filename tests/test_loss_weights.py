@@ -48,7 +48,7 @@ def test_training_step_weights_each_sample_by_its_mask_and_loss_weight():
     recomputed from what the U-Net saw and returned (noise recovered from x_t in closed form)."""
     torch.manual_seed(0)
     module = LatentDiffusion(build_unet(**UNET), _not_built, _not_built, diffusion={"cfg_dropout": 0.0})
-    module._empty_hidden = torch.zeros(1, 7, 32)
+    module._empty = {"encoder_hidden_states": torch.zeros(1, 7, 32)}
     b, h, w = 3, 8, 12  # a landscape bucket: latents need not be square
     latents = torch.randn(b, 4, h, w)
     mask = torch.zeros(b, 1, h * 8, w * 8, dtype=torch.uint8)

@@ -92,6 +92,7 @@ def test_the_schema_names_what_the_code_has():
     from ldm.utils.targets import target_of
     from ldm.export import FORMATS
     from ldm.models.adapters import LoRA
+    from ldm.models.sdxl import sdxl_text_encoders
     from ldm.models.export import EXPORTS
 
     assert sorted(FORMATS) == sorted(EXPORTS)
@@ -105,7 +106,8 @@ def test_the_schema_names_what_the_code_has():
                       ("LOAD_UNET", load_unet), ("BUILD_VAE", build_vae), ("LOAD_VAE", load_vae),
                       ("HF_CLIP_TEXT_ENCODER", hf_clip_text_encoder), ("OPEN_CLIP_TEXT_ENCODER", open_clip_text_encoder),
                       ("SHARDED_UNET_STRATEGY", ShardedUNetStrategy), ("WANDB_LOGGER", wandb_logger),
-                      ("SHARD_DATA_MODULE", ShardDataModule), ("LORA", LoRA)]:  # fmt: skip
+                      ("SHARD_DATA_MODULE", ShardDataModule), ("LORA", LoRA),
+                      ("SDXL_TEXT_ENCODERS", sdxl_text_encoders)]:  # fmt: skip
         assert getattr(schema, name) == target_of(obj), name
 
 

@@ -43,7 +43,7 @@ class LargestBucketWarmup(pl.Callback):
             p.grad = None
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), trainer.precision_plugin.train_step_context():
-            cond = pl_module.empty_hidden().expand(samples, -1, -1)  # (B, L, D)
+            cond = {k: v.expand(samples, *v.shape[1:]) for k, v in pl_module.empty_condition().items()}  # (B, ...)
             if getattr(datamodule, "cached_encodings", False):
                 factor = datamodule.factor
                 latents = torch.randn(samples, pl_module.unet.config.in_channels, height // factor, width // factor,
@@ -52,6 +52,9 @@ class LargestBucketWarmup(pl.Callback):
                 pixels = torch.randint(0, 256, (samples, 3, height, width), dtype=torch.uint8, device=pl_module.device)
                 latents = pl_module.encode_images(pixels)  # (B, C, H/f, W/f)
                 factor = downsample_factor(pl_module.vae)
+            size = torch.tensor([[height, width]], device=pl_module.device).expand(samples, 2)
+            geometry = {"original_size": size, "crop_top_left": torch.zeros_like(size), "target_size": size}
+            cond.update(pl_module.added_conditions(geometry, latents))  # SDXL's time ids
             loss = pl_module.diffusion_step(latents, cond)
         loss.backward()
         for p, grad in zip(params, grads):

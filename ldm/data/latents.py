@@ -14,13 +14,15 @@ A latent shard holds, per sample `<key>`:
     flip_mean.npy, flip_std.npy  the same for the horizontally flipped image (written unless flips are off;
                                  `random_flip` then picks one of the two per visit, like the image pipeline)
     text.npy                     (K, L, D) float16: the text encoder's hidden states of the sample's K captions
+    pooled.npy                   (K, P) float16: their pooled embeddings, for a family that has one (SDXL)
     json                         {"caption": the K captions (one is chosen per visit, as for image shards),
                                  "original_size", "crop_top_left", "target_size": the geometry, (height, width)}
     mask.npy, flip_mask.npy      (1, h, w) float16 in [0, 1]: the loss mask at latent size (images with a mask)
 With buckets, each image is encoded at the bucket of its aspect ratio (h, w differ between samples; a VAE batch
 holds one bucket) and training reads planned batches, one bucket each. Beside the shards: `latents.json` (what
 wrote them: VAE, text encoder, resolution, buckets, scaling), `sizes.json` (each sample's bucket) and
-`empty_text.npy`, the empty caption's hidden states (1, L, D) that caption dropout substitutes.
+`empty_text.npy`, the unconditional hidden states (1, L, D) that caption dropout substitutes (the empty caption's;
+SDXL's zeros), and for SDXL `empty_pooled.npy` (1, P).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ from ldm.data.webdataset import (
 
 META = "latents.json"
 EMPTY = "empty_text.npy"
+EMPTY_POOLED = "empty_pooled.npy"
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -136,12 +139,17 @@ def encode_batch(vae, text_encoder, pixels: torch.Tensor, captions: list[list[st
         arrays[prefix + "mean.npy"] = ((posterior.mean.float() - shift) * scale).half().cpu().numpy()
         arrays[prefix + "std.npy"] = (posterior.std.float() * scale).half().cpu().numpy()
     distinct = list(dict.fromkeys(c for cs in captions for c in cs))
-    hidden = dict(zip(distinct, text_encoder.encode(distinct).half().cpu().numpy()))  # caption -> (L, D)
+    encoded = text_encoder.condition(distinct)
+    hidden = dict(zip(distinct, encoded["encoder_hidden_states"].half().cpu().numpy()))  # caption -> (L, D)
+    pooled = (dict(zip(distinct, encoded["text_embeds"].half().cpu().numpy()))  # caption -> (P,), SDXL
+              if "text_embeds" in encoded else None)  # fmt: skip
     latent_size = arrays["mean.npy"].shape[-2:]
     out = []
     for i in range(len(captions)):
         sample = {name: a[i] for name, a in arrays.items()}
         sample["text.npy"] = np.stack([hidden[c] for c in captions[i]])
+        if pooled is not None:
+            sample["pooled.npy"] = np.stack([pooled[c] for c in captions[i]])
         sample["json"] = {"caption": captions[i], **((geometry or [{}] * len(captions))[i])}
         if masks is not None and masks[i] is not None:
             sample["mask.npy"] = _area(masks[i], latent_size)
@@ -225,8 +233,11 @@ def precompute_latents(
                 encode(group, sink)
     if not shards:
         raise ValueError(f"{image_shards}: no sample could be encoded")
-    empty = text_encoder.encode([""]).half().cpu().numpy()  # (1, L, D)
+    unconditional = text_encoder.empty_condition()
+    empty = unconditional["encoder_hidden_states"].half().cpu().numpy()  # (1, L, D)
     np.save(out / EMPTY, empty, allow_pickle=False)
+    if "text_embeds" in unconditional:  # SDXL: (1, P)
+        np.save(out / EMPTY_POOLED, unconditional["text_embeds"].half().cpu().numpy(), allow_pickle=False)
     totals = health.totals()
     meta = {
         "resolution": resolution,
@@ -293,11 +304,14 @@ class ToLatentSample:
                 "crop_top_left": torch.tensor(record.get("crop_top_left", [0, 0])),
                 "target_size": torch.tensor(record.get("target_size", target)),
             }
+            if "pooled.npy" in sample:  # SDXL
+                out["text_pooled"] = torch.from_numpy(np.ascontiguousarray(load_npy(sample["pooled.npy"])[i]))
             if prefix + "mask.npy" in sample:
                 out["mask"] = torch.from_numpy(load_npy(sample[prefix + "mask.npy"]))  # (1, h, w) fp16 in [0, 1]
             if self.captions is not None:  # tags shuffled or dropped per visit: no cached encoding fits
                 out["caption"] = self.captions(captions[i], rng)
                 del out["text_hidden"]
+                out.pop("text_pooled", None)
             return out
         except Exception as error:
             raise SampleError(url, key, repr(error)) from error
@@ -335,7 +349,8 @@ def collate_latents(samples: list[dict]) -> dict:
 
 class LatentShardDataModule(ShardDataModule):
     """Batches {"latent_mean", "latent_std": (B, C, h, w), "text_hidden": (B, L, D), "caption", "key", geometry}
-    from latent shards; `empty_hidden` (1, L, D) is the cached empty caption. `val_shards` are image
+    (+ "text_pooled" (B, P) for SDXL) from latent shards; `empty_condition` is the cached unconditional input
+    ({"encoder_hidden_states": (1, L, D)} + SDXL's "text_embeds" (1, P)). `val_shards` are image
     shards (FID reference images and captions), as with `ShardDataModule`. Latents written with buckets
     (latents.json "buckets") are read as planned batches, one bucket each, as image buckets are."""
 
@@ -351,7 +366,10 @@ class LatentShardDataModule(ShardDataModule):
                          random_flip=random_flip, shuffle_buffer=shuffle_buffer, seed=seed,
                          samples_per_epoch=samples_per_epoch, max_bad_fraction=max_bad_fraction,
                          buckets=self.meta.get("buckets"), captions=captions)  # fmt: skip
-        self.empty_hidden = torch.from_numpy(np.load(shard_folder(train_shards) / EMPTY, allow_pickle=False))
+        folder = shard_folder(train_shards)
+        self.empty_condition = {"encoder_hidden_states": torch.from_numpy(np.load(folder / EMPTY, allow_pickle=False))}
+        if (folder / EMPTY_POOLED).is_file():  # SDXL
+            self.empty_condition["text_embeds"] = torch.from_numpy(np.load(folder / EMPTY_POOLED, allow_pickle=False))
         self.factor = self.meta.get("factor") or self.meta["resolution"] // self.meta["latent_shape"][-1]
 
     collate = staticmethod(collate_latents)

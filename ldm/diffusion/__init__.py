@@ -5,7 +5,7 @@ May import: nothing from ldm.
 
 from ldm.diffusion.loss import diffusion_loss, loss_mask, min_snr_weight, offset_noise, sample_timesteps
 from ldm.diffusion.parameterization import add_noise, predict_x0, target, velocity
-from ldm.diffusion.sampling import SCHEDULERS, guided, make_scheduler, sample_latents
+from ldm.diffusion.sampling import SCHEDULERS, as_condition, guided, make_scheduler, sample_latents, unet_inputs
 from ldm.diffusion.schedules import (
     alpha_bar,
     betas,
@@ -19,6 +19,7 @@ __all__ = [
     "SCHEDULERS",
     "add_noise",
     "alpha_bar",
+    "as_condition",
     "betas",
     "config_alpha_bar",
     "diffusion_loss",
@@ -34,5 +35,6 @@ __all__ = [
     "scheduler_config",
     "snr",
     "target",
+    "unet_inputs",
     "velocity",
 ]

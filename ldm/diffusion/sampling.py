@@ -72,12 +72,29 @@ def _step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator | None, e
     return kwargs
 
 
+def as_condition(cond: Tensor | Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The U-Net's conditioning as a dict keyed by its keyword arguments: a tensor is `encoder_hidden_states`;
+    a dict may add `text_embeds` and `time_ids` (SDXL's added conditions)."""
+    return {"encoder_hidden_states": cond} if isinstance(cond, Tensor) else dict(cond)
+
+
+def unet_inputs(cond: Mapping[str, Tensor]) -> dict[str, Any]:
+    """The keyword arguments of `UNet2DConditionModel.forward` for a conditioning dict: the hidden states, and the
+    rest as `added_cond_kwargs` (SDXL's pooled text embedding and time ids)."""
+    added = {k: v for k, v in cond.items() if k != "encoder_hidden_states"}
+    return {"encoder_hidden_states": cond["encoder_hidden_states"], **({"added_cond_kwargs": added} if added else {})}
+
+
+def _batched(cond: dict[str, Tensor], batch_size: int) -> dict[str, Tensor]:
+    return {k: v.expand(batch_size, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in cond.items()}
+
+
 @torch.no_grad()
 def sample_latents(
     unet: torch.nn.Module,
     scheduler: SchedulerMixin,
-    cond: Tensor,
-    uncond: Tensor | None,
+    cond: Tensor | Mapping[str, Tensor],
+    uncond: Tensor | Mapping[str, Tensor] | None,
     *,
     guidance_scale: float,
     num_inference_steps: int,
@@ -86,25 +103,29 @@ def sample_latents(
     latents: Tensor | None = None,
     eta: float = 0.0,
 ) -> Tensor:
-    """Denoise from noise to latents (B, C, H, W), B = cond.shape[0], guided by text hidden states.
+    """Denoise from noise to latents (B, C, H, W), B = the conditioning's batch, guided by the text.
 
-    cond: (B, L, D); uncond: (B, L, D) or (1, L, D), unused (may be None) when guidance_scale <= 1, in which
-    case only the conditional pass runs. ``eta`` is DDIM's and ignored by the other schedulers.
-    ``scheduler`` is stateful: ``set_timesteps`` is called on it here.
+    cond: text hidden states (B, L, D), or a dict of the U-Net's conditioning inputs (`encoder_hidden_states`
+    (B, L, D) and, for SDXL, `text_embeds` (B, P) and `time_ids` (B, 6)); uncond: the same with batch B or 1,
+    unused (may be None) when guidance_scale <= 1, in which case only the conditional pass runs. ``eta`` is DDIM's
+    and ignored by the other schedulers. ``scheduler`` is stateful: ``set_timesteps`` is called on it here.
     """
-    device, batch_size = cond.device, cond.shape[0]
+    cond = as_condition(cond)
+    hidden = cond["encoder_hidden_states"]
+    device, batch_size = hidden.device, hidden.shape[0]
     do_cfg = guidance_scale > 1
     if do_cfg:
-        # Unconditional half first, as the pipeline concatenates [negative_prompt_embeds, prompt_embeds].
-        encoder_hidden_states = torch.cat([uncond.expand(batch_size, -1, -1), cond])  # (2B, L, D)
+        # Unconditional half first, as the pipelines concatenate [negative_prompt_embeds, prompt_embeds].
+        uncond = _batched(as_condition(uncond), batch_size)
+        inputs = unet_inputs({k: torch.cat([uncond[k], cond[k]]) for k in cond})  # (2B, ...)
     else:
-        encoder_hidden_states = cond
+        inputs = unet_inputs(cond)
 
     # Timesteps before the noise: init_noise_sigma of the Euler schedulers depends on them.
     scheduler.set_timesteps(num_inference_steps, device=device)
     if latents is None:
         # randn_tensor draws on a CPU generator's device and moves, exactly as the pipeline does.
-        latents = randn_tensor((batch_size, *latent_shape), generator=generator, device=device, dtype=cond.dtype)
+        latents = randn_tensor((batch_size, *latent_shape), generator=generator, device=device, dtype=hidden.dtype)
     else:
         latents = latents.to(device)
     latents = latents * scheduler.init_noise_sigma  # (B, C, H, W)
@@ -113,7 +134,7 @@ def sample_latents(
     for t in scheduler.timesteps:
         x_in = torch.cat([latents] * 2) if do_cfg else latents  # (2B or B, C, H, W)
         x_in = scheduler.scale_model_input(x_in, t)
-        out = unet(x_in, t, encoder_hidden_states=encoder_hidden_states).sample
+        out = unet(x_in, t, **inputs).sample
         if do_cfg:
             out_uncond, out_cond = out.chunk(2)
             out = guided(out_uncond, out_cond, guidance_scale)

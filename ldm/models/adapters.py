@@ -29,6 +29,7 @@ from torch import nn
 
 from ldm.models.formats.lora import LoraFileError, LoraModule
 from ldm.models.formats.lora_file import read_lora
+from ldm.models.formats.single_file import unet_module_names_to_ldm
 
 ADAPTER = "default"  # the peft adapter name (diffusers' and transformers' add_adapter default)
 BASE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -140,8 +141,9 @@ class LoRA:
         if not self.init_from:
             return
         names = {part: [n for n, _ in m.named_modules()] for part, m in models.items()}
+        renames = kohya_renames(models)
         try:
-            weights, keys, _ = read_lora(self.init_from, names, base_model_version)
+            weights, keys, _ = read_lora(self.init_from, names, base_model_version, renames)
         except LoraFileError as error:  # "<file>: <key> ...": say which setting named the file
             raise LoraFileError(f"model.adapter.init_from={error}") from None
         options = {"unet": "model.adapter.target_modules (or conv_target_modules with conv_rank)",
@@ -170,6 +172,15 @@ class LoRA:
         if targets:
             model.add_adapter(self._peft_config(targets))
         return model
+
+
+def kohya_renames(models: Mapping[str, nn.Module]) -> dict[str, dict[str, str]]:
+    """The layer names kohya gives where they are not diffusers': SDXL's U-Net is named in the openaimodel layout
+    (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`), as sd-scripts' SDXL U-Net names its modules."""
+    unet = models.get("unet")
+    if unet is None or getattr(unet.config, "addition_embed_type", None) != "text_time":
+        return {}
+    return {"unet": unet_module_names_to_ldm((n for n, _ in unet.named_modules()), unet.config)}
 
 
 def check_targets(model: nn.Module, targets: Iterable[str], option: str, what: str) -> list[str]:

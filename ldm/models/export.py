@@ -23,16 +23,17 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import is_accelerate_available
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.diffusion import make_scheduler
-from ldm.models.adapters import has_adapter, lora_weights, merged
+from ldm.models.adapters import has_adapter, kohya_renames, lora_weights, merged
 from ldm.models.clip_convert import open_clip_to_hf
 from ldm.models.formats import kohya
 from ldm.models.formats.diffusers_lora import write_diffusers_lora
 from ldm.models.formats.single_file import clip_to_ldm, open_clip_to_ldm, unet_to_ldm, vae_to_ldm, write_single_file
+from ldm.models.sdxl import SDXLTextEncoders
 from ldm.models.text_encoders import HFCLIPTextEncoder, OpenCLIPTextEncoder
 from ldm.models.unet import base_model_version
 
@@ -51,11 +52,25 @@ def to_hf_text_encoder(text_encoder) -> tuple[CLIPTextModel, CLIPTokenizer]:
     raise TypeError(f"export: no diffusers layout for text encoder {type(text_encoder).__name__}")
 
 
-def build_pipeline(module, sampler: str | None = None, use_ema: bool = True) -> StableDiffusionPipeline:
-    """A `StableDiffusionPipeline` around the module's parts, adapters merged (no safety checker: research weights)."""
-    hf_text_encoder, tokenizer = to_hf_text_encoder(module.sampling_text_encoder(use_ema))
+def build_pipeline(module, sampler: str | None = None, use_ema: bool = True):
+    """A `StableDiffusionPipeline` (SDXL: `StableDiffusionXLPipeline`) around the module's parts, adapters merged
+    (no safety checker, no watermark: research weights)."""
+    text_encoder = module.sampling_text_encoder(use_ema)
     scheduler = make_scheduler(sampler or module.sampling["sampler"], module.scheduler_config)
     unet = merged(module.sampling_unet(use_ema)).float().eval()  # a copy: the module keeps its adapters
+    if isinstance(text_encoder, SDXLTextEncoders):
+        return StableDiffusionXLPipeline(
+            vae=module.vae,
+            text_encoder=text_encoder.text_encoder,
+            text_encoder_2=text_encoder.text_encoder_2,
+            tokenizer=text_encoder.tokenizer,
+            tokenizer_2=text_encoder.tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,  # the unconditional input SDXL trains and samples with
+            add_watermarker=False,
+        )
+    hf_text_encoder, tokenizer = to_hf_text_encoder(text_encoder)
     return StableDiffusionPipeline(
         vae=module.vae,
         text_encoder=hf_text_encoder,
@@ -89,7 +104,8 @@ def lora_parts(module, use_ema: bool = True) -> dict:
 
 def export_diffusers_lora(module, out_dir: str | Path, use_ema: bool = True, **_) -> Path:
     """`out_dir/pytorch_lora_weights.safetensors`: `pipe.load_lora_weights(out_dir)` on the base pipeline."""
-    return write_diffusers_lora(out_dir, lora_parts(module, use_ema))
+    pipeline_class = StableDiffusionXLPipeline if module.is_sdxl else StableDiffusionPipeline
+    return write_diffusers_lora(out_dir, lora_parts(module, use_ema), pipeline_class)
 
 
 def kohya_metadata(module, steps: int | None = None) -> dict[str, str]:
@@ -130,7 +146,8 @@ def export_kohya(module, path: str | Path, use_ema: bool = True, steps: int | No
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path / f"{(module.run_config or {}).get('name') or 'lora'}.safetensors"
-    return kohya.write_kohya(path, lora_parts(module, use_ema), kohya_metadata(module, steps), dtype)
+    renames = kohya_renames({"unet": module.sampling_unet(use_ema)})  # SDXL: the openaimodel names kohya uses
+    return kohya.write_kohya(path, lora_parts(module, use_ema), kohya_metadata(module, steps), dtype, renames)
 
 
 # --- single file --------------------------------------------------------------------------------------------------
@@ -167,6 +184,7 @@ EXPORTS = {  # --format of `python -m ldm.export`
 }
 
 
+PIPELINES = {cls.__name__: cls for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline)}  # what we load
 # what a model_index.json component may name: (library, class); "stable_diffusion" is diffusers' own safety checker
 PIPELINE_LIBRARIES = ("diffusers", "transformers", "stable_diffusion")
 
@@ -182,9 +200,9 @@ def check_pipeline_dir(path: str | Path) -> None:
     if not index_path.is_file():
         raise FileNotFoundError(f"{path}: no model_index.json; not a diffusers pipeline directory")
     index = json.loads(index_path.read_text())
-    if index.get("_class_name") != StableDiffusionPipeline.__name__:
-        raise UntrustedPipelineError(f"{index_path}: _class_name={index.get('_class_name')!r}; expected "
-                                     f"{StableDiffusionPipeline.__name__}")  # fmt: skip
+    if index.get("_class_name") not in PIPELINES:
+        raise UntrustedPipelineError(f"{index_path}: _class_name={index.get('_class_name')!r}; expected one of "
+                                     f"{sorted(PIPELINES)}")  # fmt: skip
     for name, value in index.items():
         if name.startswith("_") or not isinstance(value, list):  # options such as requires_safety_checker
             continue
@@ -196,8 +214,10 @@ def check_pipeline_dir(path: str | Path) -> None:
                                          f"transformers' own classes are loaded")  # fmt: skip
 
 
-def load_pipeline(path: str | Path) -> StableDiffusionPipeline:
-    """A pipeline directory as `StableDiffusionPipeline.from_pretrained` loads it, after `check_pipeline_dir`."""
+def load_pipeline(path: str | Path):
+    """A pipeline directory as its class's `from_pretrained` loads it (`StableDiffusionPipeline`,
+    `StableDiffusionXLPipeline`), after `check_pipeline_dir`."""
     check_pipeline_dir(path)
-    return StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
-                                                   low_cpu_mem_usage=is_accelerate_available())  # fmt: skip
+    cls = PIPELINES[json.loads((Path(path) / "model_index.json").read_text())["_class_name"]]
+    options = {"safety_checker": None, "requires_safety_checker": False} if cls is StableDiffusionPipeline else {}
+    return cls.from_pretrained(path, low_cpu_mem_usage=is_accelerate_available(), **options)

@@ -63,6 +63,14 @@ class SDXLTextEncoders(TextEncoder):
     def pooled_size(self) -> int:
         return self.text_encoder_2.config.projection_dim
 
+    def empty_condition(self) -> dict[str, Tensor]:
+        """Zeros (batch 1): SDXL's unconditional input, as its training dropped captions (the SDXL paper's
+        embedders zero a dropped embedding) and as `StableDiffusionXLPipeline` samples it
+        (`force_zeros_for_empty_prompt`)."""
+        device, dtype = self.text_encoder.device, self.text_encoder.dtype
+        return {"encoder_hidden_states": torch.zeros(1, self.max_length, self.hidden_size, device=device, dtype=dtype),
+                "text_embeds": torch.zeros(1, self.pooled_size, device=device, dtype=dtype)}  # fmt: skip
+
     @property
     def max_length(self) -> int:
         return self.tokenizer.model_max_length

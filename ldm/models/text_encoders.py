@@ -30,7 +30,14 @@ from ldm.models.tokenizer import VOCAB_SIZE, write_clip_tokenizer
 
 
 class TextEncoder(nn.Module):
-    """Common interface: captions -> token ids -> per-token hidden states for cross-attention."""
+    """Common interface: captions -> token ids -> per-token hidden states for cross-attention.
+
+    `condition(captions)` is what the U-Net takes, keyed by its keyword arguments: {"encoder_hidden_states":
+    (B, L, D)} here, plus {"text_embeds": (B, P)} for a family with a pooled embedding (SDXL,
+    `ldm.models.sdxl.SDXLTextEncoders`); `empty_condition()` is the unconditional input classifier-free guidance
+    trains and samples with (the empty caption's encoding here; SDXL's zeros)."""
+
+    pooled_size = 0  # P, the width of a pooled embedding the U-Net takes as `text_embeds` (0: none)
 
     @property
     def hidden_size(self) -> int:
@@ -54,6 +61,14 @@ class TextEncoder(nn.Module):
         """(B,) captions -> (B, L, D) hidden states on this module's device."""
         device = next(self.parameters()).device
         return self(self.tokenize(captions).to(device))
+
+    def condition(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """(B,) captions -> the U-Net's text inputs, keyed by its keyword arguments."""
+        return {"encoder_hidden_states": self.encode(captions)}
+
+    def empty_condition(self) -> dict[str, torch.Tensor]:
+        """The unconditional input (batch 1): the empty caption's encoding, as Stable Diffusion 1.x/2.x use it."""
+        return self.condition([""])
 
 
 def _check_captions(captions: Sequence[str]) -> list[str]:

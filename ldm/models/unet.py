@@ -20,9 +20,10 @@ def build_unet(seed: int | None = 0, **config) -> UNet2DConditionModel:
 
 
 def load_unet(path: str, subfolder: str | None = "unet", **kwargs) -> UNet2DConditionModel:
-    """`UNet2DConditionModel.from_pretrained(path, subfolder=...)`, trainable (fine-tuning)."""
+    """`UNet2DConditionModel.from_pretrained(path, subfolder=...)`, trainable (fine-tuning): in train mode, which
+    `from_pretrained` leaves off and Lightning does not turn on (a U-Net with dropout would train without it)."""
     kwargs.setdefault("low_cpu_mem_usage", is_accelerate_available())  # diffusers' notice otherwise asks for it
-    return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, **kwargs)
+    return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, **kwargs).train()
 
 
 def base_model_version(config, prediction_type: str = "epsilon") -> str:

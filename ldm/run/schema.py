@@ -55,6 +55,7 @@ BUILD_VAE = "ldm.models.vae.build_vae"
 LOAD_VAE = "ldm.models.vae.load_vae"
 HF_CLIP_TEXT_ENCODER = "ldm.models.text_encoders.hf_clip_text_encoder"
 OPEN_CLIP_TEXT_ENCODER = "ldm.models.text_encoders.open_clip_text_encoder"
+SDXL_TEXT_ENCODERS = "ldm.models.sdxl.sdxl_text_encoders"
 SHARDED_UNET_STRATEGY = "ldm.training.fsdp.ShardedUNetStrategy"
 LORA = "ldm.models.adapters.LoRA"
 WANDB_LOGGER = "ldm.training.loggers.wandb_logger"
@@ -237,6 +238,7 @@ KEYS = {
     "model.text_encoder.arch": Str(),
     "model.text_encoder.pretrained": Str(none=True),
     "model.text_encoder.layer": Choice("penultimate", "last"),
+    "model.text_encoder.torch_dtype": Str(none=True),
     # --- conf/model/adapter (model/adapter=lora; null: the whole U-Net trains) ------------------------------
     "model.adapter": Section(none=True),
     "model.adapter._target_": TARGET,

@@ -38,6 +38,7 @@ from ldm.run.schema import (
     LOAD_UNET,
     LOAD_VAE,
     OPEN_CLIP_TEXT_ENCODER,
+    SDXL_TEXT_ENCODERS,
     SHARD_DATA_MODULE,
     SHARDED_UNET_STRATEGY,
     check_paths,
@@ -113,7 +114,25 @@ def open_clip_config(arch: str) -> dict | None:
     return json.loads(path.read_text())
 
 
+def _sdxl_text_configs(text_encoder: dict) -> list[dict] | None:
+    """The configs of an SDXL directory's two text encoders (None for a hub id); one line when one is missing."""
+    path = text_encoder["path"]
+    if not Path(path).exists():
+        model_dir("model.text_encoder", path, None)  # a hub id passes, a missing folder is said
+        return None
+    configs = []
+    for part in ("text_encoder", "text_encoder_2"):
+        if not (Path(path) / part / "config.json").is_file():
+            raise ConfigError(f"model.text_encoder.path={path}: no {part}/config.json; an SDXL directory holds "
+                              f"text_encoder, text_encoder_2, tokenizer and tokenizer_2 (StableDiffusionXLPipeline)")  # fmt: skip
+        configs.append(_json("model.text_encoder", Path(path) / part))
+    return configs
+
+
 def _text_width(text_encoder: dict) -> int | None:
+    if _names(text_encoder, SDXL_TEXT_ENCODERS):
+        configs = _sdxl_text_configs(text_encoder)
+        return sum(c["hidden_size"] for c in configs) if configs else None
     if _names(text_encoder, HF_CLIP_TEXT_ENCODER):
         folder = model_dir("model.text_encoder", text_encoder["path"], text_encoder.get("subfolder"))
         config = _json("model.text_encoder", folder)
@@ -128,6 +147,27 @@ def _text_width(text_encoder: dict) -> int | None:
         text_cfg = text_encoder.get("text_cfg") or {}  # open_clip replaces the whole entry when overridden
         return text_cfg.get("width", config["text_cfg"]["width"])
     return None
+
+
+def _check_added_conditions(unet_cfg: dict | None, text_encoder) -> None:
+    """SDXL: the U-Net's added embedding takes the pooled text embedding and six time ids of addition_time_embed_dim
+    each (`projection_class_embeddings_input_dim`); a U-Net without it cannot take an SDXL encoder pair, and the
+    other way round."""
+    if not unet_cfg or not isinstance(text_encoder, dict):
+        return
+    sdxl_unet, sdxl_text = unet_cfg.get("addition_embed_type") == "text_time", _names(text_encoder, SDXL_TEXT_ENCODERS)
+    if sdxl_unet != sdxl_text:
+        which = "takes SDXL's pooled text embedding and time ids" if sdxl_unet else "has no SDXL added embedding"
+        raise ConfigError(f"model.unet {which} but model.text_encoder is "
+                          f"{'not ' if sdxl_unet else ''}SDXL's encoder pair (model/text_encoder=sdxl)")  # fmt: skip
+    configs = _sdxl_text_configs(text_encoder) if sdxl_text else None
+    if configs:
+        pooled, per_id = configs[1].get("projection_dim"), unet_cfg.get("addition_time_embed_dim")
+        wanted = unet_cfg.get("projection_class_embeddings_input_dim")
+        if pooled and per_id and wanted != pooled + 6 * per_id:
+            raise ConfigError(f"model.unet: projection_class_embeddings_input_dim={wanted} does not match text_encoder_2's "
+                              f"projection_dim {pooled} + 6 time ids x addition_time_embed_dim {per_id} = "
+                              f"{pooled + 6 * per_id}")  # fmt: skip
 
 
 def _check_model(config: dict) -> None:
@@ -147,6 +187,7 @@ def _check_model(config: dict) -> None:
             raise ConfigError(f"data.resolution={resolution}: its {latent}x{latent} latents (VAE factor {factor}) "
                               f"do not halve evenly through the U-Net's {halvings + 1} levels "
                               f"(model.unet.block_out_channels); use a multiple of {factor * 2**halvings}")  # fmt: skip
+    _check_added_conditions(unet_cfg, text_encoder)  # (first: a pair's width mismatch says less than this)
     if unet_cfg and isinstance(text_encoder, dict):
         unet_width, text_width = unet_cfg.get("cross_attention_dim"), _text_width(text_encoder)
         if unet_width and text_width and unet_width != text_width:

@@ -46,14 +46,17 @@ from ldm.diffusion import (
     make_scheduler,
     min_snr_weight,
     offset_noise,
+    as_condition,
     sample_latents,
     sample_timesteps,
     scheduler_config,
     snr,
     target,
+    unet_inputs,
 )
 from ldm.models.adapters import BASE_DTYPES, LoRA, cast_base, is_adapter_key, keep_input_dtype
 from ldm.models.text_encoders import HFCLIPTextEncoder
+from ldm.models.sdxl import time_ids
 from ldm.models.unet import base_model_version
 from ldm.models.vae import downsample_factor
 from ldm.stages.base import Stage
@@ -124,11 +127,11 @@ class LatentDiffusion(Stage):
         self.ema = EMA(unet, ema_decay) if ema_decay else None  # of the adapters only when adapted (EMA docstring)
         self.ema_decay = ema_decay
         self.base_dtype: torch.dtype | None = None  # an adapted model's frozen base, when cast (adapters stay fp32)
-        self._empty_hidden: Tensor | None = None
+        self._empty: dict[str, Tensor] | None = None  # the unconditional text inputs (batch 1)
         # The text encoder is frozen, so a caption always encodes the same: data sets with few distinct
         # captions (class templates, the built-in shapes) skip most text-encoder work with this cache.
         self.text_cache_size = text_cache_size
-        self._text_cache: OrderedDict[str, Tensor] = OrderedDict()
+        self._text_cache: OrderedDict[str, dict[str, Tensor]] = OrderedDict()
 
         if isinstance(text_encoder, torch.nn.Module):
             self._check_text_width(text_encoder.hidden_size, "the text encoder's hidden size")
@@ -177,7 +180,8 @@ class LatentDiffusion(Stage):
         """Frozen parts and speed options (Lightning calls this before the strategy moves and wraps the module and
         before the optimizer): in a fit, the frozen encoders are built now unless the data module delivers cached
         encodings (a text encoder that trains adapters is always built)."""
-        if self._trainer is not None and (not getattr(self._trainer.datamodule, "cached_encodings", False)
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        if self._trainer is not None and (not getattr(datamodule, "cached_encodings", False)
                                           or self.text_encoder_trains):  # fmt: skip
             self.build_frozen()
         if self.adapter is not None and not getattr(self, "_adapter_ready", False):
@@ -268,49 +272,85 @@ class LatentDiffusion(Stage):
             return torch.autocast(self.device.type, enabled=False)
         return contextlib.nullcontext()
 
+    @property
+    def is_sdxl(self) -> bool:
+        """Whether the U-Net takes SDXL's added conditions (a pooled text embedding and the size/crop time ids)."""
+        return self.unet.config.addition_embed_type == "text_time"
+
     @torch.no_grad()
-    def encode_captions(self, captions: Sequence[str]) -> Tensor:
-        """Captions -> text hidden states (B, L, D); memoised (LRU) when `text_cache_size` > 0."""
+    def encode_text(self, captions: Sequence[str]) -> dict[str, Tensor]:
+        """Captions -> the U-Net's text inputs: {"encoder_hidden_states": (B, L, D)} (+ SDXL's "text_embeds"
+        (B, P)); memoised (LRU) when `text_cache_size` > 0."""
         if not self.text_cache_size:
-            return self.text_encoder.encode(list(captions))
+            return self.text_encoder.condition(list(captions))
         cache = self._text_cache
         missing = list(dict.fromkeys(c for c in captions if c not in cache))
         if missing:
-            for caption, hidden in zip(missing, self.text_encoder.encode(missing)):
-                cache[caption] = hidden
-        hidden = torch.stack([cache[c] for c in captions]).to(self.device)
+            encoded = self.text_encoder.condition(missing)
+            for i, caption in enumerate(missing):
+                cache[caption] = {k: v[i] for k, v in encoded.items()}
+        out = {k: torch.stack([cache[c][k] for c in captions]).to(self.device) for k in cache[captions[0]]}
         for caption in captions:
             cache.move_to_end(caption)
         while len(cache) > self.text_cache_size:
             cache.popitem(last=False)
-        return hidden
+        return out
+
+    def encode_captions(self, captions: Sequence[str]) -> Tensor:
+        """The captions' hidden states (B, L, D) (`encode_text`'s "encoder_hidden_states")."""
+        return self.encode_text(captions)["encoder_hidden_states"]
+
+    def empty_condition(self) -> dict[str, Tensor]:
+        """The unconditional text inputs (batch 1), what dropped captions train with and guidance samples with: the
+        empty caption's encoding (SDXL: zeros), from the frozen text encoder once, or cached with the latents."""
+        if self._empty is None:
+            with torch.no_grad():
+                self._empty = self.text_encoder.empty_condition()
+        if self._empty["encoder_hidden_states"].device != self.device:
+            self._empty = {k: v.to(self.device) for k, v in self._empty.items()}
+        return self._empty
 
     def empty_hidden(self) -> Tensor:
-        """The empty caption's hidden states (1, L, D), encoded once by the same frozen text encoder
-        (or, training on cached latents, the encoding cached with them)."""
-        if self._empty_hidden is None:
-            self._empty_hidden = self.encode_captions([""])
-        if self._empty_hidden.device != self.device:
-            self._empty_hidden = self._empty_hidden.to(self.device)
-        return self._empty_hidden
+        """The unconditional hidden states (1, L, D) (`empty_condition`'s "encoder_hidden_states")."""
+        return self.empty_condition()["encoder_hidden_states"]
 
     def on_fit_start(self) -> None:
-        cached = getattr(self.trainer.datamodule, "empty_hidden", None)  # LatentShardDataModule
+        cached = getattr(self.trainer.datamodule, "empty_condition", None)  # LatentShardDataModule
         if cached is not None:
-            self._check_text_width(cached.shape[-1], "the cached text encodings' width")
-            self._empty_hidden = cached.float().to(self.device)
+            self._check_text_width(cached["encoder_hidden_states"].shape[-1], "the cached text encodings' width")
+            self._empty = {k: v.float().to(self.device) for k, v in cached.items()}
 
-    def condition(self, captions: Sequence[str], drop: Tensor | None = None) -> Tensor:
-        """Text conditioning (B, L, D); rows where ``drop`` is set get the empty caption instead."""
-        hidden = self.encode_captions(captions)
-        if drop is not None:
-            hidden = torch.where(drop[:, None, None], self.empty_hidden().to(hidden.dtype), hidden)
-        return hidden
+    @staticmethod
+    def _where(drop: Tensor, empty: dict[str, Tensor], cond: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Rows of ``cond`` where ``drop`` (B,) is set replaced by ``empty`` (batch 1), key by key."""
+        return {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), empty[k].to(v.dtype), v) for k, v in cond.items()}
+
+    def condition(self, captions: Sequence[str], drop: Tensor | None = None) -> dict[str, Tensor]:
+        """Text conditioning; rows where ``drop`` is set get the unconditional input instead."""
+        cond = self.encode_text(captions)
+        return cond if drop is None else self._where(drop, self.empty_condition(), cond)
+
+    def added_conditions(self, batch: Mapping[str, Any], latents: Tensor) -> dict[str, Tensor]:
+        """SDXL's size and crop conditioning of a batch, `time_ids` (B, 6): each sample's original size, crop
+        top-left and target size as the loader recorded them (a batch without them: the latents' own size, no
+        crop); nothing for the other families."""
+        if not self.is_sdxl:
+            return {}
+        if "original_size" in batch:
+            sizes = [batch[k].to(latents.device) for k in ("original_size", "crop_top_left", "target_size")]
+        else:
+            factor = downsample_factor(self.vae)
+            target = torch.tensor([latents.shape[-2] * factor, latents.shape[-1] * factor], device=latents.device)
+            size = target.expand(latents.shape[0], 2)
+            sizes = [size, torch.zeros_like(size), size]
+        return {"time_ids": time_ids(*sizes)}
 
     # --- training --------------------------------------------------------------------------
-    def diffusion_step(self, latents: Tensor, cond: Tensor, noise: Tensor | None = None, t: Tensor | None = None,
-                       mask: Tensor | None = None, sample_weight: Tensor | None = None) -> Tensor:  # fmt: skip
-        """One denoising loss on latents (B, C, h, w) with conditioning (B, L, D); the noise (B, C, h, w) and
+    def diffusion_step(self, latents: Tensor, cond: Tensor | Mapping[str, Tensor], noise: Tensor | None = None,
+                       t: Tensor | None = None, mask: Tensor | None = None,
+                       sample_weight: Tensor | None = None) -> Tensor:  # fmt: skip
+        """One denoising loss on latents (B, C, h, w) with conditioning (hidden states (B, L, D), or the U-Net's
+        conditioning dict: `as_condition`); the noise (B, C, h, w) and
         timesteps (B,) are drawn here unless given. `mask` (B, 1, h', w'): a loss mask (white = learn, resized to
         the latents); `sample_weight` (B,): per-sample loss weights (DreamBooth's prior_loss_weight)."""
         b = latents.shape[0]
@@ -322,23 +362,24 @@ class LatentDiffusion(Stage):
         x_t = add_noise(latents, noise, ab)
         if self.channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
-        model_output = self.unet(x_t, t, encoder_hidden_states=cond).sample
+        model_output = self.unet(x_t, t, **unet_inputs(as_condition(cond))).sample
         weight = min_snr_weight(snr(ab), self.min_snr_gamma, self.prediction_type)
         if sample_weight is not None:
             weight = weight * sample_weight.to(weight.device)
         mask = loss_mask(mask, latents.shape[-2:]) if mask is not None else None
         return diffusion_loss(model_output, target(self.prediction_type, latents, noise, ab), weight, mask)
 
-    def training_condition(self, captions: Sequence[str], hidden: Tensor | None = None) -> Tensor:
-        """Conditioning for training: each caption is replaced by the empty one with probability
-        `diffusion.cfg_dropout` (classifier-free guidance training, Ho & Salimans 2022). The one place
-        where caption dropout happens. ``hidden``: the captions' encodings when cached (B, L, D)."""
+    def training_condition(self, captions: Sequence[str], cached: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Conditioning for training: each caption is replaced by the unconditional input with probability
+        `diffusion.cfg_dropout` (classifier-free guidance training, Ho & Salimans 2022; SDXL's zeros, as its
+        paper's embedders drop). The one place where caption dropout happens. ``cached``: the captions' encodings
+        when cached with the latents."""
         drop = drop_mask(len(captions), self.cfg_dropout, self.device)
         if self.text_encoder_trains:  # adapted text encoder: encoded with gradients, dropped captions as ""
-            return self.text_encoder.encode(["" if d else c for c, d in zip(captions, drop.tolist())])
-        if hidden is None:
+            return self.text_encoder.condition(["" if d else c for c, d in zip(captions, drop.tolist())])
+        if cached is None:
             return self.condition(captions, drop)
-        return torch.where(drop[:, None, None], self.empty_hidden().to(hidden.dtype), hidden)
+        return self._where(drop, self.empty_condition(), dict(cached))
 
     @staticmethod
     def cached_latents(batch: dict) -> Tensor:
@@ -352,11 +393,16 @@ class LatentDiffusion(Stage):
             if latents.shape[1] != self.latent_shape[0]:
                 raise ValueError(f"cached latents have {latents.shape[1]} channels but the U-Net takes "
                                  f"{self.latent_shape[0]}: precompute them with this model's VAE")  # fmt: skip
-            hidden = batch.get("text_hidden")  # absent when captions change per visit (tag shuffling): encoded here
-            cond = self.training_condition(batch["caption"], hidden.float() if hidden is not None else None)
+            cached = None  # absent when captions change per visit (tag shuffling): encoded here
+            if "text_hidden" in batch:
+                cached = {"encoder_hidden_states": batch["text_hidden"].float()}
+                if "text_pooled" in batch:  # SDXL
+                    cached["text_embeds"] = batch["text_pooled"].float()
+            cond = self.training_condition(batch["caption"], cached)
         else:
             latents = self.encode_images(batch["pixel_values"])  # (B, C, h, w)
-            cond = self.training_condition(batch["caption"])  # (B, L, D)
+            cond = self.training_condition(batch["caption"])  # (B, L, D) hidden states (+ SDXL's pooled)
+        cond = {**cond, **self.added_conditions(batch, latents)}
         loss = self.diffusion_step(latents, cond, mask=batch.get("mask"), sample_weight=batch.get("loss_weight"))
         self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
         return loss
@@ -445,15 +491,24 @@ class LatentDiffusion(Stage):
         return torch.autocast(self.device.type, self.base_dtype)
 
     @torch.no_grad()
-    def sampling_condition(self, prompts: Sequence[str], use_ema: bool = True) -> tuple[Tensor, Tensor]:
-        """(prompts' hidden states (B, L, D), the empty caption's (1, L, D)) to sample with, in fp32."""
+    def sampling_condition(self, prompts: Sequence[str], use_ema: bool = True,
+                           size: tuple[int, int] | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:  # fmt: skip
+        """(the prompts' conditioning, the unconditional one (batch 1)) to sample with, in fp32; SDXL's time ids as
+        `StableDiffusionXLPipeline` sets them by default: original size = target size = the image size, no crop."""
         if self.text_encoder_trains:  # no caches: an adapted text encoder changes as it trains
             text_encoder = self.sampling_text_encoder(use_ema)
             with self._base_precision():
-                cond, uncond = text_encoder.encode(list(prompts)), text_encoder.encode([""])
+                cond, uncond = text_encoder.condition(list(prompts)), text_encoder.empty_condition()
         else:
-            cond, uncond = self.encode_captions(prompts), self.empty_hidden()
-        return cond.float(), uncond.float()  # the noise and the sampler's arithmetic stay in fp32
+            cond, uncond = self.encode_text(prompts), self.empty_condition()
+        cond = {k: v.float() for k, v in cond.items()}  # the noise and the sampler's arithmetic stay in fp32
+        uncond = {k: v.float() for k, v in uncond.items()}
+        if self.is_sdxl:
+            h, w = size or (self.resolution, self.resolution)
+            ids = time_ids(*(torch.tensor([[a, b]], device=self.device) for a, b in ((h, w), (0, 0), (h, w))))
+            cond["time_ids"] = ids.expand(len(prompts), -1)
+            uncond["time_ids"] = ids
+        return cond, uncond
 
     def sampling_text_encoder(self, use_ema: bool = True) -> torch.nn.Module:
         """The text encoder to sample with: the EMA of an adapted one when EMA is on, else the text encoder."""
@@ -486,7 +541,7 @@ class LatentDiffusion(Stage):
             generator = torch.Generator("cpu").manual_seed(seed)
         else:
             generator = [torch.Generator("cpu").manual_seed(int(s)) for s in seed]
-        cond, uncond = self.sampling_condition(prompts, use_ema)
+        cond, uncond = self.sampling_condition(prompts, use_ema, size)
         with self._base_precision():
             latents = sample_latents(
                 unet,

@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 
 from ldm.models.adapters import LoRA
 from ldm.models.clip import build_open_clip
+from ldm.models.sdxl import sdxl_text_encoders
 from ldm.models.text_encoders import hf_clip_text_encoder, open_clip_text_encoder
 from ldm.models.unet import build_unet, load_unet
 from ldm.models.vae import build_vae, load_vae
@@ -41,6 +42,7 @@ BUILDERS = (
     LatentDiffusion, AutoencoderModule, PatchDiscriminator, CLIPModule,  # the stages (ldm.stages)
     build_unet, load_unet, build_vae, load_vae, hf_clip_text_encoder, open_clip_text_encoder, build_open_clip,
     LoRA,  # model/adapter=lora
+    sdxl_text_encoders,  # model=sdxl
     torch.optim.AdamW, get_scheduler,  # conf/optim/adamw.yaml
 )  # fmt: skip
 # Options that make a library run code from the files it loads (pickles, custom modules).

@@ -44,12 +44,16 @@ def kohya_name(prefix: str, name: str) -> str:
     return f"{prefix}.{name}".replace(".", "_")
 
 
-def to_state_dict(weights: Mapping[str, Mapping[str, LoraModule]], dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+def to_state_dict(weights: Mapping[str, Mapping[str, LoraModule]], dtype: torch.dtype | None = None,
+                  renames: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, Tensor]:  # fmt: skip
+    """``renames``: part -> {module name: the name kohya gives the layer} where that is not the diffusers name (SDXL's
+    U-Net: the openaimodel layout, `ldm.models.formats.single_file.unet_module_names_to_ldm`)."""
     keys = prefixes(weights)
     state = {}
     for part, modules in weights.items():
+        renamed = (renames or {}).get(part, {})
         for name, m in modules.items():
-            base = kohya_name(keys[part], canonical_name(part, name))
+            base = kohya_name(keys[part], renamed.get(name, canonical_name(part, name)))
             state[f"{base}.lora_down.weight"] = m.down.to(dtype or m.down.dtype).contiguous()
             state[f"{base}.lora_up.weight"] = m.up.to(dtype or m.up.dtype).contiguous()
             state[f"{base}.alpha"] = torch.tensor(float(m.alpha))  # sd-scripts keeps alpha as a float32 scalar
@@ -65,11 +69,11 @@ def addnet_hashes(state: Mapping[str, Tensor], metadata: Mapping[str, str]) -> t
 
 
 def write_kohya(path: str | Path, weights: Mapping[str, Mapping[str, LoraModule]], metadata: Mapping[str, str],
-                dtype: torch.dtype | None = None) -> Path:  # fmt: skip
+                dtype: torch.dtype | None = None, renames: Mapping[str, Mapping[str, str]] | None = None) -> Path:  # fmt: skip
     """One .safetensors file; ``metadata`` values must be strings (ss_* keys, see ldm.models.export)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = to_state_dict(weights, dtype)
+    state = to_state_dict(weights, dtype, renames)
     metadata = {k: str(v) for k, v in metadata.items()}
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = addnet_hashes(state, metadata)
     safetensors.torch.save_file(state, str(path), metadata=metadata)
@@ -80,13 +84,19 @@ def is_kohya(tensors: Mapping[str, Tensor]) -> bool:
     return any(k.startswith("lora_") and k.endswith(".lora_down.weight") for k in tensors)
 
 
-def from_state_dict(tensors: Mapping[str, Tensor], names: Mapping[str, Iterable[str]], source: str):
+def from_state_dict(tensors: Mapping[str, Tensor], names: Mapping[str, Iterable[str]], source: str,
+                    renames: Mapping[str, Mapping[str, str]] | None = None):  # fmt: skip
     """(weights, keys): weights[part][module name] = LoraModule, keys[part][module name] = the file's layer name.
-    ``names``: the module names of each part of the model the file is loaded into."""
+    ``names``: the module names of each part of the model the file is loaded into; ``renames``: as `to_state_dict`'s
+    (a layer is found under either of its names)."""
     parts = prefixes(names)
     by_prefix = sorted(((p + "_", part) for part, p in parts.items()), key=lambda x: -len(x[0]))
-    tables = {part: {kohya_name(parts[part], c): n for c, n in name_table(part, names[part]).items()}
-              for part in parts if part in names}  # fmt: skip
+    tables = {}
+    for part in (p for p in parts if p in names):
+        table = name_table(part, names[part])
+        tables[part] = {kohya_name(parts[part], c): n for c, n in table.items()}
+        renamed = (renames or {}).get(part, {})
+        tables[part].update({kohya_name(parts[part], renamed[n]): n for n in table.values() if n in renamed})
     layers: dict[str, dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
         layer, _, suffix = key.partition(".")

@@ -17,7 +17,8 @@ def model_family(version: str) -> str:
     return "sdxl" if version.startswith("sdxl") else "_".join(version.split("_")[:2])
 
 
-def read_lora(path: str | Path, names: Mapping[str, Iterable[str]], base_model_version: str | None = None):
+def read_lora(path: str | Path, names: Mapping[str, Iterable[str]], base_model_version: str | None = None,
+              renames: Mapping[str, Mapping[str, str]] | None = None):  # fmt: skip
     """``(weights, keys, metadata)``: weights[part][module name] a LoraModule, keys[part][module name] the key it has
     in the file (for messages), the file's metadata. ``names``: the module names of each part of the model it is for;
     ``base_model_version``: the model's (kohya's ss_base_model_version); a file that records another family is
@@ -31,7 +32,7 @@ def read_lora(path: str | Path, names: Mapping[str, Iterable[str]], base_model_v
         raise LoraFileError(f"{path}: made for another base model (ss_base_model_version={theirs}; this model is "
                             f"{base_model_version})")  # fmt: skip
     if kohya.is_kohya(tensors):
-        return (*kohya.from_state_dict(tensors, names, str(path)), metadata)
+        return (*kohya.from_state_dict(tensors, names, str(path), renames), metadata)
     if diffusers_lora.is_diffusers(tensors):
         return (*diffusers_lora.from_state_dict(tensors, metadata, names, str(path)), metadata)
     raise LoraFileError(f"{path}: not a LoRA file in the diffusers (unet.*.lora_A.weight) or kohya (lora_unet_*."

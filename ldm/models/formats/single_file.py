@@ -19,7 +19,7 @@ or the conversion fails naming it. The inverse map is diffusers' `loaders.single
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import safetensors.torch
@@ -105,6 +105,26 @@ def _convert(state: Mapping[str, Tensor], prefixes: list[tuple[str, str, Mapping
                 break
         else:
             raise SingleFileError(f"{what}: {key} has no place in the original layout (not a Stable Diffusion block)")
+    return out
+
+
+def unet_module_names_to_ldm(names: Iterable[str], config: Mapping) -> dict[str, str]:
+    """diffusers U-Net module name -> its name in the openaimodel layout, for every module inside a block
+    (`down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q` -> `input_blocks.4.1.transformer_blocks.0.attn1.to_q`):
+    the names kohya gives SDXL's LoRA layers. ``names``: all the U-Net's module names (`named_modules`)."""
+    names = [n for n in names if n]
+    ordered = sorted(unet_prefix_map(config, {f"{n}.weight": None for n in names}), key=lambda p: -len(p[0]))
+    out = {}
+    for name in names:
+        for ours, theirs, renames in ordered:
+            if name == ours or name.startswith(ours + "."):
+                rest = name[len(ours) + 1:]
+                for a, b in renames.items():
+                    if rest == a or rest.startswith(a + "."):
+                        rest = b + rest[len(a):]
+                        break
+                out[name] = f"{theirs}.{rest}" if rest else theirs
+                break
     return out
 
 
