@@ -42,7 +42,7 @@ def test_training_condition_drops_at_configured_rate(module_factory, p):
     assert module.cfg_dropout == p
     captions = ["a large red circle in the center", "a small blue square at the top left"] * 1000
     torch.manual_seed(1)
-    cond = module.training_condition(captions)  # (B, L, D)
+    cond = module.training_condition(captions)["encoder_hidden_states"]  # (B, L, D)
     empty = module.encode_captions([""])[0]
     full = module.encode_captions(captions[:2])
     is_empty = (cond == empty).flatten(1).all(1)

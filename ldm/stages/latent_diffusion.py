@@ -180,7 +180,7 @@ class LatentDiffusion(Stage):
         """Frozen parts and speed options (Lightning calls this before the strategy moves and wraps the module and
         before the optimizer): in a fit, the frozen encoders are built now unless the data module delivers cached
         encodings (a text encoder that trains adapters is always built)."""
-        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if self._trainer is not None and (not getattr(datamodule, "cached_encodings", False)
                                           or self.text_encoder_trains):  # fmt: skip
             self.build_frozen()
