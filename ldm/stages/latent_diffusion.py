@@ -347,11 +347,18 @@ class LatentDiffusion(Stage):
         num_inference_steps: int | None = None,
         sampler: str | None = None,
         use_ema: bool = True,
+        negative_prompt: str | Sequence[str] | None = None,
+        init_image: Tensor | None = None,
+        strength: float = 0.75,
     ) -> Tensor:
         """Images (B, 3, H, W) in [0, 1] for ``prompts``; the same seed gives the same images.
 
         ``seed`` is one seed for the batch (as StableDiffusionPipeline's generator), or one per prompt,
-        which makes each image independent of how prompts are batched or split across ranks."""
+        which makes each image independent of how prompts are batched or split across ranks.
+        ``negative_prompt`` (one for all, or one per prompt; default `sampling.negative_prompt`): what the
+        unconditional half of classifier-free guidance encodes instead of the empty caption.
+        ``init_image`` (1 or B, 3, H, W) in [-1, 1]: img2img, as StableDiffusionImg2ImgPipeline: the image's
+        latents, noised to the last ``strength`` of the sampler's steps, are denoised from there."""
         opts = self.sampling
         unet = self.sampling_unet(use_ema)
         was_training = unet.training
@@ -362,15 +369,44 @@ class LatentDiffusion(Stage):
         else:
             generator = [torch.Generator("cpu").manual_seed(int(s)) for s in seed]
         cond = self.encode_captions(prompts)
+        negative_prompt = opts.get("negative_prompt") if negative_prompt is None else negative_prompt
+        if negative_prompt is None:
+            uncond = self.empty_hidden()  # (1, L, D)
+        else:
+            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise ValueError(f"negative_prompt: {len(negatives)} negative prompts for {len(prompts)} prompts")
+            uncond = self.encode_captions(negatives)  # (B, L, D)
+        init_latents = None if init_image is None else self.encode_init_image(init_image, len(prompts), generator)
         latents = sample_latents(
             unet,
             scheduler,
             cond,
-            self.empty_hidden(),
+            uncond,
             guidance_scale=opts["guidance_scale"] if guidance_scale is None else guidance_scale,
             num_inference_steps=num_inference_steps or opts["num_inference_steps"],
             latent_shape=self.latent_shape,
             generator=generator,
+            init_latents=init_latents,
+            strength=strength,
         )
         unet.train(was_training)
         return self.decode_latents(latents)
+
+    @torch.no_grad()
+    def encode_init_image(self, image: Tensor, batch_size: int, generator) -> Tensor:
+        """img2img's start: (1 or B, 3, H, W) in [-1, 1] -> scaled posterior samples (B, C, h, w), drawn from
+        ``generator`` (one, or one per image) as StableDiffusionImg2ImgPipeline.prepare_latents draws them."""
+        if image.ndim != 4 or image.shape[1] != 3 or batch_size % image.shape[0]:
+            raise ValueError(f"init_image: expected (1 or {batch_size}, 3, H, W) images, got {tuple(image.shape)}")
+        image = image.to(self.device, self.vae.dtype)
+        with self._vae_precision():
+            if isinstance(generator, list):  # one image at a time, each with its own generator
+                image = image.repeat(batch_size // image.shape[0], 1, 1, 1)
+                latents = torch.cat([self.vae.encode(image[i:i + 1]).latent_dist.sample(g)
+                                     for i, g in enumerate(generator)])  # fmt: skip
+            else:
+                latents = self.vae.encode(image).latent_dist.sample(generator)
+                latents = latents.repeat(batch_size // latents.shape[0], 1, 1, 1)
+        shift = self.vae.config.shift_factor or 0.0
+        return ((latents - shift) * self.vae.config.scaling_factor).float()  # (B, C, h, w)
