@@ -172,11 +172,12 @@ class LatentDiffusion(Stage):
         return self.unet.config.sample_size * downsample_factor(self.vae)
 
     @torch.no_grad()
-    def encode_images(self, pixel_values: Tensor) -> Tensor:
-        """(B, 3, H, W) in [-1, 1] (or uint8) -> scaled latents (B, C, H/f, W/f), sampled from the posterior."""
+    def encode_images(self, pixel_values: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """(B, 3, H, W) in [-1, 1] (or uint8) -> scaled latents (B, C, H/f, W/f), sampled from the posterior
+        (with ``generator`` when given)."""
         with self._vae_precision():
             posterior = self.vae.encode(to_model_range(pixel_values).to(self.vae.dtype)).latent_dist
-            latents = posterior.sample()
+            latents = posterior.sample(generator)
         shift = self.vae.config.shift_factor or 0.0
         return ((latents - shift) * self.vae.config.scaling_factor).float()
 
@@ -279,6 +280,16 @@ class LatentDiffusion(Stage):
         loss = self.diffusion_step(latents, cond)
         self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
         return loss
+
+    @torch.no_grad()
+    def validation_loss(self, batch: dict, generator: torch.Generator) -> Tensor:
+        """The training loss on a held-out image batch with every draw fixed (`ldm.callbacks.val_loss`): posterior
+        samples and noise from ``generator`` (CPU), timesteps evenly spaced over the schedule, no caption dropout."""
+        latents = self.encode_images(batch["pixel_values"], generator)  # (B, C, h, w)
+        b, num_t = latents.shape[0], self.scheduler_config["num_train_timesteps"]
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+        t = torch.linspace(0, num_t - 1, b).round().long().to(latents.device)  # (B,)
+        return self.diffusion_step(latents, self.condition(batch["caption"]), noise=noise, t=t)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
