@@ -119,10 +119,10 @@ class AutoencoderModule(Stage):
         b = x.shape[0]
         if self.discriminator is not None and self.global_step >= self.disc_start:
             loss = loss + self.adversarial_loss(x, reconstruction, rec)
-        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        self.log("train/loss", loss, prog_bar=self.progress_bar, batch_size=b)
         self.log("train/rec_loss", rec, batch_size=b)
         self.log("train/kl", kl, batch_size=b)
-        self.log("train/psnr", psnr(reconstruction, x), prog_bar=True, batch_size=b)
+        self.log("train/psnr", psnr(reconstruction, x), prog_bar=self.progress_bar, batch_size=b)
         return loss
 
     def adversarial_loss(self, x: Tensor, reconstruction: Tensor, rec_loss: Tensor) -> Tensor:

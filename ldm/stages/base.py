@@ -7,6 +7,8 @@
   every checkpoint as `checkpoint["config"]`; `ldm.stages.load.load_module` rebuilds the stage from it.
 - `images_seen`: training images (samples) seen so far, all ranks together, counted here once per batch before
   the step runs and kept in checkpoints (`checkpoint["images_seen"]`). Callbacks read it (throughput, FID curves).
+- `progress_bar`: whether the trainer shows one; stages put their loss in it only then. Lightning turns every
+  progress-bar metric into a Python number after every batch, shown or not: a host sync per step on a GPU.
 - `step_skipped`: the non-finite guard's verdict for the current optimizer step, when the guard
   (`ldm.callbacks.nonfinite.NonFiniteLoss`) judges on the device: a 0-dim 0/1 float tensor, 1 when the fused
   optimizer skips the step. None otherwise (no guard, or a skipped step shows as dropped gradients).
@@ -29,6 +31,10 @@ class Stage(pl.LightningModule):
         self.run_config: dict | None = None
         self.images_seen = 0
         self.step_skipped: Tensor | None = None
+
+    @property
+    def progress_bar(self) -> bool:
+        return self._trainer is not None and self.trainer.progress_bar_callback is not None
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.images_seen += batch_size(batch) * self.trainer.world_size

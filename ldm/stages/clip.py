@@ -145,7 +145,7 @@ class CLIPModule(Stage):
             hard = self.hard_negative_loss(image, text, batch["caption"], rng)
             self.log("train/hard_negative_loss", hard, batch_size=b)
             loss = loss + self.hard_negative_weight * hard
-        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        self.log("train/loss", loss, prog_bar=self.progress_bar, batch_size=b)
         self.log("train/logit_scale", self.model.logit_scale.exp(), batch_size=b)
         return loss
 

@@ -278,7 +278,7 @@ class LatentDiffusion(Stage):
             latents = self.encode_images(batch["pixel_values"])  # (B, C, h, w)
             cond = self.training_condition(batch["caption"])  # (B, L, D)
         loss = self.diffusion_step(latents, cond)
-        self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
+        self.log("train/loss", loss, prog_bar=self.progress_bar, batch_size=latents.shape[0])
         return loss
 
     @torch.no_grad()
