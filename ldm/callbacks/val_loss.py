@@ -8,7 +8,7 @@ generator)`), with a CPU generator seeded by (seed, batch index): the latent-dif
 samples and noise from it and uses timesteps evenly spaced over the schedule, the VAE stage its posterior
 samples, the CLIP stage needs none. The same images, noise and timesteps every time: the curve moves only with
 the weights, a low-variance signal that costs seconds (forward passes only). The stage runs in eval mode, under
-the trainer's precision. Every rank computes the same value on the same batches (a sharded U-Net's forward is a
+the trainer's precision, eagerly (a compiled U-Net would compile a second graph for it). Every rank computes the same value on the same batches (a sharded U-Net's forward is a
 collective, so all ranks must run it). Logs `val/loss` every ``every_n_steps`` steps and at the end of training.
 """
 
@@ -82,7 +82,8 @@ class ValidationLoss(pl.Callback):
         pl_module.eval()
         total = torch.zeros((), dtype=torch.float64, device=pl_module.device)
         count = 0
-        with trainer.precision_plugin.forward_context():
+        # eager even where the U-Net is compiled: a no-grad eval pass would compile (and capture) a second graph
+        with trainer.precision_plugin.forward_context(), torch.compiler.set_stance("force_eager"):
             for i, batch in enumerate(self.batches):
                 generator = torch.Generator("cpu").manual_seed(self.seed * 1_000_003 + i)
                 n = len(batch["caption"])
