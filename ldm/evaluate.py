@@ -1,6 +1,8 @@
 """Evaluate a trained model (FID, CLIP score) against shards, or compare two image sets; writes JSON.
 
     python -m ldm.evaluate checkpoint runs/x/checkpoints/last.ckpt --shards data/shapes/val --n 1000
+    python -m ldm.evaluate checkpoint runs/cifar10/x/checkpoints/last.ckpt --shards data/cifar10/test --n 10000 \
+        --device cuda --batch-size 1000 --guidance-scale 2     # FID-10k (bf16 autocast on a GPU)
     python -m ldm.evaluate pipeline runs/x/pipeline --shards data/shapes/val --n 1000 --wandb
     python -m ldm.evaluate compare imgs/a imgs/b --n 2000              # folders of images, or shard sets (--resolution)
 
@@ -18,22 +20,33 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
+from ldm.diffusion import SCHEDULERS, make_scheduler
 from ldm.metrics.evaluation import evaluate_generator, fid_between
 from ldm.metrics.generated import Generate
 from ldm.stages.load import load_module
 from ldm.training.loggers import wandb_logger
 
 
-def checkpoint_generator(path: str, device: str = "cpu", **generate_kwargs) -> tuple[Generate, int]:
-    """A training checkpoint's generator (EMA weights when it has them) and its resolution."""
+def checkpoint_generator(path: str, device: str = "cpu", autocast: bool = True, **generate_kwargs) -> tuple[Generate, int]:
+    """A training checkpoint's generator (EMA weights when it has them) and its resolution; on a GPU under bf16
+    autocast (``autocast``), as the FID callback generates in training."""
     module = load_module(path).to(device)
-    return (lambda prompts, seeds: module.generate(prompts, seed=seeds, **generate_kwargs)), module.resolution
+    use_autocast = autocast and torch.device(device).type == "cuda"
+
+    def generate(prompts, seeds):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
+            return module.generate(prompts, seed=seeds, **generate_kwargs).float()
+
+    return generate, module.resolution
 
 
 def pipeline_generator(path: str, device: str = "cpu", guidance_scale: float | None = None,
-                       num_inference_steps: int | None = None) -> tuple[Generate, int]:
+                       num_inference_steps: int | None = None, autocast: bool = False,
+                       sampler: str | None = None) -> tuple[Generate, int]:
     """An exported diffusers StableDiffusionPipeline directory's generator (one generator per image)."""
     pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    if sampler is not None:  # the pipeline's own scheduler config, as training wrote it, under another sampler
+        pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     options = {k: v for k, v in dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps).items()
@@ -61,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--steps", type=int, default=None, help="sampling steps")
+    p.add_argument("--sampler", choices=sorted(SCHEDULERS), default=None, help="default: the run's sampling config")
+    p.add_argument("--no-autocast", action="store_true", help="checkpoint on a GPU: generate in fp32, not bf16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="metrics.json")
     p.add_argument("--wandb", action="store_true", help="also log to W&B (offline when it cannot be reached)")
@@ -78,7 +93,8 @@ def main(argv=None) -> dict:
     else:
         if not args.shards:
             raise SystemExit(f"{args.mode} needs --shards")
-        options = dict(guidance_scale=args.guidance_scale, num_inference_steps=args.steps)
+        options = dict(guidance_scale=args.guidance_scale, num_inference_steps=args.steps, sampler=args.sampler,
+                       autocast=not args.no_autocast and args.mode == "checkpoint")
         make = checkpoint_generator if args.mode == "checkpoint" else pipeline_generator
         generate, resolution = make(args.paths[0], args.device, **options)
         result = evaluate_generator(generate, resolution, args.shards, args.n, args.n_reference, args.cache_dir,

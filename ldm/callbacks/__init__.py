@@ -10,6 +10,7 @@
     preemption     Preemption: checkpoint and stop on SIGTERM/SIGUSR1
     metrics_log    MetricsLog: every run's metrics.jsonl (what sweeps read)
     data_health    DataHealthMonitor: the loader's skip counts
+    cpu_threads    CPUThreads: on CPU runs, torch's thread count follows the cores other processes leave free
     val_loss       ValidationLoss: val/loss, the stage's loss on fixed held-out batches, noise and timesteps
 
 May import: ldm.stages, ldm.metrics and everything below them. Not the run or sweeps; not each other.
