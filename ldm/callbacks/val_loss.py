@@ -9,7 +9,8 @@ samples and noise from it and uses timesteps evenly spaced over the schedule, th
 samples, the CLIP stage needs none. The same images, noise and timesteps every time: the curve moves only with
 the weights, a low-variance signal that costs seconds (forward passes only). The stage runs in eval mode, under
 the trainer's precision, eagerly (a compiled U-Net would compile a second graph for it). Every rank computes the same value on the same batches (a sharded U-Net's forward is a
-collective, so all ranks must run it). Logs `val/loss` every ``every_n_steps`` steps and at the end of training.
+collective, so all ranks must run it). Logs `val/loss` every ``every_n_steps`` steps and at the end of training;
+a run without validation shards is warned once and logs none.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from ldm.data.webdataset import collate, make_shard_dataset
 
@@ -60,17 +61,20 @@ class ValidationLoss(pl.Callback):
             raise TypeError(f"callbacks.val_loss: {type(pl_module).__name__} has no validation_loss(batch, generator)")
         shards = self.shards or getattr(trainer.datamodule, "val_shards", None)
         if shards is None:
-            raise ValueError("callbacks.val_loss needs validation shards (data.val_shards) or callbacks.val_loss.shards")
+            rank_zero_warn("callbacks.val_loss: no validation shards (data.val_shards, callbacks.val_loss.shards): "
+                           "val/loss is not logged")  # fmt: skip
+            self.batches = None
+            return
         resolution = getattr(trainer.datamodule, "resolution", None) or pl_module.resolution
         self.batches = held_out_batches(shards, resolution, self.num_samples, self.batch_size)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+        if self.batches and self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
-        if self.at_end and trainer.global_step != self._last_step:
+        if self.batches and self.at_end and trainer.global_step != self._last_step:
             self.evaluate(trainer, pl_module)
 
     @torch.no_grad()

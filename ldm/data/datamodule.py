@@ -28,6 +28,7 @@ with nothing valid, stops training with `DataError`.
 """
 
 import math
+import os
 import warnings
 
 import pytorch_lightning as pl
@@ -134,6 +135,18 @@ class EpochLoader:
             self._stream = None  # exact mode: the next epoch starts a new pass
 
 
+def default_workers() -> int:
+    """Loader workers when `data.num_workers` is null: none without a GPU (a worker process would take a core from
+    the training step on a small CPU machine), else half the cores up to 8 (the main process feeds the GPU)."""
+    if not torch.cuda.is_available():
+        return 0
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores // 2))
+
+
 class ShardDataModule(pl.LightningDataModule):
     def __init__(
         self,
@@ -141,7 +154,7 @@ class ShardDataModule(pl.LightningDataModule):
         val_shards: str | None,
         resolution: int,
         batch_size: int,
-        num_workers: int = 2,
+        num_workers: int | None = 2,
         center_crop: bool = True,
         random_flip: bool = True,
         shuffle_buffer: int = 1000,
@@ -158,7 +171,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.val_shards = val_shards
         self.resolution = resolution
         self.batch_size = batch_size
-        self.num_workers = num_workers
+        self.num_workers = default_workers() if num_workers is None else num_workers
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.shuffle_buffer = shuffle_buffer
