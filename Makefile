@@ -57,7 +57,7 @@ $(DATA)/cifar10/%/manifest.json: | .venv/.installed
 	rm -rf $(DATA)/cifar10/src-$* && mkdir -p $(DATA)/cifar10/src-$*
 	tar xzf $(CIFAR10_SRC)/$*.tar.gz -C $(DATA)/cifar10/src-$*
 	$(PY) scripts/make_shards.py $(DATA)/cifar10/src-$*/$* $(DATA)/cifar10/$* --source classes \
-		--template "a photo of a {label}" --samples-per-shard 2500 --format keep --resume
+		--template "a photo of a {label}" --samples-per-shard 2500 --format keep --shuffle-seed 0 --resume
 	rm -rf $(DATA)/cifar10/src-$*
 
 .PHONY: cifar10 cifar10-text cifar10-vae cifar10-train

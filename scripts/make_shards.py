@@ -12,6 +12,7 @@ An img2dataset folder can also be used as is: `--manifest-only` just writes its 
 """
 
 import argparse
+import random
 import sys
 from pathlib import Path
 
@@ -49,6 +50,10 @@ def main(argv=None) -> None:
     parser.add_argument("--quality", type=int, default=95, help="jpg/webp quality")
     parser.add_argument("--max-size", type=int, default=None, help="shrink the long side of larger images")
     parser.add_argument("--resume", action="store_true", help="keep complete shards of an interrupted run")
+    parser.add_argument("--shuffle-seed", type=int, default=None,
+                        help="write the samples in a seeded random order (class folders are read class by class: "
+                             "otherwise each shard holds one class, and a loader that streams shards gives batches "
+                             "of one or two classes)")  # fmt: skip
     parser.add_argument("--manifest-only", action="store_true", help="write manifest.json for shards in src")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -67,6 +72,10 @@ def main(argv=None) -> None:
         "shards": lambda: samples_from_shards(str(src)),
     }[source]()
     samples = list(samples) if source != "shards" else samples  # paths only: cheap, and gives the bar a total
+    if args.shuffle_seed is not None:
+        if source == "shards":
+            parser.error("--shuffle-seed: shards are read as a stream; shuffle when writing them first")
+        random.Random(args.shuffle_seed).shuffle(samples)
     paths = write_shards(
         samples,
         args.out,
