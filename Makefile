@@ -59,11 +59,26 @@ $(DATA)/cifar10/%/manifest.json: | .venv/.installed
 	rm -rf $(DATA)/cifar10/src-$* && mkdir -p $(DATA)/cifar10/src-$*
 	tar xzf $(CIFAR10_SRC)/$*.tar.gz -C $(DATA)/cifar10/src-$*
 	$(PY) scripts/make_shards.py $(DATA)/cifar10/src-$*/$* $(DATA)/cifar10/$* --source classes \
-		--template "a photo of a {label}" --samples-per-shard 2500 --format keep --resume
+		--template "a photo of a {label}" --samples-per-shard 2500 --format keep --shuffle-seed 0 --resume
 	rm -rf $(DATA)/cifar10/src-$*
 
-.PHONY: cifar10
+.PHONY: cifar10 cifar10-text cifar10-vae cifar10-train
 cifar10: $(DATA)/cifar10/train/manifest.json $(DATA)/cifar10/test/manifest.json
+
+# --- the CIFAR-10 recipe (one GPU; README "CIFAR-10"): a text tower for the ten class captions (random, frozen),
+#     the f=2 VAE (experiment=cifar10_vae, 3 minutes), then the latent-diffusion U-Net (experiment=cifar10, 7 minutes)
+$(DATA)/models/clip-cifar10/text_encoder/config.json: | .venv/.installed
+	$(PY) -c "from ldm.models.text_encoders import save_random_hf_clip as s; \
+		s('$(DATA)/models/clip-cifar10', hidden_size=256, num_layers=2, num_heads=4, max_length=16)"
+
+$(DATA)/models/vae-cifar10/config.json: $(DATA)/cifar10/train/manifest.json $(DATA)/cifar10/test/manifest.json
+	$(PY) -m ldm.train experiment=cifar10_vae
+
+cifar10-text: $(DATA)/models/clip-cifar10/text_encoder/config.json
+cifar10-vae: $(DATA)/models/vae-cifar10/config.json
+
+cifar10-train: cifar10 cifar10-text cifar10-vae
+	$(PY) -m ldm.train experiment=cifar10 $(ARGS)
 
 # --- GPU training throughput of an SD-1.5-shaped model vs a diffusers-example-style step (docs/benchmarks.md) ---
 .PHONY: bench

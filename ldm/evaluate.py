@@ -1,6 +1,8 @@
 """Evaluate a trained model (FID, CLIP score) against shards, or compare two image sets; writes JSON.
 
     python -m ldm.evaluate checkpoint runs/x/checkpoints/last.ckpt --shards data/shapes/val --n 1000
+    python -m ldm.evaluate checkpoint runs/cifar10/x/checkpoints/last.ckpt --shards data/cifar10/test --n 10000 \
+        --device cuda --batch-size 1000 --guidance-scale 2     # FID-10k (bf16 autocast on a GPU)
     python -m ldm.evaluate pipeline runs/x/pipeline --shards data/shapes/val --n 1000 --wandb
     python -m ldm.evaluate compare imgs/a imgs/b --n 2000              # folders of images, or shard sets (--resolution)
 
@@ -15,29 +17,43 @@ import json
 import sys
 from pathlib import Path
 
+from ldm.run.schema import SAMPLERS
 from ldm.utils.cli import ArgumentParser, run_command, silence_notices
 
 # torch, the metrics and the model libraries are imported inside the functions that use them: they take 10-40 s to
 # import, and a mistaken argument is said before that.
 
 
-def checkpoint_generator(path: str, device: str = "cpu", **generate_kwargs):
+def checkpoint_generator(path: str, device: str = "cpu", autocast: bool = True, **generate_kwargs):
     """A training checkpoint's generator (`ldm.metrics.generated.Generate`: EMA weights when it has them) and its
-    resolution."""
+    resolution; on a GPU under bf16 autocast (``autocast``), as the FID callback generates in training."""
+    import torch
+
     from ldm.stages.load import load_module
 
     module = load_module(path).to(device)
-    return (lambda prompts, seeds: module.generate(prompts, seed=seeds, **generate_kwargs)), module.resolution
+    use_autocast = autocast and torch.device(device).type == "cuda"
+
+    def generate(prompts, seeds):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
+            return module.generate(prompts, seed=seeds, **generate_kwargs).float()
+
+    return generate, module.resolution
 
 
 def pipeline_generator(path: str, device: str = "cpu", guidance_scale: float | None = None,
-                       num_inference_steps: int | None = None):
-    """An exported diffusers StableDiffusionPipeline directory's generator (one generator per image)."""
+                       num_inference_steps: int | None = None, autocast: bool = False, sampler: str | None = None):
+    """An exported diffusers pipeline directory's generator (one generator per image); ``sampler``: the pipeline's
+    own scheduler config, as training wrote it, under another sampler."""
     import torch
 
+    from ldm.diffusion import make_scheduler
     from ldm.models.export import load_pipeline
 
-    pipe = load_pipeline(path).to(device)  # after checking what its model_index.json names
+    pipe = load_pipeline(path)  # after checking what its model_index.json names
+    if sampler is not None:
+        pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
+    pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     options = {k: v for k, v in dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps).items()
                if v is not None}
@@ -68,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="metrics.json")
     p.add_argument("--wandb", action="store_true", help="also log to W&B (offline when it cannot be reached)")
     p.add_argument("--project", default="ldm")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="default: the run's sampling config")
+    p.add_argument("--no-autocast", action="store_true", help="checkpoint on a GPU: generate in fp32, not bf16")
     args = p.parse_args(argv)
     if args.mode == "compare" and len(args.paths) != 2:
         p.error(f"compare takes two image sets, got {len(args.paths)}")
@@ -88,7 +106,8 @@ def main(argv=None) -> dict:
         result = fid_between(*args.paths, num_images=args.n, resolution=args.resolution, network=args.network,
                              batch_size=args.batch_size, device=args.device)
     else:
-        options = dict(guidance_scale=args.guidance_scale, num_inference_steps=args.steps)
+        options = dict(guidance_scale=args.guidance_scale, num_inference_steps=args.steps, sampler=args.sampler,
+                       autocast=not args.no_autocast and args.mode == "checkpoint")
         make = checkpoint_generator if args.mode == "checkpoint" else pipeline_generator
         generate, resolution = make(args.paths[0], args.device, **options)
         result = evaluate_generator(generate, resolution, args.shards, args.n, args.n_reference, args.cache_dir,

@@ -3,8 +3,13 @@
     python -m ldm.sample runs/shapes/.../checkpoints/last.ckpt --prompt "a large red circle in the center" \
         --seed 0 --steps 25 --guidance-scale 5 --out samples.png
 
-Writes a captioned grid (`--out`) and, with `--out-dir`, one PNG per image. A mistake (no such checkpoint, a
-damaged or untrusted one) is one line, `error: ...`, exit code 1.
+    python -m ldm.sample CKPT --prompt "a photo of a cat" --negative-prompt "a photo of a dog"
+    python -m ldm.sample CKPT --prompt "a photo of a ship" --init-image photo.png --strength 0.75   # img2img
+
+Writes a captioned grid (`--out`) and, with `--out-dir`, one PNG per image. img2img gives the images
+diffusers' StableDiffusionImg2ImgPipeline gives on the export (`ldm.export`) for the same seed; the init image
+is resized to the model's resolution first (diffusers' VaeImageProcessor, as the pipeline preprocesses).
+A mistake (no such checkpoint, a damaged or untrusted one) is one line, `error: ...`, exit code 1.
 """
 
 from __future__ import annotations
@@ -24,6 +29,12 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's sampling config)")
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None)
+    p.add_argument("--negative-prompt", default=None,
+                   help="what guidance steers away from (default: the run's sampling.negative_prompt, or none)")
+    p.add_argument("--init-image", type=existing_file, default=None,
+                   help="img2img: start from this image (any size; resized)")
+    p.add_argument("--strength", type=float, default=0.75,
+                   help="img2img: how much of the sampler's schedule runs (0: the image back, 1: from noise)")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw weights, not the EMA")
     p.add_argument("--out", default="samples.png", help="captioned grid PNG")
     p.add_argument("--out-dir", default=None, help="also write one PNG per image here")
@@ -37,6 +48,14 @@ def main(argv=None) -> Path:
     from ldm.utils.images import captioned_grid, to_pil
 
     module = load_module(args.checkpoint)
+    init_image = None
+    if args.init_image:
+        from diffusers.image_processor import VaeImageProcessor
+        from PIL import Image
+
+        r, factor = module.resolution, module.resolution // module.latent_shape[-1]
+        with Image.open(args.init_image) as image:  # [-1, 1], (1, 3, r, r)
+            init_image = VaeImageProcessor(vae_scale_factor=factor).preprocess(image.convert("RGB"), height=r, width=r)
     images = module.generate(
         args.prompt,
         seed=args.seed,
@@ -44,6 +63,9 @@ def main(argv=None) -> Path:
         num_inference_steps=args.steps,
         sampler=args.sampler,
         use_ema=not args.no_ema,
+        negative_prompt=args.negative_prompt,
+        init_image=init_image,
+        strength=args.strength,
     )  # (B, 3, H, W) in [0, 1]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

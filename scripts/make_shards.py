@@ -16,6 +16,7 @@ An img2dataset folder can also be used as is: `--manifest-only` just writes its 
     python scripts/make_shards.py dog_photos/ data/sks --caption "a photo of sks dog"      # DreamBooth instances
 """
 
+import random
 import sys
 from pathlib import Path
 
@@ -62,6 +63,10 @@ def main(argv=None) -> None:
     parser.add_argument("--quality", type=int, default=95, help="jpg/webp quality")
     parser.add_argument("--max-size", type=int, default=None, help="shrink the long side of larger images")
     parser.add_argument("--resume", action="store_true", help="keep complete shards of an interrupted run")
+    parser.add_argument("--shuffle-seed", type=int, default=None,
+                        help="write the samples in a seeded random order (class folders are read class by class: "
+                             "otherwise each shard holds one class, and a loader that streams shards gives batches "
+                             "of one or two classes)")  # fmt: skip
     parser.add_argument("--manifest-only", action="store_true", help="write manifest.json for shards in src")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -92,6 +97,10 @@ def main(argv=None) -> None:
             key = next(iter(twice))
             raise ValueError(f"{src}: {len(twice)} keys name several samples, e.g. {key!r} in "
                              f"{', '.join(twice[key])}; keys must be unique: nothing was written")  # fmt: skip
+    if args.shuffle_seed is not None:
+        if source not in ("folder", "classes"):
+            parser.error("--shuffle-seed: shards and datasets are read as a stream; shuffle when writing them first")
+        random.Random(args.shuffle_seed).shuffle(samples)
     paths = write_shards(
         samples,
         args.out,

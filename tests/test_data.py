@@ -408,3 +408,28 @@ def test_uint8_pixels_scale_on_the_device_to_the_float_pipeline_values():
     assert as_uint8.dtype == torch.uint8 and as_uint8.shape == (3, 12, 12)
     assert torch.allclose(to_model_range(as_uint8), as_float, atol=1e-6)
     assert to_model_range(as_float) is as_float
+
+
+def test_make_shards_shuffle_seed_mixes_class_folders_across_shards(tmp_path):
+    # class folders are read class by class: unshuffled, each shard holds one class
+    for label in ("cat", "dog", "frog"):
+        (tmp_path / "src" / label).mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (8, 8), (i * 30, 0, 0)).save(tmp_path / "src" / label / f"{i}.png")
+    make_shards = runpy.run_path(str(REPO / "scripts" / "make_shards.py"), run_name="make_shards")
+    args = ["--source", "classes", "--samples-per-shard", "8", "--no-progress"]
+
+    def classes_per_shard(out):
+        shards = sorted(out.glob("*.tar"))
+        return [{s["caption"] for s in read_all(shard, resolution=8)} for shard in shards]
+
+    make_shards["main"]([str(tmp_path / "src"), str(tmp_path / "plain"), *args])
+    assert [len(c) for c in classes_per_shard(tmp_path / "plain")] == [1, 1, 1]
+    for out in ("a", "b"):
+        make_shards["main"]([str(tmp_path / "src"), str(tmp_path / out), *args, "--shuffle-seed", "0"])
+    mixed = classes_per_shard(tmp_path / "a")
+    assert all(len(c) >= 2 for c in mixed)
+    a, b = (sorted(s["key"] for s in read_all(tmp_path / o / "000000.tar", resolution=8)) for o in ("a", "b"))
+    assert a == b  # the same seed, the same order: --resume keeps working
+    assert sorted(s["key"] for s in read_all(tmp_path / "a", resolution=8)) == sorted(
+        s["key"] for s in read_all(tmp_path / "plain", resolution=8))  # every sample, once

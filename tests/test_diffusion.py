@@ -250,8 +250,8 @@ def test_make_scheduler_keeps_the_training_schedule(name, train_config):
 
 def test_make_scheduler_overrides_and_unknown_name(train_config):
     assert make_scheduler("ddim", train_config, timestep_spacing="trailing").config.timestep_spacing == "trailing"
-    with pytest.raises(ValueError, match="'lms'.*ddim.*euler_a"):
-        make_scheduler("lms", train_config)
+    with pytest.raises(ValueError, match="'heun'.*ddim.*euler_a.*lms"):
+        make_scheduler("heun", train_config)
 
 
 def test_guided_closed_forms():
@@ -364,7 +364,7 @@ def test_same_seed_same_latents(name, unet, train_config, text):
     assert not torch.allclose(a, b)
 
 
-@pytest.mark.parametrize("name", ["euler_a", "dpm++"])
+@pytest.mark.parametrize("name", ["euler_a", "dpm++", "lms"])
 @pytest.mark.parametrize("guidance_scale", [1.0, 5.0])
 def test_same_latents_as_stable_diffusion_pipeline(name, guidance_scale, unet, train_config, text):
     cond, uncond = text
@@ -379,3 +379,39 @@ def test_same_latents_as_stable_diffusion_pipeline(name, guidance_scale, unet, t
     out = sample_latents(unet, make_scheduler(name, train_config), cond, uncond, guidance_scale=guidance_scale,
                          num_inference_steps=STEPS, latent_shape=SHAPE, generator=gen(0))
     assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "lms", "dpm++"])
+@pytest.mark.parametrize("strength", [0.75, 0.3])
+def test_img2img_same_latents_as_the_img2img_pipeline(name, strength, unet, train_config, text):
+    # the pipeline takes 4-channel images as latents as they are: its noising and timestep subset, our loop
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    cond, uncond = text
+    init = torch.randn((2, *SHAPE), generator=gen(11))
+    pipe = StableDiffusionImg2ImgPipeline(
+        vae=None, text_encoder=None, tokenizer=None, unet=unet, scheduler=make_scheduler(name, train_config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond.expand(2, -1, -1), image=init,
+                    strength=strength, guidance_scale=5.0, num_inference_steps=8, generator=gen(0),
+                    output_type="latent").images
+    spy = Spy(unet)
+    out = sample_latents(spy, make_scheduler(name, train_config), cond, uncond, guidance_scale=5.0,
+                         num_inference_steps=8, latent_shape=SHAPE, generator=gen(0), init_latents=init,
+                         strength=strength)
+    assert len(spy.batch_sizes) == int(8 * strength)  # only the last `strength` of the steps run
+    assert_close(out, expected, rtol=0, atol=0)
+    # the init latents matter: a different init gives different latents
+    other = sample_latents(unet, make_scheduler(name, train_config), cond, uncond, guidance_scale=5.0,
+                           num_inference_steps=8, latent_shape=SHAPE, generator=gen(0), init_latents=init + 1,
+                           strength=strength)
+    assert not torch.allclose(out, other, atol=1e-3)
+
+
+def test_img2img_strength_out_of_range(unet, train_config, text):
+    cond, uncond = text
+    with pytest.raises(ValueError, match="strength must be in \\[0, 1\\], got 1.5"):
+        sample_latents(unet, make_scheduler("ddim", train_config), cond, uncond, guidance_scale=5.0,
+                       num_inference_steps=4, latent_shape=SHAPE, init_latents=torch.zeros(2, *SHAPE), strength=1.5)

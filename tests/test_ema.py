@@ -81,3 +81,21 @@ def test_update_never_waits_for_the_gpu_unlike_torchs():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert int(ours.n_averaged) == 2
+
+
+def test_pairs_kept_between_updates_still_follow_swapped_weights_and_replaced_buffers():
+    # the tensors are paired once (a module walk per step costs ms of Python); what a later update reads must still
+    # be the model's current values: Parameter objects whose .data was swapped, buffers replaced by assignment
+    net = _net()
+    reference = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    ours = EMA(net, 0.9)
+    for step in range(3):
+        _train_a_bit(net)
+        if step == 1:
+            net[0].weight.data = torch.randn(8, 4)  # a new storage behind the same Parameter
+            net[1].running_mean = torch.full((8,), 3.0)  # a new buffer object
+        reference.update_parameters(net)
+        ours.update(net)
+    for (name, a), b in zip(reference.state_dict().items(), ours.state_dict().values()):
+        if a.is_floating_point():
+            assert torch.allclose(a, b, atol=1e-6), name

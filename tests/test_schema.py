@@ -256,7 +256,7 @@ def _cli(cwd: Path, *args, env_extra=None) -> tuple[subprocess.CompletedProcess,
 
 @pytest.mark.parametrize("args,line", [
     (["sampling.sampler=heun2"], "error: sampling.sampler='heun2': expected one of ddim, ddpm, dpm++, dpmsolver++, "
-                                 "euler, euler_a, pndm"),
+                                 "euler, euler_a, lms, pndm"),
     (["data.batch_size=-4"], "error: data.batch_size=-4: expected an integer >= 1"),
     (["data.batchsize=4"], "error: data.batchsize=4: no such config key; did you mean data.batch_size? (add a new key "
                            "with +data.batchsize=4)"),

@@ -54,9 +54,9 @@ def test_ddp_sweep_gives_one_run_per_job_and_marks_the_failed_one(tiny_root, tmp
     and returns its FID (measured at step 2 of 3) as the objective."""
     sweep = tmp_path / "lr_sweep"
     out = ldm_train(tmp_path, "-m", *tiny_args(tiny_root), "logger=wandb", "trainer.max_steps=3",
-                    "callbacks.fid.every_n_steps=2", "callbacks.fid.at_end=false", "objective.metric=val/fid",
-                    "trainer.devices=2", "trainer.strategy=ddp", "+optim.optimizer.eps=-1,1e-8",
-                    f"hydra.sweep.dir={sweep}")
+                    "callbacks.fid.every_n_steps=2", "callbacks.fid.at_end=false", "callbacks.val_loss.at_end=false",
+                    "objective.metric=val/fid", "trainer.devices=2", "trainer.strategy=ddp",
+                    "+optim.optimizer.eps=-1,1e-8", f"hydra.sweep.dir={sweep}")
     assert out.returncode == 0, out.stderr[-4000:]
     log = out.stdout + out.stderr
     assert log.count("Launching 2 jobs") == 1  # the sweep ran once: no rank relaunched it

@@ -3,11 +3,13 @@ checkpoint -> resume, sampling and a diffusers pipeline export that StableDiffus
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from tiny import compose_config, make_tiny_root
 
+from ldm.diffusion import make_scheduler
 from ldm.run.fit import train
 from ldm.stages.load import load_module
 from ldm.training.checkpoint import load_checkpoint
@@ -80,6 +82,50 @@ def test_export_loads_in_diffusers_and_matches_ldm_sample(trained, tmp_path):
 
     out = sample_main([str(ckpt), "--prompt", prompts[0], "--steps", "2", "--out", str(tmp_path / "s.png")])
     assert out.is_file()
+
+
+def test_negative_prompt_and_img2img_match_the_diffusers_pipelines(trained, tmp_path):
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from PIL import Image
+
+    from ldm.export import main as export_main
+    from ldm.sample import main as sample_main
+
+    run_dir, _ = trained
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    export_main([str(ckpt), str(tmp_path / "pipe")])
+    module = load_module(ckpt)
+    prompts = ["a large red circle in the center", "a small blue square at the top left"]
+    negative = "a small green triangle at the bottom"
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    expected = pipe(prompts, negative_prompt=[negative] * 2, num_inference_steps=4, guidance_scale=4.0, output_type="pt",
+                    generator=torch.Generator().manual_seed(3)).images
+    ours = module.generate(prompts, seed=3, guidance_scale=4.0, num_inference_steps=4, negative_prompt=negative)
+    torch.testing.assert_close(ours, expected.float(), atol=2e-4, rtol=0)
+    plain = module.generate(prompts, seed=3, guidance_scale=4.0, num_inference_steps=4)
+    assert (ours - plain).abs().max() > 1e-3  # the negative prompt changed the images
+
+    # img2img from a PNG through the command line, against diffusers' img2img pipeline on the export
+    rng = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(module.resolution, module.resolution, 3, generator=rng) * 255).to(torch.uint8).numpy()
+    Image.fromarray(pixels).save(tmp_path / "init.png")
+    img2img = StableDiffusionImg2ImgPipeline.from_pretrained(tmp_path / "pipe")
+    for sampler in ("lms", "ddim"):
+        sample_main([str(ckpt), "--prompt", prompts[0], "--prompt", prompts[1], "--init-image", str(tmp_path / "init.png"),
+                     "--strength", "0.75", "--seed", "5", "--steps", "4", "--guidance-scale", "4", "--sampler", sampler,
+                     "--out", str(tmp_path / "grid.png"), "--out-dir", str(tmp_path / sampler)])  # fmt: skip
+        img2img.scheduler = make_scheduler(sampler, module.scheduler_config)
+        expected = img2img(prompts, image=Image.open(tmp_path / "init.png"), strength=0.75, num_inference_steps=4,
+                           guidance_scale=4.0, generator=torch.Generator().manual_seed(5), output_type="np").images
+        for i in range(2):
+            written = np.asarray(Image.open(tmp_path / sampler / f"{i:04d}.png")).astype(int)
+            assert np.abs(written - np.round(expected[i] * 255).astype(int)).max() <= 1  # PNG rounding
+    # strength matters: a small strength stays close to the init image, a large one does not
+    near, far = (module.generate(prompts[:1], seed=5, num_inference_steps=4, strength=s,
+                                 init_image=torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1)
+                 for s in (0.25, 1.0))  # fmt: skip
+    init = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
+    assert (near - init).abs().mean() < (far - init).abs().mean()
 
 
 def test_wandb_offline_run_holds_config_metrics_and_samples(tiny_root, tmp_path, monkeypatch):

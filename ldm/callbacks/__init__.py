@@ -12,6 +12,8 @@
     data_health    DataHealthMonitor: the loader's skip counts
     bucket_counts  BucketCounts: images per aspect-ratio bucket (W&B table and chart), carried samples per epoch
     bucket_warmup  LargestBucketWarmup: one step at the largest bucket first (out of memory at once, not later)
+    cpu_threads    CPUThreads: on CPU runs, torch's thread count follows the cores other processes leave free
+    val_loss       ValidationLoss: val/loss, the stage's loss on fixed held-out batches, noise and timesteps
 
 May import: ldm.stages, ldm.metrics and everything below them. Not the run or sweeps; not each other.
 """

@@ -5,7 +5,8 @@
 
 A row holds every scalar in `trainer.callback_metrics`, the latest value of each key, with `val/` keys only in
 the row of the step they were measured at (an evaluation at the end of training adds a row of its own). Rank 0
-writes one every `trainer.log_every_n_steps` steps, after every evaluation (an FID) and at the end, flushed
+writes one every `trainer.log_every_n_steps` steps, after every evaluation (an FID, Lightning's validation loop)
+and at the end, flushed
 line by line so a run that dies keeps what it logged. Every stage lists it (conf/callbacks/metrics_log.yaml, at
 `<run dir>/metrics.jsonl`): a sweep's report and the value an Optuna sweeper minimises read it, offline.
 """
@@ -36,11 +37,22 @@ def _scalars(metrics: dict) -> dict[str, float]:
     return out
 
 
+def _val_entries(trainer) -> dict[str, int]:
+    """Which `val/` values the trainer holds now, by object identity: an evaluation stores new ones. Read without
+    `trainer.callback_metrics`, which recomputes every logged metric and turns the progress-bar ones into Python
+    numbers (a host sync per step on a GPU); falls back to it where Lightning keeps them elsewhere."""
+    stored = getattr(getattr(trainer, "_logger_connector", None), "_callback_metrics", None)
+    if not isinstance(stored, dict):
+        stored = trainer.callback_metrics
+    return {k: id(v) for k, v in stored.items() if k.startswith("val/")}
+
+
 class MetricsLog(pl.Callback):
     def __init__(self, path: str):
         self.path = Path(path)
         self._file = None
         self._last_val: dict[str, float] = {}
+        self._last_entries: dict[str, int] = {}
         self._last_step = -1
 
     def on_fit_start(self, trainer, pl_module):
@@ -56,6 +68,7 @@ class MetricsLog(pl.Callback):
         elif val == self._last_val:  # no evaluation since the last row: its values belong to an earlier step
             row = {k: v for k, v in row.items() if k not in val}
         self._last_val = val
+        self._last_entries = _val_entries(trainer)
         self._last_step = trainer.global_step
         # JSON has no NaN/inf: a diverged loss is written as null rather than breaking the file
         row = {k: (v if math.isfinite(v) else None) for k, v in row.items()}
@@ -65,9 +78,15 @@ class MetricsLog(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self._file is None:
             return
-        val = {k: v for k, v in _scalars(trainer.callback_metrics).items() if k.startswith("val/")}
-        if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0 or val != self._last_val:
+        evaluated = _val_entries(trainer) != self._last_entries
+        if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0 or evaluated:
             self._write(trainer)
+
+    def on_validation_end(self, trainer, pl_module):
+        # Lightning's validation loop runs after the step's on_train_batch_end: its row is written here, not a step late
+        if self._file is None or trainer.sanity_checking or _val_entries(trainer) == self._last_entries:
+            return
+        self._write(trainer, only_val=trainer.global_step == self._last_step)
 
     def on_train_end(self, trainer, pl_module):
         if self._file is None:

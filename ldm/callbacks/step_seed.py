@@ -40,4 +40,9 @@ class StepSeed(pl.Callback):
         s = step_seed(self.seed, trainer.global_step, self._micro, trainer.global_rank)
         random.seed(s)
         np.random.seed(s % 2**32)
-        torch.manual_seed(s)  # CPU and every CUDA device
+        if pl_module.device.type == "cpu":
+            # torch.manual_seed also queues a seed for each accelerator not started yet (CUDA, XPU, MTIA), with a
+            # formatted stack trace each: milliseconds per step, and a queue that grows for as long as CPU runs last
+            torch.default_generator.manual_seed(s)
+        else:
+            torch.manual_seed(s)  # the CPU and every CUDA device

@@ -18,6 +18,12 @@ from pytorch_lightning.utilities import rank_zero_info
 from ldm.stages.base import batch_size
 
 
+def host(value: float) -> torch.Tensor:
+    """A number to log, as a CPU tensor: `LightningModule.log` copies a Python number to the module's device, and
+    on a GPU that copy (from pageable memory) waits for every queued kernel: a host sync per logged number."""
+    return torch.tensor(float(value), dtype=torch.float64)
+
+
 class Throughput(pl.Callback):
     """Logs `train/images_per_sec` (all ranks together), `train/images_seen` (the stage's count,
     `ldm.stages.base.Stage.images_seen`) and `train/lr` (Lightning's LearningRateMonitor refuses to run
@@ -36,11 +42,11 @@ class Throughput(pl.Callback):
         self._images += batch_size(batch) * trainer.world_size
         if trainer.global_step % self.every == 0 and self._t0 is not None:
             elapsed = time.perf_counter() - self._t0
-            pl_module.log("train/images_per_sec", self._images / max(elapsed, 1e-9), batch_size=1)
+            pl_module.log("train/images_per_sec", host(self._images / max(elapsed, 1e-9)), batch_size=1)
             self._t0, self._images = time.perf_counter(), 0
-        pl_module.log("train/images_seen", float(pl_module.images_seen), batch_size=1)
+        pl_module.log("train/images_seen", host(pl_module.images_seen), batch_size=1)
         if trainer.optimizers:
-            pl_module.log("train/lr", trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
+            pl_module.log("train/lr", host(trainer.optimizers[0].param_groups[0]["lr"]), batch_size=1)
 
 
 class StepTimer(pl.Callback):

@@ -354,7 +354,7 @@ class LatentShardDataModule(ShardDataModule):
     shards (FID reference images and captions), as with `ShardDataModule`. Latents written with buckets
     (latents.json "buckets") are read as planned batches, one bucket each, as image buckets are."""
 
-    def __init__(self, train_shards: str, val_shards: str | None, batch_size: int, num_workers: int = 2,
+    def __init__(self, train_shards: str, val_shards: str | None, batch_size: int, num_workers: int | None = 2,
                  random_flip: bool = True, shuffle_buffer: int = 1000, seed: int = 0,
                  samples_per_epoch: int | None = None, max_bad_fraction: float = 0.0,
                  resolution: int | None = None, captions: dict | None = None):  # fmt: skip

@@ -2,7 +2,9 @@
 
 ``sample_latents`` follows ``StableDiffusionPipeline.__call__`` step for step (same noise draw, same
 timesteps, one batched U-Net call per step with the unconditional half first), so the same seed gives
-the same latents as the pipeline.
+the same latents as the pipeline. Given ``init_latents`` and a ``strength`` it follows
+``StableDiffusionImg2ImgPipeline`` instead: the last ``strength`` of the timesteps, starting from the
+init latents noised to the first of them.
 
     >>> scheduler = make_scheduler("dpm++", ddpm.config)   # ddpm: the training DDPMScheduler
     >>> latents = sample_latents(unet, scheduler, cond, uncond, guidance_scale=7.5,
@@ -23,6 +25,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LMSDiscreteScheduler,
     PNDMScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -37,6 +40,7 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
     "euler": (EulerDiscreteScheduler, {}),
     "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "lms": (LMSDiscreteScheduler, {}),  # linear multistep (Karras et al. 2022's "LMS"), order 4
     # PLMS only, as Stable Diffusion ships it: the Runge-Kutta warm-up would cost 3 extra U-Net calls per step.
     "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
 }
@@ -59,6 +63,19 @@ def guided(eps_uncond: Tensor, eps_cond: Tensor, guidance_scale: float) -> Tenso
     """Classifier-free guidance, eps_uncond + w (eps_cond - eps_uncond) (Ho & Salimans 2022,
     "Classifier-Free Diffusion Guidance", eq. 6 with w = 1 + their w). Works for v-predictions too."""
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+def img2img_start(scheduler: SchedulerMixin, num_inference_steps: int, strength: float) -> int:
+    """Index into ``scheduler.timesteps`` where img2img starts, as StableDiffusionImg2ImgPipeline.get_timesteps:
+    the last ``strength`` of ``num_inference_steps`` steps run (``set_timesteps`` must have been called).
+    Sets the scheduler's begin index, which the Euler and LMS samplers need to start mid-schedule."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+    start = max(num_inference_steps - init_timestep, 0) * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return start
 
 
 def _step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator | None, eta: float) -> dict[str, Any]:
@@ -102,13 +119,18 @@ def sample_latents(
     generator: torch.Generator | list[torch.Generator] | None = None,
     latents: Tensor | None = None,
     eta: float = 0.0,
+    init_latents: Tensor | None = None,
+    strength: float = 1.0,
 ) -> Tensor:
     """Denoise from noise to latents (B, C, H, W), B = the conditioning's batch, guided by the text.
 
     cond: text hidden states (B, L, D), or a dict of the U-Net's conditioning inputs (`encoder_hidden_states`
-    (B, L, D) and, for SDXL, `text_embeds` (B, P) and `time_ids` (B, 6)); uncond: the same with batch B or 1,
-    unused (may be None) when guidance_scale <= 1, in which case only the conditional pass runs. ``eta`` is DDIM's
-    and ignored by the other schedulers. ``scheduler`` is stateful: ``set_timesteps`` is called on it here.
+    (B, L, D) and, for SDXL, `text_embeds` (B, P) and `time_ids` (B, 6)); uncond: the same with batch B or 1 (the
+    negative prompt's encoding when given), unused (may be None) when guidance_scale <= 1, in which case only the
+    conditional pass runs. ``eta`` is DDIM's and ignored by the other schedulers. ``scheduler`` is stateful:
+    ``set_timesteps`` is called on it here.
+    img2img: ``init_latents`` (B, C, H, W), the scaled latents of the init images, are noised to the first of
+    the last ``strength`` of the timesteps (the noise drawn from ``generator``), then denoised from there.
     """
     cond = as_condition(cond)
     hidden = cond["encoder_hidden_states"]
@@ -123,15 +145,21 @@ def sample_latents(
 
     # Timesteps before the noise: init_noise_sigma of the Euler schedulers depends on them.
     scheduler.set_timesteps(num_inference_steps, device=device)
-    if latents is None:
+    timesteps = scheduler.timesteps
+    if init_latents is not None:  # img2img: noise the init latents to the first timestep that runs
+        timesteps = timesteps[img2img_start(scheduler, num_inference_steps, strength):]
+        init_latents = init_latents.to(device, hidden.dtype)
+        noise = randn_tensor(init_latents.shape, generator=generator, device=device, dtype=hidden.dtype)
+        latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(batch_size))  # (B, C, H, W)
+    elif latents is None:
         # randn_tensor draws on a CPU generator's device and moves, exactly as the pipeline does.
         latents = randn_tensor((batch_size, *latent_shape), generator=generator, device=device, dtype=hidden.dtype)
+        latents = latents * scheduler.init_noise_sigma  # (B, C, H, W)
     else:
-        latents = latents.to(device)
-    latents = latents * scheduler.init_noise_sigma  # (B, C, H, W)
+        latents = latents.to(device) * scheduler.init_noise_sigma
     step_kwargs = _step_kwargs(scheduler, generator, eta)
 
-    for t in scheduler.timesteps:
+    for t in timesteps:
         x_in = torch.cat([latents] * 2) if do_cfg else latents  # (2B or B, C, H, W)
         x_in = scheduler.scale_model_input(x_in, t)
         out = unet(x_in, t, **inputs).sample

@@ -35,7 +35,7 @@ from ldm.utils.rules import (
 )
 
 # --- names, as the code that owns them spells them (tests/test_schema.py compares) -----------------------
-SAMPLERS = ("ddim", "ddpm", "dpm++", "dpmsolver++", "euler", "euler_a", "pndm")  # ldm.diffusion.sampling.SCHEDULERS
+SAMPLERS = ("ddim", "ddpm", "dpm++", "dpmsolver++", "euler", "euler_a", "lms", "pndm")  # ldm.diffusion.sampling.SCHEDULERS
 NOISE_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # ldm.diffusion.schedules.SCHEDULES
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")  # ldm.diffusion.parameterization.TARGETS
 LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -94,7 +94,7 @@ KEYS = {
     "data.val_shards": Str(none=True) | ListOf(Str(), min_len=1),
     "data.resolution": Int(min=8, none=True, note="(pixels)"),
     "data.batch_size": COUNT,
-    "data.num_workers": Int(min=0),
+    "data.num_workers": Int(min=0, none=True, note="(null: none on a CPU, half the cores up to 8 with a GPU)"),
     "data.random_flip": Bool(),
     "data.shuffle_buffer": Int(min=0),
     "data.seed": SEED,
@@ -134,6 +134,7 @@ KEYS = {
     "sampling.sampler": Choice(*SAMPLERS),
     "sampling.num_inference_steps": Int(min=1, max=1000),
     "sampling.guidance_scale": Float(min=0),
+    "sampling.negative_prompt": Str(none=True),
     # --- conf/optim ---------------------------------------------------------------------------------------
     "optim.lr": Float(min=0),  # 0 trains nothing (e.g. a run that continues a LoRA file unchanged)
     "optim.weight_decay": Float(min=0),
@@ -170,6 +171,9 @@ KEYS = {
     "trainer.plugins": ListOf(Options(), none=True),
     "trainer.val_check_interval": Int(min=1, none=True) | Float(0, 1, open_min=True, note="(a fraction of an epoch)"),
     "trainer.check_val_every_n_epoch": Int(min=1, none=True),
+    "trainer.max_time": Str(none=True, note="(DD:HH:MM:SS)"),
+    "trainer.benchmark": Bool(none=True),
+    "trainer.limit_val_batches": Int(min=0) | Float(0, 1),
     "trainer.strategy._target_": TARGET,
     "trainer.strategy.gradient_as_bucket_view": Bool(),  # +trainer/strategy=ddp
     "trainer.strategy.static_graph": Bool(),
@@ -332,6 +336,17 @@ KEYS = {
     "callbacks.sample_grid.seed": SEED,
     "callbacks.step_seed._target_": TARGET,
     "callbacks.step_seed.seed": SEED,
+    "callbacks.cpu_threads._target_": TARGET,
+    "callbacks.cpu_threads.every_n_seconds": Float(min=0, open_min=True),
+    "callbacks.cpu_threads.startup_seconds": Float(min=0),
+    "callbacks.cpu_threads.threads": Int(min=1, none=True),
+    "callbacks.val_loss._target_": TARGET,
+    "callbacks.val_loss.every_n_steps": STEPS_OR_OFF,
+    "callbacks.val_loss.num_samples": COUNT,
+    "callbacks.val_loss.batch_size": COUNT,
+    "callbacks.val_loss.shards": Str(none=True) | ListOf(Str(), min_len=1),
+    "callbacks.val_loss.seed": SEED,
+    "callbacks.val_loss.at_end": Bool(),
     "callbacks.throughput._target_": TARGET,
     "callbacks.throughput.log_every_n_steps": COUNT,
 }  # fmt: skip

@@ -102,23 +102,27 @@ class AutoencoderModule(Stage):
         self.optimizer_factory = optimizer or torch.optim.AdamW
         self.lr_scheduler_factory = lr_scheduler
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Any]:
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Any]:
         posterior = self.vae.encode(x).latent_dist
-        return self.vae.decode(posterior.sample()).sample, posterior  # (B, 3, H, W)
+        return self.vae.decode(posterior.sample(generator)).sample, posterior  # (B, 3, H, W)
+
+    def reconstruction_kl_loss(self, x: Tensor, generator: torch.Generator | None = None):
+        """(loss, reconstruction, its reconstruction term, KL per pixel) for images x (B, 3, H, W) in [-1, 1]."""
+        reconstruction, posterior = self(x, generator)
+        rec = self.reconstruction(reconstruction.float(), x.float())
+        kl = posterior.kl().mean() / x[0].numel()  # per pixel, like the reconstruction term
+        return rec + self.kl_weight * kl, reconstruction, rec, kl
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x = to_model_range(batch["pixel_values"])  # (B, 3, H, W) in [-1, 1]
-        reconstruction, posterior = self(x)
-        rec = self.reconstruction(reconstruction.float(), x.float())
-        kl = posterior.kl().mean() / x[0].numel()  # per pixel, like the reconstruction term
-        loss = rec + self.kl_weight * kl
+        loss, reconstruction, rec, kl = self.reconstruction_kl_loss(x)
         b = x.shape[0]
         if self.discriminator is not None and self.global_step >= self.disc_start:
             loss = loss + self.adversarial_loss(x, reconstruction, rec)
-        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        self.log("train/loss", loss, prog_bar=self.progress_bar, batch_size=b)
         self.log("train/rec_loss", rec, batch_size=b)
         self.log("train/kl", kl, batch_size=b)
-        self.log("train/psnr", psnr(reconstruction, x), prog_bar=True, batch_size=b)
+        self.log("train/psnr", psnr(reconstruction, x), prog_bar=self.progress_bar, batch_size=b)
         return loss
 
     def adversarial_loss(self, x: Tensor, reconstruction: Tensor, rec_loss: Tensor) -> Tensor:
@@ -138,6 +142,12 @@ class AutoencoderModule(Stage):
         self.log("train/d_loss", d_loss, batch_size=b)
         self.log("train/d_weight", weight, batch_size=b)
         return weight * g_loss + d_loss
+
+    @torch.no_grad()
+    def validation_loss(self, batch: dict, generator: torch.Generator) -> Tensor:
+        """Reconstruction + KL on a held-out batch, the posterior sample drawn from ``generator``
+        (`ldm.callbacks.val_loss`); the GAN term, a moving target, is left out."""
+        return self.reconstruction_kl_loss(to_model_range(batch["pixel_values"]), generator)[0]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x = to_model_range(batch["pixel_values"])

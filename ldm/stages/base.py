@@ -12,6 +12,8 @@
 - `intra_op_threads`: torch's CPU thread count is kept in checkpoints; a run resumed with another count is warned
   that it continues to float rounding, not bit for bit (CPU matrix products and convolutions sum in an order that
   depends on how many threads share them: 1 vs 2 threads moved weights by 1.2e-7 over 5 steps; README: exact resume).
+- `progress_bar`: whether the trainer shows one; stages put their loss in it only then. Lightning turns every
+  progress-bar metric into a Python number after every batch, shown or not: a host sync per step on a GPU.
 - `step_skipped`: the non-finite guard's verdict for the current optimizer step, when the guard
   (`ldm.callbacks.nonfinite.NonFiniteLoss`) judges on the device: a 0-dim 0/1 float tensor, 1 when the fused
   optimizer skips the step. None otherwise (no guard, or a skipped step shows as dropped gradients).
@@ -37,6 +39,10 @@ class Stage(pl.LightningModule):
         self.images_seen = 0
         self.trained_steps = 0
         self.step_skipped: Tensor | None = None
+
+    @property
+    def progress_bar(self) -> bool:
+        return self._trainer is not None and self.trainer.progress_bar_callback is not None
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.images_seen += batch_size(batch) * self.trainer.world_size

@@ -113,6 +113,15 @@ class CLIPModule(Stage):
         loss = loss_fn(image, text, self.model.logit_scale.exp())
         return (loss, image, text) if return_features else loss
 
+    @torch.no_grad()
+    def validation_loss(self, batch: dict, generator: torch.Generator) -> Tensor:
+        """The contrastive loss on a held-out batch (`ldm.callbacks.val_loss`); nothing random. Local to the rank:
+        every rank holds the same held-out batches."""
+        from open_clip.loss import ClipLoss
+
+        image, text = self.features(batch["pixel_values"], batch["caption"])
+        return ClipLoss()(image, text, self.model.logit_scale.exp())
+
     def hard_negative_loss(self, image: Tensor, text: Tensor, captions: list[str], rng: random.Random) -> Tensor:
         """Cross-entropy of each image over its own caption and its swapped-phrase negatives (one per group),
         at the CLIP temperature; local to the rank. image, text: (B, E) L2-normalised."""
@@ -136,7 +145,7 @@ class CLIPModule(Stage):
             hard = self.hard_negative_loss(image, text, batch["caption"], rng)
             self.log("train/hard_negative_loss", hard, batch_size=b)
             loss = loss + self.hard_negative_weight * hard
-        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        self.log("train/loss", loss, prog_bar=self.progress_bar, batch_size=b)
         self.log("train/logit_scale", self.model.logit_scale.exp(), batch_size=b)
         return loss
 

@@ -249,11 +249,12 @@ class LatentDiffusion(Stage):
         return self.unet.config.sample_size * downsample_factor(self.vae)
 
     @torch.no_grad()
-    def encode_images(self, pixel_values: Tensor) -> Tensor:
-        """(B, 3, H, W) in [-1, 1] (or uint8) -> scaled latents (B, C, H/f, W/f), sampled from the posterior."""
+    def encode_images(self, pixel_values: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """(B, 3, H, W) in [-1, 1] (or uint8) -> scaled latents (B, C, H/f, W/f), sampled from the posterior
+        (with ``generator`` when given)."""
         with self._vae_precision():
             posterior = self.vae.encode(to_model_range(pixel_values).to(self.vae.dtype)).latent_dist
-            latents = posterior.sample()
+            latents = posterior.sample(generator)
         shift = self.vae.config.shift_factor or 0.0
         return ((latents - shift) * self.vae.config.scaling_factor).float()
 
@@ -404,8 +405,19 @@ class LatentDiffusion(Stage):
             cond = self.training_condition(batch["caption"])  # (B, L, D) hidden states (+ SDXL's pooled)
         cond = {**cond, **self.added_conditions(batch, latents)}
         loss = self.diffusion_step(latents, cond, mask=batch.get("mask"), sample_weight=batch.get("loss_weight"))
-        self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
+        self.log("train/loss", loss, prog_bar=self.progress_bar, batch_size=latents.shape[0])
         return loss
+
+    @torch.no_grad()
+    def validation_loss(self, batch: dict, generator: torch.Generator) -> Tensor:
+        """The training loss on a held-out image batch with every draw fixed (`ldm.callbacks.val_loss`): posterior
+        samples and noise from ``generator`` (CPU), timesteps evenly spaced over the schedule, no caption dropout."""
+        latents = self.encode_images(batch["pixel_values"], generator)  # (B, C, h, w)
+        b, num_t = latents.shape[0], self.scheduler_config["num_train_timesteps"]
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+        t = torch.linspace(0, num_t - 1, b).round().long().to(latents.device)  # (B,)
+        cond = {**self.condition(batch["caption"]), **self.added_conditions(batch, latents)}
+        return self.diffusion_step(latents, cond, noise=noise, t=t)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
@@ -491,23 +503,32 @@ class LatentDiffusion(Stage):
         return torch.autocast(self.device.type, self.base_dtype)
 
     @torch.no_grad()
-    def sampling_condition(self, prompts: Sequence[str], use_ema: bool = True,
-                           size: tuple[int, int] | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:  # fmt: skip
-        """(the prompts' conditioning, the unconditional one (batch 1)) to sample with, in fp32; SDXL's time ids as
-        `StableDiffusionXLPipeline` sets them by default: original size = target size = the image size, no crop."""
+    def sampling_condition(self, prompts: Sequence[str], use_ema: bool = True, size: tuple[int, int] | None = None,
+                           negative_prompt: str | Sequence[str] | None = None,
+                           ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:  # fmt: skip
+        """(the prompts' conditioning, the unconditional one: batch 1, or the negative prompts' (one for all, or
+        one per prompt) with batch B) to sample with, in fp32; SDXL's time ids as `StableDiffusionXLPipeline` sets
+        them by default: original size = target size = the image size, no crop."""
+        negatives = None
+        if negative_prompt is not None:
+            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise ValueError(f"negative_prompt: {len(negatives)} negative prompts for {len(prompts)} prompts")
         if self.text_encoder_trains:  # no caches: an adapted text encoder changes as it trains
             text_encoder = self.sampling_text_encoder(use_ema)
             with self._base_precision():
-                cond, uncond = text_encoder.condition(list(prompts)), text_encoder.empty_condition()
+                cond = text_encoder.condition(list(prompts))
+                uncond = text_encoder.empty_condition() if negatives is None else text_encoder.condition(negatives)
         else:
-            cond, uncond = self.encode_text(prompts), self.empty_condition()
+            cond = self.encode_text(prompts)
+            uncond = self.empty_condition() if negatives is None else self.encode_text(negatives)
         cond = {k: v.float() for k, v in cond.items()}  # the noise and the sampler's arithmetic stay in fp32
         uncond = {k: v.float() for k, v in uncond.items()}
         if self.is_sdxl:
             h, w = size or (self.resolution, self.resolution)
             ids = time_ids(*(torch.tensor([[a, b]], device=self.device) for a, b in ((h, w), (0, 0), (h, w))))
             cond["time_ids"] = ids.expand(len(prompts), -1)
-            uncond["time_ids"] = ids
+            uncond["time_ids"] = ids.expand(uncond["encoder_hidden_states"].shape[0], -1)
         return cond, uncond
 
     def sampling_text_encoder(self, use_ema: bool = True) -> torch.nn.Module:
@@ -526,12 +547,19 @@ class LatentDiffusion(Stage):
         sampler: str | None = None,
         use_ema: bool = True,
         size: tuple[int, int] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        init_image: Tensor | None = None,
+        strength: float = 0.75,
     ) -> Tensor:
         """Images (B, 3, H, W) in [0, 1] for ``prompts``; the same seed gives the same images. ``size``:
         (height, width) in pixels (a multiple of the VAE's factor), else the U-Net's own square size.
 
         ``seed`` is one seed for the batch (as StableDiffusionPipeline's generator), or one per prompt,
-        which makes each image independent of how prompts are batched or split across ranks."""
+        which makes each image independent of how prompts are batched or split across ranks.
+        ``negative_prompt`` (one for all, or one per prompt; default `sampling.negative_prompt`): what the
+        unconditional half of classifier-free guidance encodes instead of the empty caption.
+        ``init_image`` (1 or B, 3, H, W) in [-1, 1]: img2img, as StableDiffusionImg2ImgPipeline: the image's
+        latents, noised to the last ``strength`` of the sampler's steps, are denoised from there."""
         opts = self.sampling
         unet = self.sampling_unet(use_ema)
         was_training = unet.training
@@ -541,7 +569,9 @@ class LatentDiffusion(Stage):
             generator = torch.Generator("cpu").manual_seed(seed)
         else:
             generator = [torch.Generator("cpu").manual_seed(int(s)) for s in seed]
-        cond, uncond = self.sampling_condition(prompts, use_ema, size)
+        negative_prompt = opts.get("negative_prompt") if negative_prompt is None else negative_prompt
+        cond, uncond = self.sampling_condition(prompts, use_ema, size, negative_prompt)
+        init_latents = None if init_image is None else self.encode_init_image(init_image, len(prompts), generator)
         with self._base_precision():
             latents = sample_latents(
                 unet,
@@ -552,6 +582,26 @@ class LatentDiffusion(Stage):
                 num_inference_steps=num_inference_steps or opts["num_inference_steps"],
                 latent_shape=self.latent_shape if size is None else (self.latent_shape[0], *self._latent_size(size)),
                 generator=generator,
+                init_latents=init_latents,
+                strength=strength,
             ).float()
         unet.train(was_training)
         return self.decode_latents(latents)
+
+    @torch.no_grad()
+    def encode_init_image(self, image: Tensor, batch_size: int, generator) -> Tensor:
+        """img2img's start: (1 or B, 3, H, W) in [-1, 1] -> scaled posterior samples (B, C, h, w), drawn from
+        ``generator`` (one, or one per image) as StableDiffusionImg2ImgPipeline.prepare_latents draws them."""
+        if image.ndim != 4 or image.shape[1] != 3 or batch_size % image.shape[0]:
+            raise ValueError(f"init_image: expected (1 or {batch_size}, 3, H, W) images, got {tuple(image.shape)}")
+        image = image.to(self.device, self.vae.dtype)
+        with self._vae_precision():
+            if isinstance(generator, list):  # one image at a time, each with its own generator
+                image = image.repeat(batch_size // image.shape[0], 1, 1, 1)
+                latents = torch.cat([self.vae.encode(image[i:i + 1]).latent_dist.sample(g)
+                                     for i, g in enumerate(generator)])  # fmt: skip
+            else:
+                latents = self.vae.encode(image).latent_dist.sample(generator)
+                latents = latents.repeat(batch_size // latents.shape[0], 1, 1, 1)
+        shift = self.vae.config.shift_factor or 0.0
+        return ((latents - shift) * self.vae.config.scaling_factor).float()  # (B, C, h, w)

@@ -23,7 +23,10 @@ from collections import defaultdict
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.optim.swa_utils import AveragedModel
+
+Groups = dict[torch.dtype, tuple[list[Tensor], list[Tensor]]]
 
 
 class EMA(AveragedModel):
@@ -35,6 +38,7 @@ class EMA(AveragedModel):
         _share_frozen(self.module, model)
         self.decay = decay
         self.requires_grad_(False)
+        self._paired: tuple[nn.Module, list[tuple[Tensor, Tensor]], list[tuple[nn.Module, nn.Module, str]]] | None = None
 
     @torch.no_grad()
     def update(self, model: nn.Module, keep: Tensor | None = None) -> None:
@@ -43,15 +47,14 @@ class EMA(AveragedModel):
         weight = 1.0 - self.decay * (self.n_averaged > 0).float()
         if keep is not None:
             weight = weight * keep
-        groups: dict[torch.dtype, tuple[list[Tensor], list[Tensor]]] = defaultdict(lambda: ([], []))
-        mine = itertools.chain(self.module.parameters(), self.module.buffers())
-        theirs = itertools.chain(model.parameters(), model.buffers())
-        for averaged, current in zip(mine, theirs, strict=True):
+        groups: Groups = defaultdict(lambda: ([], []))
+        for averaged, current in self._pairs(model):
             if averaged is current:  # a frozen parameter shared with the model
                 continue
-            current = current.detach().to(averaged.device)
+            if current.device != averaged.device:
+                current = current.to(averaged.device)
             if averaged.is_floating_point():
-                groups[averaged.dtype][0].append(averaged.detach())
+                groups[averaged.dtype][0].append(averaged)
                 groups[averaged.dtype][1].append(current)
             else:  # integer buffers (BatchNorm's batch count) are copied: an average of counts means nothing
                 averaged.copy_(current)
@@ -59,6 +62,23 @@ class EMA(AveragedModel):
             w = weight.to(dtype)
             torch._foreach_lerp_(averaged, current, [w] * len(averaged))  # a 0-dim weight broadcasts per tensor
         self.n_averaged += 1 if keep is None else keep.long()
+
+    def _pairs(self, model: nn.Module) -> list[tuple[Tensor, Tensor]]:
+        """(averaged, current) for every parameter and buffer. The parameters are kept as the Parameter objects
+        (they follow moves and `.data` swaps); buffers, which `Module.to` replaces, are looked up by name."""
+        if isinstance(model, FullyShardedDataParallel):  # other tensors inside and outside summon_full_params
+            return list(zip(itertools.chain(self.module.parameters(), self.module.buffers()),
+                            itertools.chain(model.parameters(), model.buffers()), strict=True))  # fmt: skip
+        if self._paired is None or self._paired[0] is not model:
+            params = list(zip(self.module.parameters(), model.parameters(), strict=True))
+            names = [name for name, _ in self.module.named_buffers()]
+            if names != [name for name, _ in model.named_buffers()]:
+                raise ValueError("EMA: the model's buffers are not the averaged copy's")
+            buffers = [(self.module.get_submodule(n.rpartition(".")[0]), model.get_submodule(n.rpartition(".")[0]),
+                        n.rpartition(".")[2]) for n in names]  # fmt: skip
+            self._paired = (model, params, buffers)
+        _, params, buffers = self._paired
+        return params + [(mine._buffers[name], theirs._buffers[name]) for mine, theirs, name in buffers]
 
 
 def _share_frozen(copy: nn.Module, model: nn.Module) -> None:
