@@ -12,7 +12,6 @@ Every epoch: `data/carried` (samples of part-filled buckets carried into the nex
 from __future__ import annotations
 
 import pytorch_lightning as pl
-import wandb
 from pytorch_lightning.loggers import WandbLogger
 
 
@@ -33,6 +32,8 @@ class BucketCounts(pl.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=trainer.global_step)
             if isinstance(logger, WandbLogger):
+                import wandb  # only with a W&B logger (which needs it too): wandb stays optional elsewhere
+
                 table = wandb.Table(columns=["bucket", "width", "height", "images", "class_images"], data=rows)
                 logger.experiment.log({"data/buckets": table, "data/bucket_images": wandb.plot.bar(
                     table, "bucket", "images", title="images per bucket (width x height)")})  # fmt: skip

@@ -10,7 +10,6 @@ originals above reconstructions (`reconstructions/step_*.png`, W&B `val/reconstr
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -18,8 +17,9 @@ import torch
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 
-from ldm.metrics.fid import make_fid, set_real_states, to_uint8
-from ldm.metrics.reference import reference_states, shard_images
+from ldm.metrics.fid import make_fid, set_real_states
+from ldm.metrics.reconstruction import reconstruction_quality
+from ldm.metrics.reference import reference_states
 from ldm.utils.images import captioned_grid
 
 
@@ -59,27 +59,13 @@ class ReconstructionQuality(pl.Callback):
             self.fid = make_fid(self.network)
             set_real_states(self.fid, reference_states(self.fid, shards, resolution, self.num_images, self.cache_dir,
                                                        self.network, self.batch_size))
-        self.fid.reset()  # the generated side only
-        was_training = vae.training
-        vae.eval()
-        originals, reconstructions, squared_error, values = [], [], 0.0, 0
-        for images in shard_images(shards, resolution, self.num_images, self.batch_size):  # uint8 (B, 3, R, R)
-            x = images.to(pl_module.device, torch.float32) / 127.5 - 1  # [-1, 1], as the data module gives
-            rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
-            self.fid.update(to_uint8((rec.cpu() + 1) / 2), real=False)
-            squared_error += float(((rec - x) ** 2).sum())
-            values += x.numel()
-            if sum(len(o) for o in originals) < self.grid_images:
-                originals.append(x.cpu())
-                reconstructions.append(rec.cpu())
-        vae.train(was_training)
+        row, originals, reconstructions = reconstruction_quality(vae, self.fid, shards, resolution, self.num_images,
+                                                                 self.batch_size, self.grid_images, pl_module.device)  # fmt: skip
         n = int(self.fid.fake_features_num_samples)
-        mse = squared_error / values  # PSNR of the pooled mean squared error, range [-1, 1] (peak-to-peak 2)
-        row = {"val/rfid": float(self.fid.compute()), "val/rec_psnr": 10 * math.log10(4.0 / max(mse, 1e-12))}
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in row.items()})
         for logger in trainer.loggers:
             logger.log_metrics(row, step=trainer.global_step)
-        self._save_grid(trainer, torch.cat(originals)[: self.grid_images], torch.cat(reconstructions)[: self.grid_images])
+        self._save_grid(trainer, originals, reconstructions)
         rank_zero_info(f"step {trainer.global_step}: rFID {row['val/rfid']:.3f}, PSNR {row['val/rec_psnr']:.2f} dB "
                        f"on {n} held-out images")
         return row

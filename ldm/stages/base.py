@@ -60,3 +60,18 @@ class Stage(pl.LightningModule):
         if self._trainer is not None and saved is not None and saved != now and self.device.type == "cpu":
             rank_zero_warn(f"resuming with {now} CPU threads; the checkpoint was written with {saved}: the run "
                            f"continues to float rounding, not bit for bit (set OMP_NUM_THREADS={saved} for that)")
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning's mixed-precision plugin refuses to clip for a fused optimizer (the default on a GPU), because
+        # with fp16 such an optimizer unscales the gradients itself. Under bf16 and fp32 nothing is scaled: clip here.
+        if not gradient_clip_val or "16-mixed" == str(self.trainer.precision):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            self.clip_grad_norm(params, gradient_clip_val)
+
+    def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float) -> None:
+        """Clip the gradients' global norm (a stage with sharded parameters computes it over all ranks)."""
+        torch.nn.utils.clip_grad_norm_(params, max_norm)

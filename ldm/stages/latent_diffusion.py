@@ -437,18 +437,11 @@ class LatentDiffusion(Stage):
         if "ema_text_encoder" in self._modules:
             self.ema_text_encoder.update(self.text_encoder, keep=keep)
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        # Lightning's mixed-precision plugin refuses to clip for a fused optimizer, because with fp16 such an
-        # optimizer unscales the gradients itself. Under bf16 and fp32 nothing is scaled: clip here.
-        if not gradient_clip_val or "16-mixed" == str(self.trainer.precision):
-            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        if gradient_clip_algorithm == "value":
-            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
-        elif isinstance(self.unet, FSDP):  # sharded (ldm/lightning/fsdp.py): the norm over all ranks' shards
-            self.unet.clip_grad_norm_(gradient_clip_val)
+    def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float) -> None:
+        if isinstance(self.unet, FSDP):  # sharded (ldm/training/fsdp.py): the norm over all ranks' shards
+            self.unet.clip_grad_norm_(max_norm)
         else:
-            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            super().clip_grad_norm(params, max_norm)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """What the optimizer steps: the whole U-Net, or its adapters (and the text encoder's) when adapted."""
