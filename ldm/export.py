@@ -4,6 +4,7 @@
     python -m ldm.export CKPT lora/ --format diffusers-lora        # pytorch_lora_weights.safetensors (LoRA runs)
     python -m ldm.export CKPT my_lora.safetensors --format kohya   # ComfyUI / Automatic1111 LoRA (LoRA runs)
     python -m ldm.export CKPT model.safetensors --format single-file --dtype float16   # original-layout checkpoint
+                                                                   # (SD 1.x, 2.x or SDXL, as the model is)
 
 A LoRA run's `pipeline` and `single-file` exports hold its adapters merged into the base.
     python -c "from diffusers import StableDiffusionPipeline as P; P.from_pretrained('exported')('a red circle')"

@@ -20,6 +20,7 @@ from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ldm.models.formats.single_file import OPEN_CLIP_BLOCK, OPEN_CLIP_LAYERS, OPEN_CLIP_QKV
 from ldm.models.text_encoders import OpenCLIPTextEncoder
 from ldm.models.tokenizer import clip_tokenizer
 
@@ -66,28 +67,17 @@ def _clip_text_config(encoder: OpenCLIPTextEncoder, tokenizer: CLIPTokenizer) ->
 
 def _hf_state_dict(encoder: OpenCLIPTextEncoder) -> dict[str, torch.Tensor]:
     """open_clip text weights under CLIPTextModel's names (relative to the module holding `embeddings`)."""
-    state = {
-        "embeddings.token_embedding.weight": encoder.token_embedding.weight,
-        "embeddings.position_embedding.weight": encoder.positional_embedding,
-        "final_layer_norm.weight": encoder.ln_final.weight,
-        "final_layer_norm.bias": encoder.ln_final.bias,
-    }
+    # the names the single-file export maps the other way (transformers -> open_clip), read backwards
+    ours = encoder.state_dict()
+    state = {hf: ours[open_clip] for hf, open_clip in OPEN_CLIP_LAYERS.items()}
     for i, block in enumerate(encoder.resblocks):
         hf = f"encoder.layers.{i}."
         # nn.MultiheadAttention stacks the q, k, v projections row-wise in in_proj: (3D, D) and (3D,).
-        for name, weight, bias in zip(
-            ("q_proj", "k_proj", "v_proj"), block.attn.in_proj_weight.chunk(3), block.attn.in_proj_bias.chunk(3)
-        ):
+        for name, weight, bias in zip(OPEN_CLIP_QKV, block.attn.in_proj_weight.chunk(3), block.attn.in_proj_bias.chunk(3)):
             state[hf + f"self_attn.{name}.weight"] = weight
             state[hf + f"self_attn.{name}.bias"] = bias
-        pairs = {
-            "self_attn.out_proj": block.attn.out_proj,
-            "layer_norm1": block.ln_1,
-            "layer_norm2": block.ln_2,
-            "mlp.fc1": block.mlp.c_fc,
-            "mlp.fc2": block.mlp.c_proj,
-        }
-        for hf_name, module in pairs.items():
+        for hf_name, open_clip_name in OPEN_CLIP_BLOCK.items():
+            module = block.get_submodule(open_clip_name)
             state[hf + hf_name + ".weight"] = module.weight
             state[hf + hf_name + ".bias"] = module.bias
     return {k: v.detach().clone() for k, v in state.items()}

@@ -10,7 +10,9 @@
 Weights are written as safetensors; the U-Net (and an adapted text encoder) is the EMA copy when EMA is on. A
 LoRA-adapted model exports its adapters as LoRA files, and its adapters fused into the base (merged) as a pipeline
 directory or a single file; a fully fine-tuned one exports as a pipeline directory or a single file. An open_clip
-text encoder is converted to the `CLIPTextModel` layout diffusers uses for Stable Diffusion 2.x.
+text encoder is converted to the `CLIPTextModel` layout diffusers uses for Stable Diffusion 2.x. An SDXL model
+exports as a `StableDiffusionXLPipeline` directory, or a single file in SDXL's own layout (its two text encoders
+under `conditioner.embedders.0.` and `.1.`) that `StableDiffusionXLPipeline.from_single_file` loads.
 
 Reading one back (`load_pipeline`) first checks its `model_index.json`: diffusers imports whatever module a
 component names there, so only diffusers' and transformers' own classes are accepted.
@@ -32,7 +34,16 @@ from ldm.models.adapters import has_adapter, kohya_renames, lora_weights, merged
 from ldm.models.clip_convert import open_clip_to_hf
 from ldm.models.formats import kohya
 from ldm.models.formats.diffusers_lora import write_diffusers_lora
-from ldm.models.formats.single_file import clip_to_ldm, open_clip_to_ldm, unet_to_ldm, vae_to_ldm, write_single_file
+from ldm.models.formats.single_file import (
+    SDXL_CLIP_PREFIX,
+    SDXL_OPEN_CLIP_PREFIX,
+    clip_to_ldm,
+    clip_to_open_clip,
+    open_clip_to_ldm,
+    unet_to_ldm,
+    vae_to_ldm,
+    write_single_file,
+)
 from ldm.models.sdxl import SDXLTextEncoders
 from ldm.models.text_encoders import HFCLIPTextEncoder, OpenCLIPTextEncoder
 from ldm.models.unet import base_model_version
@@ -151,8 +162,17 @@ def export_kohya(module, path: str | Path, use_ema: bool = True, steps: int | No
 
 
 # --- single file --------------------------------------------------------------------------------------------------
+def _without_adapters(model):
+    """``model`` itself, or a copy with its adapters merged into the base weights."""
+    return merged(model).float() if has_adapter(model) else model
+
+
 def text_encoder_to_ldm(text_encoder) -> dict:
-    """The text encoder's weights in the original layout: SD 1.x's transformers CLIP, or SD 2.x's open_clip tower."""
+    """The text encoder's weights in the original layout: SD 1.x's transformers CLIP, SD 2.x's open_clip tower, or
+    SDXL's pair (CLIP-L as transformers names it, OpenCLIP bigG in open_clip's layout)."""
+    if isinstance(text_encoder, SDXLTextEncoders):
+        return {**clip_to_ldm(_without_adapters(text_encoder.text_encoder).state_dict(), SDXL_CLIP_PREFIX),
+                **clip_to_open_clip(_without_adapters(text_encoder.text_encoder_2).state_dict(), SDXL_OPEN_CLIP_PREFIX)}  # fmt: skip
     if isinstance(text_encoder, OpenCLIPTextEncoder):
         return open_clip_to_ldm(text_encoder.state_dict())
     hf_text_encoder, _ = to_hf_text_encoder(text_encoder)
@@ -161,7 +181,8 @@ def text_encoder_to_ldm(text_encoder) -> dict:
 
 def export_single_file(module, path: str | Path, use_ema: bool = True, dtype: torch.dtype | None = None, **_) -> Path:
     """One original-layout .safetensors (adapters merged); diffusers loads it with
-    `StableDiffusionPipeline.from_single_file(path, config=<a pipeline directory of the same architecture>)`."""
+    `StableDiffusionPipeline.from_single_file(path, config=<a pipeline directory of the same architecture>)`
+    (SDXL: `StableDiffusionXLPipeline.from_single_file`, the file holding both text encoders)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path / f"{(module.run_config or {}).get('name') or 'model'}.safetensors"

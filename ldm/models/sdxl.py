@@ -140,9 +140,11 @@ SDXL_TEXT = (dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                   hidden_act="quick_gelu", projection_dim=768),
              dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
                   hidden_act="gelu", projection_dim=1280))  # fmt: skip
-TINY_SDXL_TEXT = (dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                       hidden_act="quick_gelu", projection_dim=32),
-                  dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+# two widths, as SDXL's 768 and 1280 (diffusers' from_single_file tells the encoders apart by width), adding up to
+# the U-Net's cross_attention_dim; bigG's projection narrower than its width, so a transposed one cannot load
+TINY_SDXL_TEXT = (dict(hidden_size=24, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       hidden_act="quick_gelu", projection_dim=24),
+                  dict(hidden_size=40, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                        hidden_act="gelu", projection_dim=32))  # fmt: skip
 
 

@@ -6,7 +6,8 @@
     kohya           kohya sd-scripts LoRA: lora_unet_* / lora_te_* keys, lora_down / lora_up / alpha, ss_* metadata
                     (what ComfyUI and Automatic1111 load)
     single_file     an original-layout Stable Diffusion checkpoint (model.diffusion_model.*, first_stage_model.*,
-                    cond_stage_model.*) as one safetensors file (`from_single_file`, ComfyUI, Automatic1111)
+                    cond_stage_model.*; SDXL's conditioner.embedders.*) as one safetensors file
+                    (`from_single_file`, ComfyUI, Automatic1111)
 
 May import: ldm.data, ldm.diffusion, ldm.utils (as ldm.models). Imports nothing of ldm.models above it.
 """

@@ -8,7 +8,12 @@ layout that Automatic1111 and ComfyUI load, and diffusers with `from_single_file
 Prefixes: `model.diffusion_model.` (the U-Net's openaimodel layout), `first_stage_model.` (the VAE's), and the
 text encoder's: `cond_stage_model.transformer.text_model.` for a transformers CLIP (SD 1.x) or
 `cond_stage_model.model.` for an open_clip text tower (SD 2.x). SDXL files name their two encoders
-`conditioner.embedders.0.transformer.` and `conditioner.embedders.1.model.` (the `prefix` arguments).
+`conditioner.embedders.0.transformer.` (CLIP-L, as transformers names it) and `conditioner.embedders.1.model.`
+(OpenCLIP bigG in open_clip's layout, which `clip_to_open_clip` writes from the transformers model diffusers
+holds it in):
+
+    state = {**unet_to_ldm(...), **vae_to_ldm(...), **clip_to_ldm(text_encoder.state_dict(), SDXL_CLIP_PREFIX),
+             **clip_to_open_clip(text_encoder_2.state_dict(), SDXL_OPEN_CLIP_PREFIX)}
 
 The U-Net map follows the openaimodel layout block by block, so it holds for any UNet2DConditionModel of SD's
 block kinds: input_blocks.0 is conv_in; then per down block, one input block per layer (resnet at .0, attention
@@ -19,6 +24,7 @@ or the conversion fails naming it. The inverse map is diffusers' `loaders.single
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -30,6 +36,8 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # + text_model.*
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # + text_model.*
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
 UNET_LAYERS = {  # diffusers -> openaimodel, outside the blocks
     "time_embedding.linear_1": "time_embed.0",
@@ -47,6 +55,16 @@ UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": 
 VAE_RESNET = {"conv_shortcut": "nin_shortcut"}  # norm1, conv1, norm2, conv2 keep their names
 VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 VAE_LAYERS = {"conv_norm_out": "norm_out"}
+OPEN_CLIP_LAYERS = {  # transformers CLIP (inside text_model) -> open_clip, outside the blocks
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",  # an nn.Parameter in open_clip: no .weight
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+OPEN_CLIP_BLOCK = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                   "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}  # encoder.layers.N.* -> resblocks.N.*  # fmt: skip
+OPEN_CLIP_QKV = ("q_proj", "k_proj", "v_proj")  # the rows of nn.MultiheadAttention's in_proj, in this order
+_SELF_ATTN_QKV = {f"self_attn.{p}": p for p in OPEN_CLIP_QKV}
 
 
 class SingleFileError(ValueError):
@@ -168,6 +186,38 @@ def open_clip_to_ldm(state: Mapping[str, Tensor], prefix: str = OPEN_CLIP_PREFIX
     """An open_clip text tower's weights (token_embedding, positional_embedding, resblocks, ln_final) under
     ``prefix`` as open_clip names them in a whole model (`transformer.resblocks.N`)."""
     return {prefix + ("transformer." + k if k.startswith("resblocks.") else k): v for k, v in state.items()}
+
+
+def clip_to_open_clip(state: Mapping[str, Tensor], prefix: str = OPEN_CLIP_PREFIX) -> dict[str, Tensor]:
+    """A transformers CLIPTextModel(WithProjection)'s state dict in open_clip's layout under ``prefix``: how SDXL's
+    OpenCLIP bigG is stored (`transformer.resblocks.N.attn.in_proj_weight`, q, k and v stacked row-wise as
+    nn.MultiheadAttention holds them; `ln_1`, `mlp.c_fc`, `ln_final`, `token_embedding`, `positional_embedding`),
+    and `text_projection` as open_clip multiplies by it, (width, projection): the transformers Linear's weight
+    transposed."""
+    out: dict[str, Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, Tensor]] = {}  # (layer, weight | bias) -> {q_proj: tensor, ...}
+    for key, tensor in state.items():
+        name = key.removeprefix("text_model.")  # transformers 5 flattens CLIPTextModel, not ...WithProjection
+        block = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", name)  # layer, module, kind
+        if key == "text_projection.weight":  # Linear (projection, width), bias-free
+            out["text_projection"] = tensor.T
+        elif name in OPEN_CLIP_LAYERS:
+            out[OPEN_CLIP_LAYERS[name]] = tensor
+        elif name == "embeddings.position_ids":  # 0..L-1, a buffer older transformers saved; open_clip has none
+            continue
+        elif block and block[2] in OPEN_CLIP_BLOCK:
+            out[f"transformer.resblocks.{block[1]}.{OPEN_CLIP_BLOCK[block[2]]}.{block[3]}"] = tensor
+        elif block and block[2] in _SELF_ATTN_QKV:
+            qkv.setdefault((block[1], block[3]), {})[_SELF_ATTN_QKV[block[2]]] = tensor
+        else:
+            raise SingleFileError(f"text encoder: {key} has no place in open_clip's layout (not a CLIP text block)")
+    for (layer, kind), projections in qkv.items():
+        missing = [p for p in OPEN_CLIP_QKV if p not in projections]
+        if missing:
+            raise SingleFileError(f"text encoder: encoder.layers.{layer}.self_attn.{missing[0]}.{kind} is missing; "
+                                  f"open_clip stores q, k and v as one in_proj_{kind}")  # fmt: skip
+        out[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([projections[p] for p in OPEN_CLIP_QKV])
+    return {prefix + k: v for k, v in out.items()}
 
 
 def write_single_file(path: str | Path, state: Mapping[str, Tensor], dtype: torch.dtype | None = None,
