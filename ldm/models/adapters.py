@@ -135,22 +135,22 @@ class LoRA:
 
     def load_init(self, models: Mapping[str, nn.Module], base_model_version: str | None = None,
                   check_only: bool = False) -> None:  # fmt: skip
-        """Copy the adapters of `init_from` into ``models`` ({"unet": ..., "text_encoder": ...}, adapters attached),
-        after checking every key, shape, rank and alpha; nothing is copied when anything does not fit (nor with
-        ``check_only``: the config check runs this on models built on the meta device)."""
+        """Copy the adapters of `init_from` into ``models`` ({"unet": ..., "text_encoder": ...[, "text_encoder_2": ...]},
+        adapters attached), after checking every key, shape, rank and alpha; nothing is copied when anything does not
+        fit (nor with ``check_only``: the config check runs this on models built on the meta device)."""
         if not self.init_from:
             return
         names = {part: [n for n, _ in m.named_modules()] for part, m in models.items()}
         renames = kohya_renames(models)
         try:
-            weights, keys, _ = read_lora(self.init_from, names, base_model_version, renames)
+            weights, keys, _ = read_lora(self.init_from, names, base_model_version, renames, two_text_encoders(models))
         except LoraFileError as error:  # "<file>: <key> ...": say which setting named the file
             raise LoraFileError(f"model.adapter.init_from={error}") from None
-        options = {"unet": "model.adapter.target_modules (or conv_target_modules with conv_rank)",
-                   "text_encoder": "model.adapter.text_encoder_target_modules (with model.adapter.text_encoder=true)"}
+        text = "model.adapter.text_encoder_target_modules (with model.adapter.text_encoder=true)"
+        options = {"unet": "model.adapter.target_modules (or conv_target_modules with conv_rank)"}
         for part, part_weights in weights.items():
             set_lora_weights(models[part], part_weights, f"model.adapter.init_from={self.init_from}", keys[part],
-                             options.get(part, "model.adapter"), check_only=True)  # fmt: skip
+                             options.get(part, text), check_only=True)  # fmt: skip
         if check_only:
             return
         for part, part_weights in weights.items():
@@ -181,6 +181,15 @@ def kohya_renames(models: Mapping[str, nn.Module]) -> dict[str, dict[str, str]]:
     if unet is None or getattr(unet.config, "addition_embed_type", None) != "text_time":
         return {}
     return {"unet": unet_module_names_to_ldm((n for n, _ in unet.named_modules()), unet.config)}
+
+
+def two_text_encoders(models: Mapping[str, nn.Module]) -> bool | None:
+    """Whether the model has two text encoders (SDXL: its U-Net takes a pooled text embedding), which decides kohya's
+    prefixes (lora_te1_ / lora_te2_ against lora_te_) even when no text encoder is adapted; None: unknown."""
+    unet = models.get("unet")
+    if unet is None:
+        return None
+    return getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
 def check_targets(model: nn.Module, targets: Iterable[str], option: str, what: str) -> list[str]:
