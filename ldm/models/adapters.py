@@ -1,5 +1,5 @@
-"""LoRA adapters on a frozen base: the U-Net (diffusers' PEFT integration) and optionally a transformers CLIP text
-encoder (transformers' PEFT integration), both through `peft`. Only the adapters train.
+"""LoRA adapters on a frozen base: the U-Net (diffusers' PEFT integration) and optionally the transformers CLIP text
+encoders (transformers' PEFT integration: SD's one, SDXL's two), all through `peft`. Only the adapters train.
 
     lora = LoRA(rank=4, alpha=4)                  # conf/model/adapter/lora.yaml (model/adapter=lora)
     lora.attach_unet(unet)                        # base frozen; lora_A / lora_B added to to_q, to_k, to_v, to_out.0
@@ -66,8 +66,8 @@ def _adaptable(module: nn.Module) -> bool:
 class LoRA:
     """What to adapt and how: `rank` and `alpha` (scale alpha / rank) for `target_modules` (module names or name
     suffixes in the U-Net, peft's matching); `conv_rank` / `conv_alpha` add LoCon adapters to
-    `conv_target_modules` (the ResNet 3x3 convolutions by default); `text_encoder` adapts the text encoder's
-    `text_encoder_target_modules` too (same rank and alpha). `base_dtype`: the frozen base's dtype in training
+    `conv_target_modules` (the ResNet 3x3 convolutions by default); `text_encoder` adapts the text encoders'
+    `text_encoder_target_modules` too (same rank and alpha; SDXL: both encoders). `base_dtype`: the frozen base's dtype in training
     ("auto": bf16 under bf16 mixed precision on a GPU, else as loaded). `init_from`: a LoRA file to continue
     (diffusers `pytorch_lora_weights.safetensors` or kohya `.safetensors`); it must match these settings."""
 
@@ -161,10 +161,11 @@ class LoRA:
         """Freeze the U-Net and add the adapters (diffusers' `add_adapter`)."""
         return self._attach(unet, self.unet_targets(), "model.adapter.target_modules", "the U-Net")
 
-    def attach_text_encoder(self, text_model: nn.Module) -> nn.Module:
-        """Freeze a transformers CLIPTextModel and add the adapters (transformers' `add_adapter`)."""
+    def attach_text_encoder(self, text_model: nn.Module, part: str = "text_encoder") -> nn.Module:
+        """Freeze a transformers CLIP text model (`CLIPTextModel`, SDXL's `CLIPTextModelWithProjection`) and add the
+        adapters (transformers' `add_adapter`); ``part``: its name in the pipeline (for messages)."""
         return self._attach(text_model, self.text_encoder_targets(), "model.adapter.text_encoder_target_modules",
-                            "the text encoder")  # fmt: skip
+                            "the text encoder" if part == "text_encoder" else f"the {part}")  # fmt: skip
 
     def _attach(self, model: nn.Module, targets: Mapping[str, tuple[int, float]], option: str, what: str) -> nn.Module:
         check_targets(model, targets, option, what)
