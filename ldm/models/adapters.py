@@ -1,5 +1,5 @@
-"""LoRA adapters on a frozen base: the U-Net (diffusers' PEFT integration) and optionally a transformers CLIP text
-encoder (transformers' PEFT integration), both through `peft`. Only the adapters train.
+"""LoRA adapters on a frozen base: the U-Net (diffusers' PEFT integration) and optionally the transformers CLIP text
+encoders (transformers' PEFT integration: SD's one, SDXL's two), all through `peft`. Only the adapters train.
 
     lora = LoRA(rank=4, alpha=4)                  # conf/model/adapter/lora.yaml (model/adapter=lora)
     lora.attach_unet(unet)                        # base frozen; lora_A / lora_B added to to_q, to_k, to_v, to_out.0
@@ -66,8 +66,8 @@ def _adaptable(module: nn.Module) -> bool:
 class LoRA:
     """What to adapt and how: `rank` and `alpha` (scale alpha / rank) for `target_modules` (module names or name
     suffixes in the U-Net, peft's matching); `conv_rank` / `conv_alpha` add LoCon adapters to
-    `conv_target_modules` (the ResNet 3x3 convolutions by default); `text_encoder` adapts the text encoder's
-    `text_encoder_target_modules` too (same rank and alpha). `base_dtype`: the frozen base's dtype in training
+    `conv_target_modules` (the ResNet 3x3 convolutions by default); `text_encoder` adapts the text encoders'
+    `text_encoder_target_modules` too (same rank and alpha; SDXL: both encoders). `base_dtype`: the frozen base's dtype in training
     ("auto": bf16 under bf16 mixed precision on a GPU, else as loaded). `init_from`: a LoRA file to continue
     (diffusers `pytorch_lora_weights.safetensors` or kohya `.safetensors`); it must match these settings."""
 
@@ -135,22 +135,22 @@ class LoRA:
 
     def load_init(self, models: Mapping[str, nn.Module], base_model_version: str | None = None,
                   check_only: bool = False) -> None:  # fmt: skip
-        """Copy the adapters of `init_from` into ``models`` ({"unet": ..., "text_encoder": ...}, adapters attached),
-        after checking every key, shape, rank and alpha; nothing is copied when anything does not fit (nor with
-        ``check_only``: the config check runs this on models built on the meta device)."""
+        """Copy the adapters of `init_from` into ``models`` ({"unet": ..., "text_encoder": ...[, "text_encoder_2": ...]},
+        adapters attached), after checking every key, shape, rank and alpha; nothing is copied when anything does not
+        fit (nor with ``check_only``: the config check runs this on models built on the meta device)."""
         if not self.init_from:
             return
         names = {part: [n for n, _ in m.named_modules()] for part, m in models.items()}
         renames = kohya_renames(models)
         try:
-            weights, keys, _ = read_lora(self.init_from, names, base_model_version, renames)
+            weights, keys, _ = read_lora(self.init_from, names, base_model_version, renames, two_text_encoders(models))
         except LoraFileError as error:  # "<file>: <key> ...": say which setting named the file
             raise LoraFileError(f"model.adapter.init_from={error}") from None
-        options = {"unet": "model.adapter.target_modules (or conv_target_modules with conv_rank)",
-                   "text_encoder": "model.adapter.text_encoder_target_modules (with model.adapter.text_encoder=true)"}
+        text = "model.adapter.text_encoder_target_modules (with model.adapter.text_encoder=true)"
+        options = {"unet": "model.adapter.target_modules (or conv_target_modules with conv_rank)"}
         for part, part_weights in weights.items():
             set_lora_weights(models[part], part_weights, f"model.adapter.init_from={self.init_from}", keys[part],
-                             options.get(part, "model.adapter"), check_only=True)  # fmt: skip
+                             options.get(part, text), check_only=True)  # fmt: skip
         if check_only:
             return
         for part, part_weights in weights.items():
@@ -161,10 +161,11 @@ class LoRA:
         """Freeze the U-Net and add the adapters (diffusers' `add_adapter`)."""
         return self._attach(unet, self.unet_targets(), "model.adapter.target_modules", "the U-Net")
 
-    def attach_text_encoder(self, text_model: nn.Module) -> nn.Module:
-        """Freeze a transformers CLIPTextModel and add the adapters (transformers' `add_adapter`)."""
+    def attach_text_encoder(self, text_model: nn.Module, part: str = "text_encoder") -> nn.Module:
+        """Freeze a transformers CLIP text model (`CLIPTextModel`, SDXL's `CLIPTextModelWithProjection`) and add the
+        adapters (transformers' `add_adapter`); ``part``: its name in the pipeline (for messages)."""
         return self._attach(text_model, self.text_encoder_targets(), "model.adapter.text_encoder_target_modules",
-                            "the text encoder")  # fmt: skip
+                            "the text encoder" if part == "text_encoder" else f"the {part}")  # fmt: skip
 
     def _attach(self, model: nn.Module, targets: Mapping[str, tuple[int, float]], option: str, what: str) -> nn.Module:
         check_targets(model, targets, option, what)
@@ -181,6 +182,15 @@ def kohya_renames(models: Mapping[str, nn.Module]) -> dict[str, dict[str, str]]:
     if unet is None or getattr(unet.config, "addition_embed_type", None) != "text_time":
         return {}
     return {"unet": unet_module_names_to_ldm((n for n, _ in unet.named_modules()), unet.config)}
+
+
+def two_text_encoders(models: Mapping[str, nn.Module]) -> bool | None:
+    """Whether the model has two text encoders (SDXL: its U-Net takes a pooled text embedding), which decides kohya's
+    prefixes (lora_te1_ / lora_te2_ against lora_te_) even when no text encoder is adapted; None: unknown."""
+    unet = models.get("unet")
+    if unet is None:
+        return None
+    return getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
 def check_targets(model: nn.Module, targets: Iterable[str], option: str, what: str) -> list[str]:

@@ -2,7 +2,7 @@
 
     export_pipeline(module, "runs/x/pipeline")              # diffusers StableDiffusionPipeline directory
     export_diffusers_lora(module, "runs/x/lora")            # pytorch_lora_weights.safetensors (load_lora_weights)
-    export_kohya(module, "runs/x/lora/x.safetensors")       # lora_unet_* / lora_te_* (ComfyUI, Automatic1111)
+    export_kohya(module, "runs/x/lora/x.safetensors")       # lora_unet_* / lora_te_* (SDXL: lora_te1_* / lora_te2_*)
     export_single_file(module, "runs/x/model.safetensors")  # original layout (from_single_file, ComfyUI, A1111)
 
     pipe = StableDiffusionPipeline.from_pretrained("runs/x/pipeline")   # loads and runs as is
@@ -63,6 +63,12 @@ def to_hf_text_encoder(text_encoder) -> tuple[CLIPTextModel, CLIPTokenizer]:
     raise TypeError(f"export: no diffusers layout for text encoder {type(text_encoder).__name__}")
 
 
+def plain_text_models(text_encoder) -> dict:
+    """The text encoder's transformers CLIP models by part name (`text_encoder`, SDXL's `text_encoder_2`), each with
+    its adapters fused (a merged fp32 copy) where it has any."""
+    return {part: merged(m).float() if has_adapter(m) else m for part, m in text_encoder.text_models().items()}
+
+
 def build_pipeline(module, sampler: str | None = None, use_ema: bool = True):
     """A `StableDiffusionPipeline` (SDXL: `StableDiffusionXLPipeline`) around the module's parts, adapters merged
     (no safety checker, no watermark: research weights)."""
@@ -72,8 +78,7 @@ def build_pipeline(module, sampler: str | None = None, use_ema: bool = True):
     if isinstance(text_encoder, SDXLTextEncoders):
         return StableDiffusionXLPipeline(
             vae=module.vae,
-            text_encoder=text_encoder.text_encoder,
-            text_encoder_2=text_encoder.text_encoder_2,
+            **plain_text_models(text_encoder),  # text_encoder, text_encoder_2: adapters merged
             tokenizer=text_encoder.tokenizer,
             tokenizer_2=text_encoder.tokenizer_2,
             unet=unet,
@@ -103,14 +108,12 @@ def export_pipeline(module, out_dir: str | Path, sampler: str | None = None, use
 
 # --- LoRA files ---------------------------------------------------------------------------------------------------
 def lora_parts(module, use_ema: bool = True) -> dict:
-    """{"unet": {module name: LoraModule}, "text_encoder": {...}} of an adapted module (EMA adapters when on)."""
+    """{"unet": {module name: LoraModule}, "text_encoder": {...}[, "text_encoder_2": {...}]} of an adapted module
+    (EMA adapters when on)."""
     if getattr(module, "adapter", None) is None:
         raise ValueError("export: this checkpoint trained the whole U-Net, it has no LoRA adapters; export it as "
                          "--format pipeline or single-file")  # fmt: skip
-    parts = {"unet": lora_weights(module.sampling_unet(use_ema))}
-    if module.text_encoder_trains:
-        parts["text_encoder"] = lora_weights(module.sampling_text_encoder(use_ema).text_encoder)
-    return parts
+    return {part: lora_weights(model) for part, model in module.adapted_models(use_ema).items()}
 
 
 def export_diffusers_lora(module, out_dir: str | Path, use_ema: bool = True, **_) -> Path:

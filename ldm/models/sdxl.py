@@ -75,6 +75,9 @@ class SDXLTextEncoders(TextEncoder):
     def max_length(self) -> int:
         return self.tokenizer.model_max_length
 
+    def text_models(self) -> dict[str, torch.nn.Module]:
+        return {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+
     def _ids(self, tokenizer: CLIPTokenizer, captions: list[str]) -> torch.LongTensor:
         return tokenizer(captions, padding="max_length", max_length=self.max_length, truncation=True,
                          return_tensors="pt").input_ids  # fmt: skip

@@ -70,6 +70,11 @@ class TextEncoder(nn.Module):
         """The unconditional input (batch 1): the empty caption's encoding, as Stable Diffusion 1.x/2.x use it."""
         return self.condition([""])
 
+    def text_models(self) -> dict[str, nn.Module]:
+        """Its transformers CLIP text models by the part name a diffusers pipeline and LoRA files give them
+        (`text_encoder`, SDXL's `text_encoder_2`): what LoRA adapts. None here (open_clip has no such model)."""
+        return {}
+
 
 def _check_captions(captions: Sequence[str]) -> list[str]:
     if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
@@ -106,6 +111,9 @@ class HFCLIPTextEncoder(TextEncoder):
     @property
     def max_length(self) -> int:
         return self.tokenizer.model_max_length
+
+    def text_models(self) -> dict[str, nn.Module]:
+        return {"text_encoder": self.text_encoder}
 
     def tokenize(self, captions: Sequence[str]) -> torch.LongTensor:
         return self.tokenizer(

@@ -1,5 +1,5 @@
 """The adapter's checks that need the model's layers: settings, target modules and an `init_from` file, tried on the
-configured U-Net (and text encoder) built on the meta device (no weights, no memory), before anything is built.
+configured U-Net (and text encoders) built on the meta device (no weights, no memory), before anything is built.
 
     check_adapter(cfg)   # ConfigError("model.adapter.target_modules: to_qq matches no layer of the U-Net ...")
 
@@ -14,10 +14,12 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 from omegaconf import DictConfig, OmegaConf
-from transformers import CLIPTextConfig, CLIPTextModel
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from ldm.models.adapters import AdapterError, LoRA
 from ldm.models.formats.lora import LoraFileError
+from ldm.models.sdxl import sdxl_text_encoders
 from ldm.models.text_encoders import hf_clip_text_encoder
 from ldm.models.unet import base_model_version, build_unet, load_unet
 from ldm.run.validate import model_dir, unet_config
@@ -38,14 +40,24 @@ def _meta_unet(unet: dict) -> UNet2DConditionModel | None:
         return UNet2DConditionModel.from_config(config)
 
 
-def _meta_text_model(text_encoder: dict) -> CLIPTextModel | None:
-    if not names_target(text_encoder, hf_clip_text_encoder):
-        return None
-    folder = model_dir("model.text_encoder", text_encoder["path"], text_encoder.get("subfolder"))
-    if folder is None:
-        return None
-    with torch.device("meta"):
-        return CLIPTextModel(CLIPTextConfig.from_pretrained(folder))
+def _meta_text_models(text_encoder: dict) -> dict[str, nn.Module]:
+    """The configured transformers CLIP text models on the meta device, by part name (SDXL: both); none for a hub
+    id."""
+    if names_target(text_encoder, hf_clip_text_encoder):
+        parts = {"text_encoder": (CLIPTextModel, text_encoder.get("subfolder"))}
+    elif names_target(text_encoder, sdxl_text_encoders):
+        parts = {"text_encoder": (CLIPTextModel, "text_encoder"),
+                 "text_encoder_2": (CLIPTextModelWithProjection, "text_encoder_2")}  # fmt: skip
+    else:
+        return {}
+    models = {}
+    for part, (cls, subfolder) in parts.items():
+        folder = model_dir("model.text_encoder", text_encoder["path"], subfolder)
+        if folder is None:
+            return {}
+        with torch.device("meta"):
+            models[part] = cls(CLIPTextConfig.from_pretrained(folder))
+    return models
 
 
 def check_adapter(cfg: DictConfig) -> None:
@@ -69,20 +81,20 @@ def check_adapter(cfg: DictConfig) -> None:
     if names_target((config.get("trainer") or {}).get("strategy"), ShardedUNetStrategy):
         raise ConfigError("model/adapter=lora with +trainer/strategy=fsdp: the adapters are small, train them with "
                           "+trainer/strategy=ddp")  # fmt: skip
-    if lora.text_encoder and not names_target(model.get("text_encoder"), hf_clip_text_encoder):
+    if lora.text_encoder and not names_target(model.get("text_encoder"), hf_clip_text_encoder, sdxl_text_encoders):
         raise ConfigError("model.adapter.text_encoder=true needs a transformers CLIP text encoder "
-                          "(model/text_encoder=hf_clip)")  # fmt: skip
+                          "(model/text_encoder=hf_clip, or SDXL's pair: model=sdxl)")  # fmt: skip
     if lora.init_from and not Path(lora.init_from).exists():
         raise ConfigError(f"model.adapter.init_from={lora.init_from}: no such file or directory")
     unet = _meta_unet(model.get("unet"))
     if unet is None:  # a hub id: checked when it is loaded
         return
-    text_model = _meta_text_model(model.get("text_encoder")) if lora.text_encoder else None
+    text_models = _meta_text_models(model.get("text_encoder")) if lora.text_encoder else {}
     try:
         lora.attach_unet(unet)
         adapted = {"unet": unet}
-        if text_model is not None:
-            adapted["text_encoder"] = lora.attach_text_encoder(text_model)
+        for part, text_model in text_models.items():
+            adapted[part] = lora.attach_text_encoder(text_model, part)
         version = base_model_version(unet.config, (config.get("diffusion") or {}).get("prediction_type", "epsilon"))
         lora.load_init(adapted, version, check_only=True)
     except (AdapterError, LoraFileError) as error:

@@ -16,8 +16,9 @@ run only loads it when it samples, evaluates or exports.
 
 LoRA (`adapter`, conf/model/adapter/lora.yaml): the U-Net's base weights are frozen (bf16 under bf16 mixed precision on a
 GPU) and only peft adapters train, with their own EMA; checkpoints hold the adapters, the base is reloaded from its
-source as the frozen VAE and text encoder are. `adapter.text_encoder` adapts the text encoder too (a transformers
-CLIP), which then runs on every step with gradients (no caption cache, no cached encodings).
+source as the frozen VAE and text encoder are. `adapter.text_encoder` adapts the text encoder too (its transformers
+CLIP models: SD's one, SDXL's two), which then runs on every step with gradients (no caption cache, no cached
+encodings).
 
 Speed options (all off by default, harmless on CPU): `channels_last`, `compile` (torch.compile of the
 U-Net in place, and of the VAE encoder when it encodes on the fly; True or a dict of torch.compile options
@@ -55,7 +56,6 @@ from ldm.diffusion import (
     unet_inputs,
 )
 from ldm.models.adapters import BASE_DTYPES, LoRA, cast_base, is_adapter_key, keep_input_dtype
-from ldm.models.text_encoders import HFCLIPTextEncoder
 from ldm.models.sdxl import time_ids
 from ldm.models.unet import base_model_version
 from ldm.models.vae import downsample_factor
@@ -142,13 +142,16 @@ class LatentDiffusion(Stage):
         return self.adapter is not None and self.adapter.text_encoder
 
     def _adapt_text_encoder(self, text_encoder: torch.nn.Module) -> None:
-        """With `adapter.text_encoder`: adapters on the text encoder's CLIP, and their EMA."""
+        """With `adapter.text_encoder`: adapters on each of the text encoder's transformers CLIP models (SDXL: both),
+        and their EMA."""
         if not self.text_encoder_trains:
             return
-        if not isinstance(text_encoder, HFCLIPTextEncoder):
+        text_models = text_encoder.text_models() if hasattr(text_encoder, "text_models") else {}
+        if not text_models:
             raise ValueError(f"model.adapter.text_encoder=true needs a transformers CLIP text encoder "
-                             f"(model/text_encoder=hf_clip), not {type(text_encoder).__name__}")  # fmt: skip
-        self.adapter.attach_text_encoder(text_encoder.text_encoder)
+                             f"(model/text_encoder=hf_clip, or SDXL's pair), not {type(text_encoder).__name__}")  # fmt: skip
+        for part, text_model in text_models.items():
+            self.adapter.attach_text_encoder(text_model, part)
         if self.ema_decay:
             self.ema_text_encoder = EMA(text_encoder, self.ema_decay)
 
@@ -203,9 +206,7 @@ class LatentDiffusion(Stage):
         """Once, before training (before a resumed checkpoint's weights are restored, and before Lightning moves the
         module to its device): the frozen base in its training dtype, and the adapters of `adapter.init_from` in the
         model and its EMA."""
-        adapted = {"unet": self.unet}
-        if self.text_encoder_trains:
-            adapted["text_encoder"] = self.text_encoder.text_encoder
+        adapted = self.adapted_models(use_ema=False)
         dtype = BASE_DTYPES[self.adapter.base_dtype]
         on_gpu = self.trainer.strategy.root_device.type == "cuda"  # (Lightning moves the module there after this hook)
         if dtype is None and on_gpu and "bf16" in str(self.trainer.precision):
@@ -215,17 +216,22 @@ class LatentDiffusion(Stage):
                 cast_base(part, dtype)  # the EMA shares the base, so it follows
             self.base_dtype = dtype
         if "mixed" in str(self.trainer.precision):
-            for part in (self.unet, self.text_encoder.text_encoder if self.text_encoder_trains else None):
-                if part is not None:
-                    keep_input_dtype(part)  # the EMA copies were made with the flag unset: they cast, as diffusers does
+            for part in adapted.values():
+                keep_input_dtype(part)  # the EMA copies were made with the flag unset: they cast, as diffusers does
         version = base_model_version(self.unet.config, self.prediction_type)
         self.adapter.load_init(adapted, version)
-        copies = {"unet": self.ema.module} if self.ema is not None else {}
-        if "text_encoder" in adapted and self.ema is not None:
-            copies["text_encoder"] = self.ema_text_encoder.module.text_encoder
-        if copies:
-            self.adapter.load_init(copies, version)
+        if self.ema is not None:
+            self.adapter.load_init(self.adapted_models(use_ema=True), version)
         self._adapter_ready = True
+
+    def adapted_models(self, use_ema: bool = True) -> dict[str, torch.nn.Module]:
+        """The models that carry adapters, by the part name LoRA files give them: {"unet": ...} and, with
+        `adapter.text_encoder`, {"text_encoder": ...} (SDXL: and "text_encoder_2"), their EMA copies when EMA is on
+        and ``use_ema``."""
+        models = {"unet": self.sampling_unet(use_ema)}
+        if self.text_encoder_trains:
+            models.update(self.sampling_text_encoder(use_ema).text_models())
+        return models
 
     def _vae_in_bf16(self) -> bool:
         """Under bf16 mixed precision the frozen VAE runs in plain bf16, weights and activations (autocast off),
@@ -376,6 +382,8 @@ class LatentDiffusion(Stage):
         paper's embedders drop). The one place where caption dropout happens. ``cached``: the captions' encodings
         when cached with the latents."""
         drop = drop_mask(len(captions), self.cfg_dropout, self.device)
+        if self.text_encoder_trains and self.is_sdxl:  # adapted text encoders, with gradients; dropped: SDXL's zeros
+            return self._where(drop, self.empty_condition(), self.text_encoder.condition(list(captions)))
         if self.text_encoder_trains:  # adapted text encoder: encoded with gradients, dropped captions as ""
             return self.text_encoder.condition(["" if d else c for c, d in zip(captions, drop.tolist())])
         if cached is None:

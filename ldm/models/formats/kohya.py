@@ -32,9 +32,10 @@ NETWORK_MODULE = "networks.lora"
 SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 
 
-def prefixes(parts: Iterable[str]) -> dict[str, str]:
-    """Part -> key prefix: lora_unet / lora_te, or lora_te1 / lora_te2 for a model with two text encoders."""
-    if "text_encoder_2" in parts:
+def prefixes(parts: Iterable[str], two_text_encoders: bool | None = None) -> dict[str, str]:
+    """Part -> key prefix: lora_unet / lora_te, or lora_te1 / lora_te2 for a model with two text encoders (SDXL; by
+    default: when `text_encoder_2` is among ``parts``)."""
+    if two_text_encoders or (two_text_encoders is None and "text_encoder_2" in parts):
         return {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
     return {"unet": "lora_unet", "text_encoder": "lora_te"}
 
@@ -85,11 +86,13 @@ def is_kohya(tensors: Mapping[str, Tensor]) -> bool:
 
 
 def from_state_dict(tensors: Mapping[str, Tensor], names: Mapping[str, Iterable[str]], source: str,
-                    renames: Mapping[str, Mapping[str, str]] | None = None):  # fmt: skip
+                    renames: Mapping[str, Mapping[str, str]] | None = None,
+                    two_text_encoders: bool | None = None):  # fmt: skip
     """(weights, keys): weights[part][module name] = LoraModule, keys[part][module name] = the file's layer name.
-    ``names``: the module names of each part of the model the file is loaded into; ``renames``: as `to_state_dict`'s
-    (a layer is found under either of its names)."""
-    parts = prefixes(names)
+    ``names``: the module names of each adapted part of the model the file is loaded into; ``renames``: as
+    `to_state_dict`'s (a layer is found under either of its names); ``two_text_encoders``: as `prefixes`' (whether
+    the model has two text encoders, adapted or not: which text-encoder prefixes are its own)."""
+    parts = prefixes(names, two_text_encoders)
     by_prefix = sorted(((p + "_", part) for part, p in parts.items()), key=lambda x: -len(x[0]))
     tables = {}
     for part in (p for p in parts if p in names):
@@ -109,12 +112,17 @@ def from_state_dict(tensors: Mapping[str, Tensor], names: Mapping[str, Iterable[
     for layer, parts_of_layer in layers.items():
         part = next((part for p, part in by_prefix if layer.startswith(p)), None)
         if part is None:
-            other = "lora_te1_/lora_te2_ (two text encoders: SDXL)" if layer.startswith(("lora_te1_", "lora_te2_")) else ""
-            raise LoraFileError(f"{source}: {layer}: made for another base model" + (f" ({other})" if other else
-                                " (unknown prefix)"))  # fmt: skip
+            if layer.startswith(("lora_te1_", "lora_te2_")):
+                other = " (lora_te1_/lora_te2_ (two text encoders: SDXL))"
+            elif layer.startswith("lora_te_"):
+                other = " (lora_te_: one text encoder, SD 1.x/2.x; SDXL's two are lora_te1_/lora_te2_)"
+            else:
+                other = " (unknown prefix)"
+            raise LoraFileError(f"{source}: {layer}: made for another base model{other}")
         if part not in tables:
-            raise LoraFileError(f"{source}: {layer} adapts the {part.replace('_', ' ')}, which this model cannot adapt "
-                                f"(LoRA on a text encoder needs a transformers CLIP: model/text_encoder=hf_clip)")  # fmt: skip
+            raise LoraFileError(f"{source}: {layer} adapts the {part.replace('_', ' ')}, which this run does not adapt "
+                                f"(model.adapter.text_encoder=true adapts a transformers CLIP: model/text_encoder=hf_clip, "
+                                f"or SDXL's two)")  # fmt: skip
         name = tables[part].get(layer)
         if name is None:
             raise LoraFileError(f"{source}: {layer} names no layer of the {part.replace('_', ' ')} (unknown key, or a "

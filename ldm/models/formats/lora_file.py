@@ -18,11 +18,13 @@ def model_family(version: str) -> str:
 
 
 def read_lora(path: str | Path, names: Mapping[str, Iterable[str]], base_model_version: str | None = None,
-              renames: Mapping[str, Mapping[str, str]] | None = None):  # fmt: skip
+              renames: Mapping[str, Mapping[str, str]] | None = None,
+              two_text_encoders: bool | None = None):  # fmt: skip
     """``(weights, keys, metadata)``: weights[part][module name] a LoraModule, keys[part][module name] the key it has
     in the file (for messages), the file's metadata. ``names``: the module names of each part of the model it is for;
     ``base_model_version``: the model's (kohya's ss_base_model_version); a file that records another family is
-    refused. LoraFileError (one line) names the file and the first key that does not fit."""
+    refused; ``two_text_encoders``: whether the model has two (SDXL), when no text encoder is among ``names``.
+    LoraFileError (one line) names the file and the first key that does not fit."""
     path = safetensors_file(path, diffusers_lora.WEIGHT_NAME)
     tensors, metadata = read_safetensors(path)
     if not tensors:
@@ -32,7 +34,7 @@ def read_lora(path: str | Path, names: Mapping[str, Iterable[str]], base_model_v
         raise LoraFileError(f"{path}: made for another base model (ss_base_model_version={theirs}; this model is "
                             f"{base_model_version})")  # fmt: skip
     if kohya.is_kohya(tensors):
-        return (*kohya.from_state_dict(tensors, names, str(path), renames), metadata)
+        return (*kohya.from_state_dict(tensors, names, str(path), renames, two_text_encoders), metadata)
     if diffusers_lora.is_diffusers(tensors):
         return (*diffusers_lora.from_state_dict(tensors, metadata, names, str(path)), metadata)
     raise LoraFileError(f"{path}: not a LoRA file in the diffusers (unet.*.lora_A.weight) or kohya (lora_unet_*."
