@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import datasets
+# `datasets` (and pyarrow behind it) is imported by the functions that read one: ~2 s that `make_shards.py` with any
+# other --source, and a machine without the package, do without.
 
 CAPTION_COLUMNS = ("text", "caption", "captions", "prompt", "tags")
 
@@ -22,6 +23,8 @@ CAPTION_COLUMNS = ("text", "caption", "captions", "prompt", "tags")
 def load_hf(path: str | Path, split: str = "train"):
     """The `split` of a datasets directory: load_from_disk for a save_to_disk directory, else a streamed
     load_dataset (parquet, imagefolder, csv/json + images)."""
+    import datasets
+
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"{path}: not a directory")
@@ -54,6 +57,8 @@ def samples_from_hf(path: str | Path, split: str = "train", image_column: str | 
     """Yield (key, encoded image bytes, caption or caption list) from a datasets directory (see the module
     docstring). The image column defaults to the first `Image` feature (else a column named image/img/...), the
     caption column to the first of text, caption, captions, prompt, tags."""
+    import datasets
+
     dataset = load_hf(path, split)
     features = dataset.features or {}  # None for a streamed dataset whose columns show only in its rows
     columns = features or next(iter(dataset), {})
