@@ -206,3 +206,33 @@ def test_tag_captions_on_latents_are_encoded_per_visit(bucketed):
     dm = LatentShardDataModule(str(bucketed), None, batch_size=2, num_workers=0, captions={"trigger": "sks"})
     batch = next(iter(dm.train_dataloader()))
     assert "text_hidden" not in batch and all(c.startswith("sks, caption ") for c in batch["caption"])
+
+
+@pytest.mark.parametrize("array", [
+    np.arange(24, dtype=np.float16).reshape(2, 3, 4), np.ones((4, 8, 8), np.float32), np.asfortranarray(np.eye(3)),
+    np.array(3.5), np.zeros((0, 5), np.int64), np.arange(6, dtype=">i4").reshape(2, 3),
+])  # fmt: skip
+def test_load_npy_is_numpys(array):
+    """load_npy (the header parsed once per distinct header) gives what np.load gives, writable, for format 1.0 and
+    2.0 headers; truncated data and pickled objects are refused as np.load refuses them."""
+    import io
+
+    for version in ((1, 0), (2, 0)):
+        buffer = io.BytesIO()
+        np.lib.format.write_array(buffer, array, version=version)
+        data = buffer.getvalue()
+        for _ in range(2):  # the second load takes the cached header
+            loaded = load_npy(data)
+            expected = np.load(io.BytesIO(data), allow_pickle=False)
+            assert loaded.dtype == expected.dtype and loaded.shape == expected.shape and loaded.flags.writeable
+            assert loaded.flags.f_contiguous == expected.flags.f_contiguous
+            np.testing.assert_array_equal(loaded, expected)
+        if array.size:
+            with pytest.raises(ValueError):
+                load_npy(data[:-1])
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError):
+        load_npy(buffer.getvalue())
+    with pytest.raises(ValueError):
+        load_npy(b"not an npy file at all")

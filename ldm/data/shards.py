@@ -26,6 +26,7 @@ import io
 import json
 import os
 import tarfile
+import time
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -244,7 +245,9 @@ class ShardSink:
     def write(self, sample: dict, size: tuple[int, int] | None = None) -> None:
         if self.writer is None:
             self.tmp_path = self.out_dir / f"{len(self.records):06d}.tar.tmp"
-            self.writer = wds.TarWriter(str(self.tmp_path), encoder=False)
+            # a whole-second mtime: webdataset's default (time.time(), a float) makes tarfile add a PAX header to
+            # every member, which readers then parse in Python (~0.1 ms a member, about half of reading a latent)
+            self.writer = wds.TarWriter(str(self.tmp_path), encoder=False, mtime=int(time.time()))
         self.writer.write(sample)
         self._sizes[sample["__key__"]] = list(size) if size else None
         self.count += 1
