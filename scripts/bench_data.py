@@ -7,6 +7,10 @@ batches behind a simulated training step of --step-ms, and prints one summary li
 
     python scripts/bench_data.py --resolution 256 512 --workers 2 --batches 20          # a laptop
     python scripts/bench_data.py --resolution 512 --workers 12 --batches 200 --pixels uint8 float  # a 16-core box
+    python scripts/bench_data.py --latents data/bench_train/cifar/latents32 --workers 0 12 --batch-size 256  # cached latents
+
+`--latents DIR` times `data=latents`' loader (LatentShardDataModule) on latent shards written by
+`scripts/precompute_latents.py` (or `bench_train.py`'s setup) instead.
 """
 
 import gc
@@ -15,14 +19,19 @@ import time
 from pathlib import Path
 
 from ldm.data.datamodule import ShardDataModule
+from ldm.data.latents import LatentShardDataModule
 from ldm.data.synthetic import synthetic_shards
 from ldm.utils.cli import ArgumentParser, run_command
 
 
 def bench(shards: Path, resolution: int, workers: int, batches: int, batch_size: int, step_s: float,
           jpeg_draft: bool, pixels: str) -> str:  # fmt: skip
-    dm = ShardDataModule(str(shards), None, resolution, batch_size, num_workers=workers, shuffle_buffer=256,
-                         samples_per_epoch=10**9, jpeg_draft=jpeg_draft, uint8=pixels == "uint8")  # fmt: skip
+    if pixels == "latents":
+        dm = LatentShardDataModule(str(shards), None, batch_size, num_workers=workers, shuffle_buffer=256,
+                                   samples_per_epoch=10**9)  # fmt: skip
+    else:
+        dm = ShardDataModule(str(shards), None, resolution, batch_size, num_workers=workers, shuffle_buffer=256,
+                             samples_per_epoch=10**9, jpeg_draft=jpeg_draft, uint8=pixels == "uint8")  # fmt: skip
     loader = iter(dm.train_dataloader())
     for _ in range(max(2, workers)):  # warm-up: start workers, fill their prefetch queues
         next(loader)
@@ -56,7 +65,13 @@ def main(argv=None) -> None:
     parser.add_argument("--no-draft", action="store_true", help="decode JPEGs at full size")
     parser.add_argument("--pixels", nargs="+", choices=["uint8", "float"], default=["uint8"],
                         help="what workers deliver: uint8 (the default configs) or float in [-1, 1]")
+    parser.add_argument("--latents", default=None, help="time the cached-latent loader on these latent shards")
     args = parser.parse_args(argv)
+    if args.latents:
+        for workers in args.workers:
+            print(bench(Path(args.latents), 0, workers, args.batches, args.batch_size, args.step_ms / 1000, False,
+                        "latents"), flush=True)  # fmt: skip
+        return
 
     for resolution in args.resolution:
         shards = Path(args.shards) if args.shards else synthetic_shards(Path(args.shard_dir), resolution, args.images)
