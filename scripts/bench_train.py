@@ -9,7 +9,7 @@ captions of ten classes (what `make cifar10` shards hold; the text encodings are
 its 1.1 M-parameter U-Net at batch 32), on freshly rendered shapes with untrained stage-0/1 exports; reported in
 steps/s too. `--model sdxl` (issue 20): a random SDXL-base-shaped model in the StableDiffusionXLPipeline layout
 (`ldm.models.sdxl.save_random_sdxl`: the 2.567 B-parameter U-Net, CLIP-L and OpenCLIP-bigG-shaped text encoders, an
-SD-shaped VAE with scaling 0.13025; about 13 GB of fp32 weights written once), 1024 px by default at batch 4, our
+SD-shaped VAE with scaling 0.13025; about 14 GB of fp32 weights written once), 1024 px by default at batch 4, our
 runs `model=sdxl` on latents cached with both encoders' states, bigG's pooled embedding and each image's size and
 crop; its baseline is train_text_to_image_sdxl.py's step, which trains on precomputed latents and embeddings too.
 Models, shards and latents are built once under --work/<model> (sd15: --work itself).
@@ -141,8 +141,8 @@ def setup(work: Path, model: str, resolutions: list[int], images: int, tiny: boo
 def save_models(models: Path, model: str, resolution: int, tiny: bool) -> None:
     """The random frozen parts under `models`, written once: sdxl a whole StableDiffusionXLPipeline directory
     (models/sdxl, written to a temporary folder and renamed, so a cut-off write is not taken for a model; full
-    size: about 10 GB of fp32 weights, a minute or two), the others a VAE (models/vae) and a CLIP text encoder
-    (models/clip)."""
+    size: about 14 GB of fp32 weights, 10.3 GB of them the U-Net's; the time it took is printed), the others a VAE
+    (models/vae) and a CLIP text encoder (models/clip)."""
     from ldm.models.sdxl import save_random_sdxl
     from ldm.models.text_encoders import save_random_hf_clip
     from ldm.models.vae import build_vae
