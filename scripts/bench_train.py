@@ -7,7 +7,12 @@ the CIFAR-scale U-Net (`model/unet=cifar`, 37 M parameters) on 8x8x4 latents of 
 captions of ten classes (what `make cifar10` shards hold; the text encodings are cached, `model.text_cache_size`).
 `--model shapes`: the built-in default's stage 2 exactly as `make train` runs it (`experiment=shapes`, fp32, eager,
 its 1.1 M-parameter U-Net at batch 32), on freshly rendered shapes with untrained stage-0/1 exports; reported in
-steps/s too. Models, shards and latents are built once under --work/<model>.
+steps/s too. `--model sdxl` (issue 20): a random SDXL-base-shaped model in the StableDiffusionXLPipeline layout
+(`ldm.models.sdxl.save_random_sdxl`: the 2.567 B-parameter U-Net, CLIP-L and OpenCLIP-bigG-shaped text encoders, an
+SD-shaped VAE with scaling 0.13025; about 14 GB of fp32 weights written once), 1024 px by default at batch 4, our
+runs `model=sdxl` on latents cached with both encoders' states, bigG's pooled embedding and each image's size and
+crop; its baseline is train_text_to_image_sdxl.py's step, which trains on precomputed latents and embeddings too.
+Models, shards and latents are built once under --work/<model> (sd15: --work itself).
 
 Each run is `python -m ldm.train` with cached latents or on-the-fly encoding (bf16, torch.compile, fused AdamW,
 EMA on; `--compile-mode reduce-overhead` adds CUDA graphs), timed by the StepTimer callback after warm-up, plus
@@ -33,6 +38,11 @@ gradients for the frozen base).
     python scripts/bench_train.py --resolution 32 --batch-size 2 --steps 2 --warmup 1 --tiny --lora-ranks 2 \
         --runs lora-baseline lora-baseline-cached lora-cached lora-onthefly                # LoRA CPU smoke run
     python scripts/bench_train.py --resolution 512 --batch-size 32 --runs onthefly bucketed cached bucketed-cached
+    python scripts/bench_train.py --model sdxl --runs baseline cached --steps 10 --warmup 5   # SDXL, 1024 px, batch 4
+    python scripts/bench_train.py --model sdxl --batch-size 1 --runs lora-cached --lora-ranks 16 --steps 10 --warmup 5 \
+        --extra model.gradient_checkpointing=true              # SDXL LoRA, batch 1: the 24 GiB consumer-GPU case
+    python scripts/bench_train.py --model sdxl --tiny --resolution 64 --batch-size 2 --steps 2 --warmup 1 \
+        --images 8 --workers 0 --runs baseline cached eager lora-cached --lora-ranks 2   # SDXL CPU smoke run
 
 Bucketed runs (`bucketed`, `bucketed-cached`) train on a mixed-aspect set spread evenly over the aspect-ratio
 buckets of resolution^2 pixels (data.buckets={max_aspect: 2.0, step: 64}; images 1/8 larger than their bucket),
@@ -44,7 +54,10 @@ the same call. `recompiles` counts torch.compile's recompilations in the run's l
 The baseline is what diffusers' examples/text_to_image/train_text_to_image.py does per step with
 --mixed_precision bf16: VAE and CLIP in bf16 every step, fp32 U-Net under bf16 autocast, eager, foreach
 AdamW, gradient clipping; it is fed GPU-resident batches (no data loading), so its figure is an upper bound
-and the ratio a lower bound.
+and the ratio a lower bound. For sdxl, train_text_to_image_sdxl.py's step on cached inputs (GPU-resident latents,
+prompt embeddings (B, 77, 2048), pooled (B, 1280), add_time_ids (B, 6)); its LoRA baselines are
+train_text_to_image_lora_sdxl.py's step (the VAE in bf16 on the fly, as that script runs it with a
+--pretrained_vae_model_name_or_path; without one it keeps the VAE in fp32).
 """
 
 from __future__ import annotations
@@ -99,28 +112,17 @@ def setup(work: Path, model: str, resolutions: list[int], images: int, tiny: boo
         return setup_shapes(work, images)
     from ldm.data.latents import precompute_latents
     from ldm.data.synthetic import bucket_step, synthetic_bucket_shards, synthetic_shards
-    from ldm.models.text_encoders import hf_clip_text_encoder, save_random_hf_clip
-    from ldm.models.vae import build_vae, load_vae
 
-    models = work / "models"
-    if not (models / "vae" / "config.json").exists():
-        if model == "cifar":  # f=4: 8x8 latents of 32 px images
-            vae_config = {**(TINY_VAE if tiny else CIFAR_VAE), "sample_size": resolutions[0]}
-            vae_config["block_out_channels"] = vae_config["block_out_channels"][:3]
-        else:
-            vae_config = TINY_VAE if tiny else SD15_VAE
-        build_vae(**vae_config).save_pretrained(models / "vae")
-    if not (models / "clip" / "text_encoder" / "config.json").exists():
-        save_random_hf_clip(models / "clip", **(TINY_CLIP if tiny else CLIP_L))
+    save_models(work / "models", model, resolutions[0], tiny)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    batch_size = {"cifar": 256, "sdxl": 8}.get(model, 32)  # VAE batch (sdxl: 1024 px images in fp32)
     for r in resolutions:
         shards = class_shards(work, r, images) if model == "cifar" else synthetic_shards(work, r, images)
         if not (work / f"latents{r}" / "latents.json").exists():
             t0 = time.perf_counter()
-            vae = load_vae(str(models / "vae"), subfolder=None).to(device)
-            text_encoder = hf_clip_text_encoder(str(models / "clip")).to(device)
-            precompute_latents(shards, work / f"latents{r}", vae, text_encoder, resolution=r, batch_size=256 if model == "cifar" else 32,
-                               samples_per_shard=max(1, images // 32), num_workers=8, progress=False)  # fmt: skip
+            precompute_latents(shards, work / f"latents{r}", *frozen_encoders(work, model, device), resolution=r,
+                               batch_size=batch_size, samples_per_shard=max(1, images // 32), num_workers=8,
+                               progress=False)  # fmt: skip
             print(f"# precomputed {images} latents at {r} px in {time.perf_counter() - t0:.1f} s", flush=True)
         if not bucket_images:
             continue
@@ -128,14 +130,55 @@ def setup(work: Path, model: str, resolutions: list[int], images: int, tiny: boo
         meta = work / f"latents-mixed{r}" / "latents.json"
         if not meta.exists() or json.loads(meta.read_text()).get("source", {}).get("images") != bucket_images:
             t0 = time.perf_counter()
-            vae = load_vae(str(models / "vae"), subfolder=None).to(device)
-            text_encoder = hf_clip_text_encoder(str(models / "clip")).to(device)
-            precompute_latents(mixed, work / f"latents-mixed{r}", vae, text_encoder, resolution=r, batch_size=32,
-                               samples_per_shard=max(1, bucket_images // 32), num_workers=8, progress=False,
-                               buckets={"max_aspect": 2.0, "step": bucket_step(r)},
+            precompute_latents(mixed, work / f"latents-mixed{r}", *frozen_encoders(work, model, device), resolution=r,
+                               batch_size=batch_size, samples_per_shard=max(1, bucket_images // 32), num_workers=8,
+                               progress=False, buckets={"max_aspect": 2.0, "step": bucket_step(r)},
                                source={"images": bucket_images})  # fmt: skip
             print(f"# precomputed {bucket_images} bucketed latents at {r} px in {time.perf_counter() - t0:.1f} s",
                   flush=True)  # fmt: skip
+
+
+def save_models(models: Path, model: str, resolution: int, tiny: bool) -> None:
+    """The random frozen parts under `models`, written once: sdxl a whole StableDiffusionXLPipeline directory
+    (models/sdxl, written to a temporary folder and renamed, so a cut-off write is not taken for a model; full
+    size: about 14 GB of fp32 weights, 10.3 GB of them the U-Net's; the time it took is printed), the others a VAE
+    (models/vae) and a CLIP text encoder (models/clip)."""
+    from ldm.models.sdxl import save_random_sdxl
+    from ldm.models.text_encoders import save_random_hf_clip
+    from ldm.models.vae import build_vae
+
+    if model == "sdxl":
+        if not (models / "sdxl").is_dir():
+            t0 = time.perf_counter()
+            partial = save_random_sdxl(models / "sdxl.partial", tiny=tiny,
+                                       vae_block_out_channels=TINY_VAE["block_out_channels"])  # tiny: f=8 too
+            partial.rename(models / "sdxl")
+            print(f"# wrote a random SDXL-shaped model in {time.perf_counter() - t0:.1f} s", flush=True)
+        return
+    if not (models / "vae" / "config.json").exists():
+        if model == "cifar":  # f=4: 8x8 latents of 32 px images
+            vae_config = {**(TINY_VAE if tiny else CIFAR_VAE), "sample_size": resolution}
+            vae_config["block_out_channels"] = vae_config["block_out_channels"][:3]
+        else:
+            vae_config = TINY_VAE if tiny else SD15_VAE
+        build_vae(**vae_config).save_pretrained(models / "vae")
+    if not (models / "clip" / "text_encoder" / "config.json").exists():
+        save_random_hf_clip(models / "clip", **(TINY_CLIP if tiny else CLIP_L))
+
+
+def frozen_encoders(work: Path, model: str, device: str, dtype: torch.dtype | None = None):
+    """The frozen VAE and text encoder that `save_models` wrote (sdxl: SDXL's pair, `SDXLTextEncoders`), on
+    `device` in `dtype` (None: as saved, fp32)."""
+    from ldm.models.sdxl import sdxl_text_encoders
+    from ldm.models.text_encoders import hf_clip_text_encoder
+    from ldm.models.vae import load_vae
+
+    models = work / "models"
+    if model == "sdxl":
+        vae, text_encoder = load_vae(str(models / "sdxl")), sdxl_text_encoders(models / "sdxl")
+    else:
+        vae, text_encoder = load_vae(str(models / "vae"), subfolder=None), hf_clip_text_encoder(str(models / "clip"))
+    return vae.to(device, dtype), text_encoder.to(device, dtype)
 
 
 def class_shards(work: Path, resolution: int, n: int) -> Path:
@@ -180,24 +223,37 @@ def compose(overrides: list[str]):
 
 def unet_flops(model: str, resolution: int, tiny: bool, lora_rank: int | None = None) -> float:
     """Forward + backward FLOPs of the U-Net per image (torch.utils.flop_counter), batch 1; with ``lora_rank``, of
-    the adapted U-Net whose frozen base gets no weight gradients."""
+    the adapted U-Net whose frozen base gets no weight gradients. SDXL's U-Net gets its added conditions
+    (`text_embeds` (1, 1280), `time_ids` (1, 6)) and 2048-wide text states. The U-Net is built on the meta device
+    and given uninitialised memory (the count does not depend on the values; SDXL's random init would take a
+    minute); on the meta device itself attention would run as plain matmuls, counted without the recomputation
+    that flash attention's backward does."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from ldm.models.adapters import LoRA
+    from ldm.models.sdxl import TIME_IDS
     from ldm.models.unet import build_unet
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # on CUDA the flash-attention FLOPs are counted too
-    unet = build_unet(**unet_config(model, resolution, tiny))
-    if lora_rank:
-        LoRA(rank=lora_rank, alpha=lora_rank).attach_unet(unet)
-    unet = unet.to(device)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # both count flash attention (CPU: its CPU kernel)
+    config = unet_config(model, resolution, tiny)
+    with torch.device("meta"):
+        unet = build_unet(**config)
+        if lora_rank:
+            LoRA(rank=lora_rank, alpha=lora_rank).attach_unet(unet)
+    unet = unet.to_empty(device=device)
     size = unet.config.sample_size
     x = torch.randn(1, 4, size, size, device=device)
     tokens = 16 if model == "shapes" else 77  # the text tower's context: the shapes CLIP's 16, CLIP's 77
     cond = torch.randn(1, tokens, unet.config.cross_attention_dim, device=device)
+    added = None
+    if config.get("addition_embed_type") == "text_time":  # SDXL: pooled text embedding + micro-conditioning
+        pooled = config["projection_class_embeddings_input_dim"] - TIME_IDS * config["addition_time_embed_dim"]
+        added = {"text_embeds": torch.randn(1, pooled, device=device),
+                 "time_ids": torch.randn(1, TIME_IDS, device=device)}
     with FlopCounterMode(display=False) as counter, torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
-        unet(x, torch.tensor([500], device=device), encoder_hidden_states=cond).sample.float().square().mean().backward()
-    del unet, x, cond
+        out = unet(x, torch.tensor([500], device=device), encoder_hidden_states=cond, added_cond_kwargs=added).sample
+        out.float().square().mean().backward()
+    del unet, x, cond, added, out
     if device == "cuda":  # give the memory back: the timed runs are other processes on the same GPU
         torch.cuda.empty_cache()
     return counter.get_total_flops()
@@ -211,9 +267,23 @@ def unet_overrides(model: str, resolution: int, tiny: bool) -> list[str]:
             *(tiny_unet if tiny else [])]  # fmt: skip
 
 
+def model_overrides(work: Path, model: str, resolution: int, tiny: bool) -> list[str]:
+    """ldm.train's model overrides for the models `save_models` wrote: sdxl the SDXL directory (`model=sdxl` reads
+    U-Net, VAE and both text encoders from it), the others their U-Net config and the separate VAE and CLIP."""
+    if model == "sdxl":
+        return ["model=sdxl", f"model.unet.path={work}/models/sdxl"]
+    return [*unet_overrides(model, resolution, tiny), f"model.vae.path={work}/models/vae", "model.vae.subfolder=null",
+            f"model.text_encoder.path={work}/models/clip"]  # fmt: skip
+
+
 def unet_config(model: str, resolution: int, tiny: bool) -> dict:
+    """`UNet2DConditionModel`'s keyword arguments of the benchmarked U-Net (sdxl: the shape `save_models` wrote)."""
     from omegaconf import OmegaConf
 
+    from ldm.models.sdxl import SDXL_UNET, TINY_SDXL_UNET
+
+    if model == "sdxl":
+        return {**(TINY_SDXL_UNET if tiny else SDXL_UNET), "sample_size": resolution // 8}
     experiment = ["experiment=shapes"] if model == "shapes" else []
     cfg = compose([*experiment, *unet_overrides(model, resolution, tiny)])
     config = OmegaConf.to_container(cfg.model.unet, resolve=True)
@@ -247,8 +317,7 @@ def ldm_train(work: Path, model: str, resolution: int, batch: int, mode: str, st
         compile_value = (f"{{mode:{compile_},dynamic:false}}" if isinstance(compile_, str) else str(compile_))
         overrides = [
             *data, f"data.batch_size={batch}", f"data.num_workers={workers}",
-            "data.val_shards=null", *unet_overrides(model, resolution, tiny),
-            f"model.vae.path={work}/models/vae", "model.vae.subfolder=null", f"model.text_encoder.path={work}/models/clip",
+            "data.val_shards=null", *model_overrides(work, model, resolution, tiny),
             f"model.compile={compile_value}", "+trainer.benchmark=true",  # cuDNN picks its fastest conv algorithms (+3 %)
             f"trainer.precision={'bf16-mixed' if gpu else '32-true'}", "model.text_cache_size=64",
         ]  # fmt: skip
@@ -280,25 +349,43 @@ def ldm_train(work: Path, model: str, resolution: int, batch: int, mode: str, st
     return result
 
 
+def baseline_unet(work: Path, model: str, resolution: int, tiny: bool):
+    """The baseline's fp32 U-Net: sdxl's loaded from the saved SDXL directory (as the SDXL examples load it; a
+    2.567 B-parameter random init would take longer), the others built from their config."""
+    from ldm.models.unet import build_unet, load_unet
+
+    if model == "sdxl":
+        return load_unet(str(work / "models" / "sdxl"))
+    return build_unet(**unet_config(model, resolution, tiny))
+
+
+def text_condition(text_encoder, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Token ids -> the U-Net's text inputs as the examples compute them: CLIP's last hidden states; SDXL's pair
+    both encoders' penultimate states (B, L, 2048) and bigG's pooled projection `text_embeds` (B, 1280)."""
+    from ldm.models.sdxl import SDXLTextEncoders
+
+    if isinstance(text_encoder, SDXLTextEncoders):
+        return text_encoder.encode_ids(ids)
+    return {"encoder_hidden_states": text_encoder(ids)}
+
+
 def baseline(work: Path, model: str, resolution: int, batch: int, steps: int, warmup: int, tiny: bool,
              lora_rank: int | None = None, cached: bool = False) -> dict:  # fmt: skip
     """The diffusers example script's step (see the module docstring), on GPU-resident batches. ``lora_rank``:
     train_text_to_image_lora.py's step instead (frozen bf16 U-Net, fp32 LoRA); ``cached``: the bare U-Net step on
-    GPU-resident latents and text states (no VAE, no CLIP)."""
+    GPU-resident latents and text states (no VAE, no CLIP). sdxl: train_text_to_image_sdxl.py's and
+    train_text_to_image_lora_sdxl.py's, whose U-Net also takes bigG's pooled embedding and the micro-conditioning
+    `time_ids` (original size, crop, target size: here the square image, uncropped)."""
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
     from peft import LoraConfig
 
-    from ldm.models.text_encoders import hf_clip_text_encoder
-    from ldm.models.unet import build_unet
-    from ldm.models.vae import load_vae
+    from ldm.models.sdxl import time_ids
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    vae = load_vae(str(work / "models" / "vae"), subfolder=None).to(device, dtype)
-    text = hf_clip_text_encoder(str(work / "models" / "clip"))
-    text_model, tokenizer = text.text_encoder.to(device, dtype), text.tokenizer
-    unet = build_unet(**unet_config(model, resolution, tiny))
+    vae, text = frozen_encoders(work, model, device, dtype)
+    unet = baseline_unet(work, model, resolution, tiny)
     if lora_rank:  # as train_text_to_image_lora.py: the base frozen in the weight dtype, the adapters in fp32
         unet.requires_grad_(False)
         unet.to(device, dtype)
@@ -312,28 +399,30 @@ def baseline(work: Path, model: str, resolution: int, batch: int, steps: int, wa
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     pixels = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
-    ids = tokenizer([f"a photo of a {CIFAR_CLASSES[i % 10]}" if model == "cifar" else f"synthetic photo {i}"
-                     for i in range(batch)], padding="max_length", truncation=True,
-                    max_length=tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)  # fmt: skip
+    ids = text.tokenize([f"a photo of a {CIFAR_CLASSES[i % 10]}" if model == "cifar" else f"synthetic photo {i}"
+                         for i in range(batch)]).to(device)  # fmt: skip
+    size = torch.tensor([[resolution, resolution]], device=device).expand(batch, -1)
+    add_time_ids = time_ids(size, torch.zeros_like(size), size)  # (B, 6), used by SDXL's U-Net only
     if cached:
         with torch.no_grad():
             cached_latents = vae.encode(pixels.to(dtype)).latent_dist.sample().float() * vae.config.scaling_factor
-            cached_hidden = text_model(ids, return_dict=False)[0].float()
-        del vae, text_model
+            cached_cond = {k: v.float() for k, v in text_condition(text, ids).items()}
+        del vae, text
         if device == "cuda":
             torch.cuda.empty_cache()
 
     def step():
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
             if cached:
-                latents, hidden = cached_latents, cached_hidden
+                latents, cond = cached_latents, cached_cond
             else:
                 latents = vae.encode(pixels.to(dtype)).latent_dist.sample() * vae.config.scaling_factor
-                hidden = text_model(ids, return_dict=False)[0]
+                cond = text_condition(text, ids)
             noise = torch.randn_like(latents)
             t = torch.randint(0, 1000, (batch,), device=device)
             noisy = scheduler.add_noise(latents, noise, t)
-            pred = unet(noisy, t, hidden, return_dict=False)[0]
+            added = {"text_embeds": cond["text_embeds"], "time_ids": add_time_ids} if "text_embeds" in cond else None
+            pred = unet(noisy, t, cond["encoder_hidden_states"], added_cond_kwargs=added, return_dict=False)[0]
             loss = F.mse_loss(pred.float(), noise.float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -391,32 +480,41 @@ NAMES = {"cached": "ldm cached latents", "onthefly": "ldm on-the-fly encode", "e
          "lora-baseline-cached": "diffusers-style LoRA, cached inputs"}  # fmt: skip
 
 
+def cached_baseline(name: str, model: str) -> bool:
+    """Whether a baseline run trains on cached inputs: the *-cached ones, and sdxl's full fine-tune baseline
+    (train_text_to_image_sdxl.py precomputes the VAE latents and text embeddings before training)."""
+    return name.endswith("cached") or (model == "sdxl" and name == "baseline")
+
+
 def run_baseline(work: Path, name: str, resolution: int, batch: int, args) -> dict:
     """One baseline in a fresh process (its own CUDA context and peak memory)."""
     lora = [] if name == "baseline" else ["--baseline-lora-rank", str(args.lora_baseline_rank)]
     proc = subprocess.run([sys.executable, __file__, "--work", args.work, "--model", args.model,
                            "--warmup", str(min(args.warmup, 5)),
-                           *(["--tiny"] if args.tiny else []), *lora, *(["--baseline-cached"] if name.endswith("cached") else []),
+                           *(["--tiny"] if args.tiny else []), *lora, *(["--baseline-cached"] if cached_baseline(name, args.model) else []),
                            "--baseline-only", str(resolution), str(batch), str(args.steps)],
                           capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": proc.stderr[-2000:]}
 
 
-DEFAULTS = {"sd15": ([512, 256], [32, 128]), "cifar": ([32], [256]), "shapes": ([32], [32])}  # resolutions, batches
+DEFAULTS = {"sd15": ([512, 256], [32, 128]), "cifar": ([32], [256]), "shapes": ([32], [32]),
+            "sdxl": ([1024], [4])}  # resolutions, batches
 
 
 def main(argv=None) -> None:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="sd15", choices=sorted(DEFAULTS),
-                        help="sd15: SD-1.5-shaped; cifar: the CIFAR-scale U-Net on 8x8 latents; shapes: the default's stage 2")
-    parser.add_argument("--resolution", type=int, nargs="+", default=None, help="default: 512 256 (sd15), 32 (others)")
+                        help="sd15: SD-1.5-shaped; sdxl: SDXL-base-shaped (model=sdxl, 2.567 B-parameter U-Net, "
+                        "both text encoders); cifar: the CIFAR-scale U-Net on 8x8 latents; shapes: the default's stage 2")
+    parser.add_argument("--resolution", type=int, nargs="+", default=None,
+                        help="default: 512 256 (sd15), 1024 (sdxl), 32 (others)")
     parser.add_argument("--batch-size", type=int, nargs="+", default=None,
-                        help="one per resolution (default: 32 128 for sd15, 256 for cifar, 32 for shapes)")
+                        help="one per resolution (default: 32 128 for sd15, 4 for sdxl, 256 for cifar, 32 for shapes)")
     parser.add_argument("--baseline-batch-size", type=int, nargs="+", default=None,
                         help="one per resolution (default: as --batch-size)")
     parser.add_argument("--runs", nargs="+", default=None,
                         choices=["cached", "onthefly", "eager", "bucketed", "bucketed-cached", *LORA_RUNS, *BASELINES],
-                        help="default: cached onthefly baseline (shapes: eager, as make train runs it)")
+                        help="default: cached onthefly baseline (sdxl: baseline cached; shapes: eager, as make train runs it)")
     parser.add_argument("--compile-mode", default=None,
                         help="torch.compile mode of the compiled runs, e.g. reduce-overhead (CUDA graphs); default: the default mode")
     parser.add_argument("--lora-ranks", type=int, nargs="+", default=[4, 16, 64], help="ranks of the lora-* runs")
@@ -428,9 +526,9 @@ def main(argv=None) -> None:
     parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"],
                         help="with --devices > 1: conf/trainer/strategy/<this>.yaml (fsdp runs eager: --runs eager)")
     parser.add_argument("--images", type=int, default=None,
-                        help="synthetic images per resolution (default: 1024; cifar 16384; shapes 20000 as make train)")
+                        help="synthetic images per resolution (default: 1024; sdxl 128; cifar 16384; shapes 20000 as make train)")
     parser.add_argument("--work", default="data/bench_train", help="models, shards, results (kept; <work>/<model> "
-                        "for cifar and shapes)")  # fmt: skip
+                        "for the models other than sd15)")  # fmt: skip
     parser.add_argument("--tiny", action="store_true", help="tiny models (CPU smoke test of the script)")
     parser.add_argument("--extra", nargs="*", default=[], help="more ldm.train overrides for our runs")
     parser.add_argument("--log-dir", default=None, help="where each run's log is streamed (default: --work/results)")
@@ -440,8 +538,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     resolutions = args.resolution or DEFAULTS[args.model][0]
     batches = args.batch_size or DEFAULTS[args.model][1]
-    runs = args.runs or (["eager"] if args.model == "shapes" else ["cached", "onthefly", "baseline"])
-    images = args.images or {"sd15": 1024, "cifar": 16384, "shapes": 20000}[args.model]
+    runs = args.runs or {"shapes": ["eager"], "sdxl": ["baseline", "cached"]}.get(args.model, ["cached", "onthefly", "baseline"])
+    images = args.images or {"sd15": 1024, "sdxl": 128, "cifar": 16384, "shapes": 20000}[args.model]
     work = Path(args.work).resolve() / ("" if args.model == "sd15" else args.model)
 
     if args.baseline_only:  # the child process of a baseline run
@@ -475,6 +573,7 @@ def main(argv=None) -> None:
             bases[name] = result.get("images_per_sec")
             count = flops if name == "baseline" else lora_flops[args.lora_baseline_rank]
             label = NAMES[name] + ("" if name == "baseline" else f", rank {args.lora_baseline_rank}")
+            label += ", cached inputs" if name == "baseline" and cached_baseline(name, args.model) else ""
             print(line(f"{resolution}px {label}", result, count, peak, bases[name]), flush=True)
         results = {}
         for mode in [m for m in runs if m in ("cached", "onthefly", "eager", "bucketed", "bucketed-cached")]:
