@@ -1,10 +1,12 @@
-"""SDXL on 2 ranks (gloo on CPU): real `ldm.train` runs of the tiny SDXL of tests/test_sdxl.py (two text encoders,
-the pooled embedding and the size/crop `time_ids` into the U-Net's added embedding, bucketed shards of mixed sizes).
+"""SDXL on 2 ranks (gloo on CPU), its U-Net taking the pooled text embedding and the size/crop `time_ids` into its
+added embedding.
 
-- Under FSDP (`+trainer/strategy=fsdp`) a fine-tune ends with the checkpoint of the same run under DDP
+- Two FSDP ranks (tests/test_fsdp.py's harness, SDXL's tiny U-Net) each taking half of a batch give the gradients,
+  weights, EMA and optimizer state of one process on the whole batch.
+- Real `ldm.train` runs of the tiny SDXL of tests/test_sdxl.py (two text encoders, bucketed shards of mixed sizes).
+  Under FSDP (`+trainer/strategy=fsdp`) a fine-tune ends with the checkpoint of the same run under DDP
   (`+trainer/strategy=ddp`): weights, EMA and AdamW moments, the added embedding's included, with a clipping
-  threshold that binds; the FSDP run's exported pipeline loads in `StableDiffusionXLPipeline` holding its EMA. (DDP
-  and FSDP against one process on the doubled batch: tests/test_ddp.py, tests/test_fsdp.py.)
+  threshold that binds; the FSDP run's exported pipeline loads in `StableDiffusionXLPipeline` holding its EMA.
 - LoRA on the U-Net and both text encoders under Lightning's own DDP (what `trainer.devices=2` picks: no static
   graph, so a trainable parameter without a gradient would stall it): both ranks end with the same adapters, only
   adapters are checkpointed, and encoder 1's last layer (SDXL reads its penultimate one) does not train.
@@ -18,14 +20,18 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-from test_fsdp import _assert_same_checkpoint
+from test_fsdp import _assert_same_checkpoint, _check
 from test_sdxl import root, sdxl_config  # noqa: F401 (root: the tiny SDXL and its shards)
 
 from ldm.models.adapters import is_adapter_key
 from ldm.run.fit import run
 from ldm.training.checkpoint import read_checkpoint
 
-pytestmark = pytest.mark.slow  # 2-rank runs of ldm.train, ~30-40 s each on 2 busy cores (as tests/test_fsdp.py's)
+pytestmark = pytest.mark.slow  # four pairs of rank processes, ~30 s each: ~2.5 min on 2 busy cores (as test_fsdp's runs)
+
+
+def test_two_fsdp_gloo_ranks_equal_one_process_on_the_doubled_batch(tmp_path):
+    _check(tmp_path, "gloo", False, "cpu", checkpointing=True, sdxl=True)
 
 TWO_RANKS = ["trainer.devices=2", "model.ema_decay=0.5"]  # an EMA that moves in 2 steps
 
