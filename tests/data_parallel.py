@@ -1,21 +1,48 @@
-"""What the data-parallel checks (tests/test_ddp.py, tests/test_fsdp.py) share: a small U-Net config and one fixed
-batch, whose halves two ranks take while one process takes it whole."""
+"""What the data-parallel checks (tests/test_ddp.py, tests/test_fsdp.py, tests/test_sdxl_parallel.py) share: small
+U-Net configs (SD's, and SDXL's with its added embedding) and one fixed batch, whose halves two ranks take while one
+process takes it whole; a callback that writes each rank's trained parameters in a real run."""
 
 from __future__ import annotations
 
+import pytorch_lightning as pl
 import torch
+
+from ldm.models.sdxl import TINY_SDXL_UNET
 
 UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=[16, 32], layers_per_block=1,
             down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
             norm_num_groups=8, attention_head_dim=4, cross_attention_dim=32)  # fmt: skip
+SDXL_UNET = TINY_SDXL_UNET  # text states 64 wide; a pooled embedding (32) and 6 time ids into its added embedding
 BATCH = 8  # the whole batch; each of the 2 ranks takes 4
 
 
-def fixed_batch():
-    """(latents, text states, noise, timesteps) for BATCH samples, the same in every process."""
+def fixed_batch(sdxl: bool = False):
+    """(latents, conditioning, noise, timesteps) for BATCH samples, the same in every process. The conditioning: text
+    states (B, 7, 32), or for SDXL_UNET a dict of text states (B, 7, 64), pooled embedding (B, 32) and time ids."""
     g = torch.Generator().manual_seed(1)
     latents = torch.randn(BATCH, 4, 8, 8, generator=g)
-    cond = torch.randn(BATCH, 7, 32, generator=g)
+    cond = torch.randn(BATCH, 7, 64 if sdxl else 32, generator=g)
     noise = torch.randn(BATCH, 4, 8, 8, generator=g)
     t = torch.randint(0, 1000, (BATCH,), generator=g)
+    if sdxl:
+        cond = {"encoder_hidden_states": cond, "text_embeds": torch.randn(BATCH, 32, generator=g),
+                "time_ids": torch.randint(16, 64, (BATCH, 6), generator=g).float()}  # fmt: skip
     return latents, cond, noise, t
+
+
+def take(batch, rows, device) -> tuple:
+    """The ``rows`` of each of ``batch``'s tensors (of a conditioning dict's too), on ``device``."""
+    return tuple({k: v[rows].to(device) for k, v in x.items()} if isinstance(x, dict) else x[rows].to(device)
+                 for x in batch)  # fmt: skip
+
+
+class SaveTrainable(pl.Callback):
+    """Each rank writes the parameters it trains to `{path}.{rank}` at the end of a fit (added to real runs through
+    Hydra overrides): ranks that averaged their gradients hold the same ones."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save({n: p.detach().cpu().clone() for n, p in pl_module.named_parameters() if p.requires_grad},
+                   f"{self.path}.{trainer.global_rank}")  # fmt: skip

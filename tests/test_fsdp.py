@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from data_parallel import BATCH, UNET, fixed_batch
+from data_parallel import BATCH, SDXL_UNET, UNET, fixed_batch, take
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tiny import CONF, TINY, TINY_UNET, compose_config, make_tiny_root
@@ -36,9 +36,10 @@ from ldm.training.fsdp import full_optimizer_state, load_full_optimizer_state
 STRATEGY = OmegaConf.load(CONF / "trainer" / "strategy" / "fsdp.yaml")
 
 
-def _module(device, checkpointing=False) -> LatentDiffusion:
+def _module(device, checkpointing=False, sdxl=False) -> LatentDiffusion:
     torch.manual_seed(0)
-    module = LatentDiffusion(build_unet(**UNET), vae=lambda: None, text_encoder=lambda: None,
+    unet = build_unet(**(SDXL_UNET if sdxl else UNET))  # SDXL's: conditioning dicts with added conditions
+    module = LatentDiffusion(unet, vae=lambda: None, text_encoder=lambda: None,
                              diffusion=dict(min_snr_gamma=5.0), ema_decay=0.5,
                              gradient_checkpointing=checkpointing)  # frozen parts never built
     module.configure_model()  # (what Lightning calls before the strategy wraps the U-Net)
@@ -48,7 +49,7 @@ def _module(device, checkpointing=False) -> LatentDiffusion:
 def _train(module, batch, rows, device, fused):
     """Two steps on the given rows (loss, backward, AdamW, EMA via the module's optimizer_step); returns
     (first step's gradients, weights, EMA weights), full tensors on the CPU, and the optimizer."""
-    latents, cond, noise, t = (x[rows].to(device) for x in batch)
+    latents, cond, noise, t = take(batch, rows, device)
     optimizer = torch.optim.AdamW(module.unet.parameters(), lr=1e-3, fused=fused)
     for step in range(2):
         optimizer.zero_grad()
@@ -67,14 +68,14 @@ def _moments(state: dict) -> list:
     return [[state["state"][i][k].cpu() for k in ("step", "exp_avg", "exp_avg_sq")] for i in sorted(state["state"])]
 
 
-def _rank(rank, world_size, init_file, backend, fused, checkpointing, out):
+def _rank(rank, world_size, init_file, backend, fused, checkpointing, sdxl, out):
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        module = _module(device, checkpointing)
+        module = _module(device, checkpointing, sdxl)
         strategy = instantiate(STRATEGY)  # what `+trainer/strategy=fsdp` builds
         strategy.parallel_devices = [device]  # (set by Lightning: this rank's device)
         module = strategy._setup_model(module)  # wraps the U-Net, as Lightning's setup does
@@ -82,7 +83,7 @@ def _rank(rank, world_size, init_file, backend, fused, checkpointing, out):
         assert not any(isinstance(m, FSDP) for name, m in module.named_modules() if not name.startswith("unet"))
         assert len([m for m in module.unet.modules() if isinstance(m, FSDP)]) > 1  # blocks are units of their own
         half = BATCH // world_size
-        result, optimizer = _train(module, fixed_batch(), slice(rank * half, (rank + 1) * half), device, fused)
+        result, optimizer = _train(module, fixed_batch(sdxl), slice(rank * half, (rank + 1) * half), device, fused)
         # checkpoints: the gathered optimizer state (rank 0's), and that state loaded back into fresh shards
         full = full_optimizer_state(module.unet, optimizer, device)
         shared = [full]
@@ -98,12 +99,12 @@ def _rank(rank, world_size, init_file, backend, fused, checkpointing, out):
         dist.destroy_process_group()
 
 
-def _check(tmp_path, backend, fused, device, checkpointing=False):
-    reference = _module(device, checkpointing)
-    expected, optimizer = _train(reference, fixed_batch(), slice(0, BATCH), device, fused)
+def _check(tmp_path, backend, fused, device, checkpointing=False, sdxl=False):
+    reference = _module(device, checkpointing, sdxl)
+    expected, optimizer = _train(reference, fixed_batch(sdxl), slice(0, BATCH), device, fused)
     expected_state = optimizer.state_dict()
     out = str(tmp_path / "result")
-    mp.spawn(_rank, args=(2, str(tmp_path / "init"), backend, fused, checkpointing, out), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, str(tmp_path / "init"), backend, fused, checkpointing, sdxl, out), nprocs=2, join=True)
     for rank in range(2):
         grads, weights, ema, moments, param_groups = torch.load(f"{out}.{rank}")
         for i, (a, b) in enumerate(zip(grads, expected[0], strict=True)):
@@ -121,7 +122,7 @@ def _check(tmp_path, backend, fused, device, checkpointing=False):
             # to rounding, relative to the largest moment (moments of gradients within rounding of zero vary most)
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item(),
                                        msg=lambda m: f"optimizer {name} {i}: {m}")  # fmt: skip
-    initial = [p.cpu() for p in _module("cpu").unet.parameters()]
+    initial = [p.cpu() for p in _module("cpu", sdxl=sdxl).unet.parameters()]
     assert max((a - b).abs().max().item() for a, b in zip(expected[2], initial)) > 1e-4  # the EMA moved: can fail
 
 

@@ -62,12 +62,14 @@ def test_only_the_adapters_of_the_unet_and_both_encoders_train_and_are_checkpoin
         for prefix in ("text_encoder", "ema_text_encoder.module"):
             assert any(k.startswith(f"{prefix}.{part}.") and ".q_proj.lora_B." in k for k in keys), (prefix, part)
     # SDXL reads encoder 1's penultimate layer: its last layer's adapters (there, as sd-scripts and diffusers' SDXL
-    # scripts put them) get no gradient and no optimizer state; every other adapter tensor has both
+    # scripts put them) get no gradient and are not in the optimizer; every other adapter tensor has both
     module = load_module(te_run / "checkpoints" / "last.ckpt")
     last = f"layers.{module.text_encoder.text_encoder.config.num_hidden_layers - 1}."
     unused = [k for k in keys if k.startswith("text_encoder.text_encoder.") and last in k]
     trained = [k for k in keys if k.startswith(("unet.", "text_encoder."))]
-    assert len(unused) == 8 and len(ckpt["optimizer_states"][0]["state"]) == len(trained) - len(unused)
+    optimizer = ckpt["optimizer_states"][0]
+    assert len(unused) == 8 and len(optimizer["state"]) == len(trained) - len(unused)
+    assert sum(len(g["params"]) for g in optimizer["param_groups"]) == len(trained) - len(unused)
     for part, model in module.text_encoder.text_models().items():  # peft starts lora_B at zero: these moved
         weights = lora_weights(model)
         assert len(weights) == 4 * model.config.num_hidden_layers, part

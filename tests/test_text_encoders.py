@@ -182,6 +182,10 @@ def test_clip_skip_equals_a_model_cut_to_fewer_layers(random_hf_clip):
     with torch.no_grad():
         torch.testing.assert_close(skipped(ids), one_layer(ids).last_hidden_state)
         assert not torch.allclose(skipped(ids), text_encoder(ids).last_hidden_state, atol=1e-3)
+    # the layer it skips is the one whose adapters a text-encoder LoRA leaves out of training (LatentDiffusion)
+    layers = text_encoder.encoder.layers if hasattr(text_encoder, "encoder") else text_encoder.text_model.encoder.layers
+    assert skipped.unread_layers() == [layers[1]]
+    assert HFCLIPTextEncoder(text_encoder, tokenizer).unread_layers() == []
     with pytest.raises(ValueError, match="clip_skip"):
         HFCLIPTextEncoder(text_encoder, tokenizer, clip_skip=2)
 

@@ -63,7 +63,11 @@ def compose_config(
     root: Path, run_dir: Path, overrides: list[str] = (), experiment: str = "shapes", tiny: bool = True,
     tiny_unet: bool = True,
 ):
-    """The real `train.yaml` with `experiment=...`, pointed at ``root`` and shrunk by TINY."""
+    """The real `train.yaml` with `experiment=...`, pointed at ``root`` and shrunk by TINY; its `${ldm.run_name:...}`
+    resolves (as under ldm.train) also in a test that imports nothing else registering it."""
+    from ldm.utils.sweep_index import register_resolvers
+
+    register_resolvers()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(
             config_name="train",

@@ -27,7 +27,7 @@ from torch import Tensor
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ldm.models.freeze import freeze
-from ldm.models.text_encoders import TextEncoder, _as_dtype, _check_captions
+from ldm.models.text_encoders import TextEncoder, _as_dtype, _check_captions, _clip_layers
 from ldm.models.tokenizer import VOCAB_SIZE, clip_tokenizer, write_clip_tokenizer
 
 TIME_IDS = 6  # (original h, original w, crop top, crop left, target h, target w)
@@ -77,6 +77,11 @@ class SDXLTextEncoders(TextEncoder):
 
     def text_models(self) -> dict[str, torch.nn.Module]:
         return {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+
+    def unread_layers(self) -> list[torch.nn.Module]:
+        """Encoder 1's last layer: SDXL reads its penultimate hidden states (encoder 2's last layer gives the pooled
+        embedding)."""
+        return [_clip_layers(self.text_encoder)[-1]]
 
     def _ids(self, tokenizer: CLIPTokenizer, captions: list[str]) -> torch.LongTensor:
         return tokenizer(captions, padding="max_length", max_length=self.max_length, truncation=True,

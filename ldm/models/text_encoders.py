@@ -75,6 +75,12 @@ class TextEncoder(nn.Module):
         (`text_encoder`, SDXL's `text_encoder_2`): what LoRA adapts. None here (open_clip has no such model)."""
         return {}
 
+    def unread_layers(self) -> list[nn.Module]:
+        """The layers of its text models whose outputs the conditioning never reads (those above the hidden states it
+        takes: a CLIP read at its penultimate layer). Adapters there get no gradient; the stage keeps them out of
+        training (`LatentDiffusion`), where DDP would otherwise wait for their gradients forever. None here."""
+        return []
+
 
 def _check_captions(captions: Sequence[str]) -> list[str]:
     if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
@@ -115,6 +121,11 @@ class HFCLIPTextEncoder(TextEncoder):
     def text_models(self) -> dict[str, nn.Module]:
         return {"text_encoder": self.text_encoder}
 
+    def unread_layers(self) -> list[nn.Module]:
+        """The last `clip_skip` layers: their outputs are skipped."""
+        layers = _clip_layers(self.text_encoder)
+        return list(layers[len(layers) - self.clip_skip:]) if self.clip_skip else []
+
     def tokenize(self, captions: Sequence[str]) -> torch.LongTensor:
         return self.tokenizer(
             _check_captions(captions), padding="max_length", max_length=self.max_length,
@@ -129,6 +140,12 @@ class HFCLIPTextEncoder(TextEncoder):
         # transformers 5 keeps final_layer_norm on CLIPTextModel itself, 4.x on its .text_model.
         final_layer_norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
         return final_layer_norm(hidden)
+
+
+def _clip_layers(text_model: nn.Module) -> nn.ModuleList:
+    """A transformers CLIP text model's transformer layers (transformers 5 keeps the encoder on the model itself,
+    4.x on its .text_model)."""
+    return getattr(text_model, "text_model", text_model).encoder.layers
 
 
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

@@ -152,6 +152,11 @@ class LatentDiffusion(Stage):
                              f"(model/text_encoder=hf_clip, or SDXL's pair), not {type(text_encoder).__name__}")  # fmt: skip
         for part, text_model in text_models.items():
             self.adapter.attach_text_encoder(text_model, part)
+        # Adapters of layers whose outputs the conditioning never reads (SDXL's encoder 1 above its penultimate layer)
+        # get no gradient: they do not train (out of the optimizer, shared with the EMA, stay as loaded), so that DDP
+        # without a static graph (Lightning's `ddp`, what trainer.devices=2 picks) does not wait for their gradients.
+        for layer in text_encoder.unread_layers():
+            layer.requires_grad_(False)
         if self.ema_decay:
             self.ema_text_encoder = EMA(text_encoder, self.ema_decay)
 
