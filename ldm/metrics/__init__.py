@@ -1,5 +1,6 @@
 """Quality metrics: standard FID (torchmetrics over the FID Inception), cached reference statistics, CLIP score,
-FID of a generator or between image sets (evaluation), and the shapes prompt-following reader.
+FID of a generator or between image sets (evaluation), a VAE's rFID and PSNR (reconstruction), and the shapes
+prompt-following reader.
 
 May import: ldm.models, ldm.data, ldm.diffusion, ldm.utils. Not ldm.stages (a sibling), nor anything above.
 """
