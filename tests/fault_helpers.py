@@ -1,12 +1,23 @@
-"""Callbacks that the fault-injection tests add to real runs (through Hydra overrides, also in subprocesses):
-record per-step losses, poison chosen batches with NaN."""
+"""What the fault-injection tests (test_faults.py, test_stops.py) share: callbacks they add to real runs (through
+Hydra overrides, also in subprocesses) that record per-step losses, poison chosen batches with NaN or fill the disk;
+a file that fails like a full disk; the overrides that leave out slow callbacks; the tiny data set fixture."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 import pytorch_lightning as pl
 import torch
+from tiny import make_tiny_root
+
+FAST = ["logger=none", "callbacks.fid=null", "callbacks.export=null", "callbacks.sample_grid=null"]
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    """The tiny data set of tests/tiny.py: 48 train samples in 3 shards of 16."""
+    return make_tiny_root(tmp_path_factory.mktemp("tiny"))
 
 
 class RecordLoss(pl.Callback):
@@ -61,10 +72,12 @@ class FullDiskFrom(pl.Callback):
         import ldm.training.checkpoint as checkpoint
 
         if trainer.global_step == self.step:
-            checkpoint._open_tmp = lambda path: _FullFile(path, 4096)
+            checkpoint._open_tmp = lambda path: FullDisk(path, 4096)
 
 
-class _FullFile:
+class FullDisk:
+    """A file that accepts `limit` bytes, then fails like a full disk."""
+
     def __init__(self, path, limit):
         self.f, self.left = open(path, "wb"), limit
 

@@ -84,3 +84,21 @@ def test_callback_follows_the_others_load(monkeypatch):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(previous)
+
+
+def test_environment_fixes_the_count(monkeypatch):
+    """`LDM_CPU_THREADS` fixes callbacks.cpu_threads.threads (what tests/conftest.py sets for bit-exact resume);
+    unset, the count follows the load (null)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from tiny import CONF
+
+    for value, expected in (("3", 3), (None, None)):
+        if value is None:
+            monkeypatch.delenv("LDM_CPU_THREADS", raising=False)
+        else:
+            monkeypatch.setenv("LDM_CPU_THREADS", value)
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(config_name="train")
+        assert cfg.callbacks.cpu_threads.threads == expected
+        assert instantiate(cfg.callbacks.cpu_threads).fixed == expected

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from fault_helpers import by_step, read_losses
+from fault_helpers import FAST, FullDisk, by_step, read_losses, tiny_root  # noqa: F401 (a fixture)
 from omegaconf import OmegaConf
-from tiny import CONF, TINY, TINY_UNET, compose_config, make_tiny_root
+from tiny import CONF, TINY, TINY_UNET, compose_config
 
 from ldm.run.fit import train
 from ldm.run.resume import ResumeWarning, find_auto, resolve_resume
@@ -41,12 +41,6 @@ pytestmark = pytest.mark.faults
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
-FAST = ["logger=none", "callbacks.fid=null", "callbacks.export=null", "callbacks.sample_grid=null"]
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    return make_tiny_root(tmp_path_factory.mktemp("tiny"))  # 48 train samples in 3 shards of 16
 
 
 def _record(path: Path) -> list[str]:
@@ -321,30 +315,6 @@ def test_a_failed_checksum_write_says_what_exists(tmp_path, monkeypatch):
     assert read_checkpoint(tmp_path / "last.ckpt")["global_step"] == 7  # what the message says
 
 
-class _FullDisk:
-    """A file that accepts `limit` bytes, then fails like a full disk."""
-
-    def __init__(self, path, limit):
-        self.f, self.left = open(path, "wb"), limit
-
-    def write(self, data):
-        if len(data) > self.left:
-            self.f.write(bytes(data[: self.left]))
-            self.left = 0
-            raise OSError(28, "No space left on device")
-        self.left -= len(data)
-        return self.f.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
-
-
 def test_full_disk_during_a_save_in_training_raises_and_keeps_the_previous_checkpoint(tiny_root, tmp_path, monkeypatch):
     import pytorch_lightning as pl
 
@@ -356,7 +326,7 @@ def test_full_disk_during_a_save_in_training_raises_and_keeps_the_previous_check
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == 2:  # the saves at the end of step 3 hit a full disk
                 before.update({p.name: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()})
-                monkeypatch.setattr(checkpoint_module, "_open_tmp", lambda path: _FullDisk(path, 4096))
+                monkeypatch.setattr(checkpoint_module, "_open_tmp", lambda path: FullDisk(path, 4096))
 
     _with_callbacks(monkeypatch, FillDiskAfterStep2())
     with pytest.raises(CheckpointError, match=r"disk full \(ENOSPC\).*previous checkpoints.*intact"):

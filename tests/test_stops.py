@@ -17,17 +17,12 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 from PIL import Image
-from tiny import TINY, TINY_UNET, make_tiny_root
+from fault_helpers import FAST, tiny_root  # noqa: F401 (a fixture)
+from tiny import TINY, TINY_UNET
 
 pytestmark = pytest.mark.faults
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
-FAST = ["logger=none", "callbacks.fid=null", "callbacks.export=null", "callbacks.sample_grid=null"]
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    return make_tiny_root(tmp_path_factory.mktemp("tiny"))
 
 
 def _env() -> dict:

@@ -6,6 +6,9 @@ VAE's reconstructions); the optional patch discriminator's gradients reach only 
 from __future__ import annotations
 
 import copy
+import json
+import runpy
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +22,7 @@ from ldm.models.vae import build_vae, load_vae
 from ldm.run.fit import train
 from ldm.stages.autoencoder import AutoencoderModule, PatchDiscriminator, hinge_d_loss, latent_scaling_factor, psnr
 
+REPO = Path(__file__).resolve().parents[1]
 VAE_TINY = ["data.resolution=16", "data.batch_size=8", "data.shuffle_buffer=8", "model.vae.block_out_channels=[8,16]",
             "model.vae.norm_num_groups=4", "model.vae.sample_size=16", "trainer.accelerator=cpu",
             "trainer.enable_progress_bar=false", "optim.warmup_steps=1", "+callbacks.export.max_batches=2",
@@ -26,7 +30,7 @@ VAE_TINY = ["data.resolution=16", "data.batch_size=8", "data.shuffle_buffer=8", 
             "callbacks.reconstructions.grid_images=4"]
 
 
-def test_vae_experiment_trains_and_exports_with_scaling_factor(tmp_path, monkeypatch):
+def test_vae_experiment_trains_and_exports_with_scaling_factor(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
     root = make_tiny_root(tmp_path / "tiny")
@@ -54,6 +58,13 @@ def test_vae_experiment_trains_and_exports_with_scaling_factor(tmp_path, monkeyp
     fid.update(to_uint8((reconstructions + 1) / 2), real=False)
     assert metrics["val/rfid"] == pytest.approx(float(fid.compute()), rel=1e-3)
     assert metrics["val/rec_psnr"] == pytest.approx(float(psnr(reconstructions, x)), abs=1e-3)
+    # scripts/eval_rfid.py gives the exported VAE the same figures after the fact
+    eval_rfid = runpy.run_path(str(REPO / "scripts" / "eval_rfid.py"), run_name="eval_rfid")["main"]
+    eval_rfid([str(export_dir), str(val), "--resolution", "16", "--n", "8", "--batch-size", "4",
+               "--cache-dir", str(tmp_path / "cache")])  # fmt: skip
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["images"] == 8 and row["val/rfid"] == pytest.approx(metrics["val/rfid"], rel=1e-3)
+    assert row["val/rec_psnr"] == pytest.approx(metrics["val/rec_psnr"], abs=1e-3)
     assert not vae.training and not any(p.requires_grad for p in vae.parameters())
     scale = vae.config.scaling_factor
     assert scale != 1.0
@@ -122,3 +133,23 @@ def test_discriminator_starts_after_warm_up(tmp_path):
     (metrics_file,) = (tmp_path / "run").glob("csv/*/metrics.csv")
     steps = [int(r["step"]) for r in csv.DictReader(metrics_file.open()) if r.get("train/d_loss")]
     assert steps == [2, 3]
+
+
+@pytest.mark.gpu
+def test_reconstruction_quality_on_the_gpu_is_the_cpus(tmp_path):
+    """rFID and PSNR with the VAE and the FID Inception on CUDA (the callback and scripts/eval_rfid.py on a GPU) are
+    the CPU's figures: images reach the metric on its device."""
+    from ldm.metrics.fid import set_real_states
+    from ldm.metrics.reconstruction import reconstruction_quality
+    from ldm.metrics.reference import reference_states
+
+    val = make_tiny_root(tmp_path / "tiny") / "shapes" / "val"
+    torch.manual_seed(0)
+    vae = build_vae(block_out_channels=[8, 16], norm_num_groups=4, sample_size=16).eval()
+    rows = []
+    for device in ("cpu", "cuda"):
+        fid = make_fid().to(device)
+        set_real_states(fid, reference_states(fid, val, 16, 8, tmp_path / f"cache-{device}", None, 4))
+        rows.append(reconstruction_quality(vae.to(device), fid, val, 16, 8, batch_size=4)[0])
+    assert rows[1]["val/rfid"] == pytest.approx(rows[0]["val/rfid"], rel=1e-3)
+    assert rows[1]["val/rec_psnr"] == pytest.approx(rows[0]["val/rec_psnr"], abs=1e-2)

@@ -56,7 +56,7 @@ class ReconstructionQuality(pl.Callback):
             raise ValueError("ReconstructionQuality needs validation shards (data.val_shards) or callbacks.reconstructions.shards")
         vae, resolution = pl_module.vae, trainer.datamodule.resolution
         if self.fid is None:
-            self.fid = make_fid(self.network)
+            self.fid = make_fid(self.network).to(pl_module.device)  # the Inception where the VAE runs, as FIDCallback's
             set_real_states(self.fid, reference_states(self.fid, shards, resolution, self.num_images, self.cache_dir,
                                                        self.network, self.batch_size))
         row, originals, reconstructions = reconstruction_quality(vae, self.fid, shards, resolution, self.num_images,

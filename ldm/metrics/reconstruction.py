@@ -31,7 +31,7 @@ def reconstruction_quality(vae, fid, shards, resolution: int, num_images: int, b
     for images in shard_images(shards, resolution, num_images, batch_size):  # uint8 (B, 3, R, R)
         x = images.to(device, torch.float32) / 127.5 - 1  # [-1, 1], as the data module gives
         rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
-        fid.update(to_uint8((rec.cpu() + 1) / 2), real=False)
+        fid.update(to_uint8((rec + 1) / 2).to(fid.device), real=False)
         squared_error += float(((rec - x) ** 2).sum())
         values += x.numel()
         if sum(len(o) for o in originals) < grid_images:
