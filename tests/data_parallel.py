@@ -36,6 +36,23 @@ def take(batch, rows, device) -> tuple:
                  for x in batch)  # fmt: skip
 
 
+def assert_adam_weights_close(got, want, grad, lr: float, msg: str, eps: float = 1e-8) -> None:
+    """Weights after AdamW steps agree to 1 % of a step (1e-5 for lr 1e-3), except where the step is ill-conditioned.
+    Adam's first step moves a weight by lr * g / (|g| + eps) whatever the gradient's size, so a gradient that cancels
+    to within rounding of zero (measured: 2.5e-10 on one CPU thread, 1.0e-9 on two, for the same element) moves it
+    anywhere in [-lr, lr]. The tolerance is the step's sensitivity to the gradient's rounding (the bound the gradient
+    checks allow: 1e-4 of it plus 1e-6 of the largest), lr * eps * delta / (|g| + eps)^2, capped at two whole steps."""
+    delta = 1e-4 * grad.abs() + 1e-6 * max(1.0, grad.abs().max().item())
+    atol = (1e-2 * lr + lr * eps * delta / (grad.abs() + eps) ** 2).clamp(max=2 * lr)
+    excess = (got - want).abs() - atol
+    if excess.max() > 0:
+        i = int(excess.argmax())
+        raise AssertionError(f"{msg}: {int((excess > 0).sum())} of {got.numel()} elements differ beyond the step's "
+                             f"sensitivity; the worst, flat index {i}: {got.flatten()[i].item()} against "
+                             f"{want.flatten()[i].item()} (gradient {grad.flatten()[i].item():.3g}, "
+                             f"allowed {atol.flatten()[i].item():.3g})")  # fmt: skip
+
+
 class SaveTrainable(pl.Callback):
     """Each rank writes the parameters it trains to `{path}.{rank}` at the end of a fit (added to real runs through
     Hydra overrides): ranks that averaged their gradients hold the same ones."""
