@@ -286,7 +286,6 @@ def test_a_resume_with_another_cpu_thread_count_says_it_is_not_bit_for_bit(four_
     """CPU sums split over threads: another thread count sums in another order (README: exact resume)."""
     run_dir = _copy_run(four_steps, tmp_path)
     saved = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["intra_op_threads"]
-    assert saved == torch.get_num_threads()
     cfg = compose_config(tiny_root, run_dir.parent / "new", [*FAST, "trainer.max_steps=5", "resume=auto"])
     torch.set_num_threads(saved + 1)
     try:
