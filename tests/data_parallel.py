@@ -4,8 +4,11 @@ process takes it whole; a callback that writes each rank's trained parameters in
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 
 from ldm.models.sdxl import TINY_SDXL_UNET
 
@@ -28,6 +31,21 @@ def fixed_batch(sdxl: bool = False):
         cond = {"encoder_hidden_states": cond, "text_embeds": torch.randn(BATCH, 32, generator=g),
                 "time_ids": torch.randint(16, 64, (BATCH, 6), generator=g).float()}  # fmt: skip
     return latents, cond, noise, t
+
+
+@contextmanager
+def rank_device(rank: int, world_size: int, init_file: str, backend: str):
+    """This rank's device inside a process group joined through ``init_file``, left on exit. On NCCL the rank's GPU,
+    TF32 off: the ranks are compared with a single-process reference to float32 rounding."""
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
 
 
 def take(batch, rows, device) -> tuple:

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
-from data_parallel import BATCH, UNET, assert_adam_weights_close, fixed_batch
+from data_parallel import BATCH, UNET, assert_adam_weights_close, fixed_batch, rank_device
 
 from ldm.models.unet import build_unet
 from ldm.stages.latent_diffusion import LatentDiffusion
@@ -34,19 +33,12 @@ def _step(module, unet, batch, rows, device, fused):
 
 
 def _rank(rank, world_size, init_file, backend, fused, out):
-    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with rank_device(rank, world_size, init_file, backend) as device:
         module = _module(device)
         ddp = torch.nn.parallel.DistributedDataParallel(module.unet, device_ids=[rank] if device.type == "cuda" else None)
         half = BATCH // world_size
         result = _step(module, ddp, fixed_batch(), slice(rank * half, (rank + 1) * half), device, fused)
         torch.save(result, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 def _check(tmp_path, backend, fused, device):

@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from data_parallel import BATCH, SDXL_UNET, UNET, assert_adam_weights_close, fixed_batch, take
+from data_parallel import BATCH, SDXL_UNET, UNET, assert_adam_weights_close, fixed_batch, rank_device, take
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tiny import CONF, TINY, TINY_UNET, compose_config, make_tiny_root
@@ -69,12 +69,7 @@ def _moments(state: dict) -> list:
 
 
 def _rank(rank, world_size, init_file, backend, fused, checkpointing, sdxl, out):
-    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with rank_device(rank, world_size, init_file, backend) as device:
         module = _module(device, checkpointing, sdxl)
         strategy = instantiate(STRATEGY)  # what `+trainer/strategy=fsdp` builds
         strategy.parallel_devices = [device]  # (set by Lightning: this rank's device)
@@ -95,8 +90,6 @@ def _rank(rank, world_size, init_file, backend, fused, checkpointing, sdxl, out)
                 assert torch.equal(fresh.state[p][key].cpu(), value.cpu()), f"rank {rank}: reloaded {key} differs"
         assert sum(len(optimizer.state[p]) for p in module.unet.parameters()) > 0
         torch.save((*result, _moments(full) if rank == 0 else None, full.get("param_groups")), f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 def _check(tmp_path, backend, fused, device, checkpointing=False, sdxl=False):
