@@ -1,6 +1,7 @@
 """What the data-parallel checks (tests/test_ddp.py, tests/test_fsdp.py, tests/test_sdxl_parallel.py) share: small
 U-Net configs (SD's, and SDXL's with its added embedding) and one fixed batch, whose halves two ranks take while one
-process takes it whole; a callback that writes each rank's trained parameters in a real run."""
+process takes it whole; joining a rank's process group; a callback that writes each rank's trained parameters in a
+real run."""
 
 from __future__ import annotations
 
