@@ -1,4 +1,5 @@
-"""The sync-free EMA against torch's own (AveragedModel + get_ema_multi_avg_fn), and the device-side skip."""
+"""The sync-free EMA against torch's own (AveragedModel + get_ema_multi_avg_fn), its warm-up against diffusers'
+EMAModel, and the device-side skip."""
 
 import pytest
 import torch
@@ -33,6 +34,28 @@ def test_ema_matches_torch_and_an_open_gate_is_the_plain_update():
             assert a.dtype == b.dtype and torch.allclose(a, b, atol=1e-6), name
     assert torch.equal(ours.module[1].num_batches_tracked, net[1].num_batches_tracked)  # counts are copied
     assert int(ours.n_averaged) == 4
+
+
+def test_warmup_matches_diffusers_ema_model_and_leaves_the_initial_weights_behind():
+    from diffusers.training_utils import EMAModel
+
+    net = _net()
+    reference = EMAModel(net.parameters(), decay=0.999)  # its default decay schedule: min(decay, (1 + n) / (10 + n))
+    ours, plain = EMA(net, 0.999, warmup=True), EMA(net, 0.999)
+    initial = [p.clone() for p in net.parameters()]
+    for step in range(40):
+        _train_a_bit(net)
+        reference.step(net.parameters())
+        ours.update(net, keep=torch.tensor(1.0) if step % 3 else None)
+        plain.update(net)
+    for name, a, b in zip([n for n, _ in net.named_parameters()], reference.shadow_params, ours.module.parameters()):
+        assert torch.allclose(a, b, atol=1e-5), name
+    # the first weights keep 0.999^39 = 96 % of the average without the warm-up, prod (n + 1) / (n + 10) = 5e-9 with it
+    pull = [float(torch.linalg.vector_norm(e - i) / torch.linalg.vector_norm(p - i))
+            for e, i, p in zip(ours.module.parameters(), initial, net.parameters())]  # fmt: skip
+    pull_plain = [float(torch.linalg.vector_norm(e - i) / torch.linalg.vector_norm(p - i))
+                  for e, i, p in zip(plain.module.parameters(), initial, net.parameters())]  # fmt: skip
+    assert min(pull) > 0.5 > max(pull_plain)
 
 
 def test_a_closed_gate_changes_nothing_not_even_the_count():

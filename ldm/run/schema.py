@@ -195,6 +195,7 @@ KEYS = {
     "model.diffusion": Any(),  # ${diffusion}
     "model.sampling": Any(),  # ${sampling}
     "model.ema_decay": Float(0, 1, open_max=True, none=True),
+    "model.ema_warmup": Bool(),
     "model.checkpoint_frozen": Bool(),
     "model.text_cache_size": Int(min=0),
     "model.channels_last": Bool(),

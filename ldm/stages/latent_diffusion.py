@@ -86,6 +86,7 @@ class LatentDiffusion(Stage):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_scheduler: Callable[..., Any] | None = None,
         ema_decay: float | None = None,
+        ema_warmup: bool = True,
         checkpoint_frozen: bool = False,
         text_cache_size: int = 0,
         channels_last: bool = False,
@@ -124,8 +125,8 @@ class LatentDiffusion(Stage):
         self.register_buffer("alpha_bar", config_alpha_bar(self.scheduler_config), persistent=False)  # (T,)
 
         # EMA of the U-Net weights (torch's AveragedModel layout, updated without host syncs); sampling uses it.
-        self.ema = EMA(unet, ema_decay) if ema_decay else None  # of the adapters only when adapted (EMA docstring)
-        self.ema_decay = ema_decay
+        self.ema = EMA(unet, ema_decay, ema_warmup) if ema_decay else None  # of the adapters only when adapted
+        self.ema_decay, self.ema_warmup = ema_decay, ema_warmup
         self.base_dtype: torch.dtype | None = None  # an adapted model's frozen base, when cast (adapters stay fp32)
         self._empty: dict[str, Tensor] | None = None  # the unconditional text inputs (batch 1)
         # The text encoder is frozen, so a caption always encodes the same: data sets with few distinct
@@ -158,7 +159,7 @@ class LatentDiffusion(Stage):
         for layer in text_encoder.unread_layers():
             layer.requires_grad_(False)
         if self.ema_decay:
-            self.ema_text_encoder = EMA(text_encoder, self.ema_decay)
+            self.ema_text_encoder = EMA(text_encoder, self.ema_decay, self.ema_warmup)
 
     def _check_text_width(self, width: int, what: str) -> None:
         if self.unet.config.cross_attention_dim != width:

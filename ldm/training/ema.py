@@ -2,8 +2,14 @@
 
     ema = EMA(unet, decay=0.999)          # torch's AveragedModel layout: ema.module, ema.n_averaged
     ema.update(unet)                      # first update: a copy; then ema <- ema + (1 - decay) * (param - ema)
+    ema = EMA(unet, decay=0.999, warmup=True)   # decay min(decay, (1 + n) / (10 + n)) at the n-th update
     ema.update(unet, keep=1 - optimizer.found_inf)   # a step the fused optimizer skipped on the device:
                                                      # the EMA skips it too, and the host never waits
+
+With `warmup` the decay grows with the number n of updates so far, min(decay, (1 + n) / (10 + n)), as in
+diffusers' `EMAModel` (its default) and the original latent-diffusion code's `LitEma`: without it the average keeps
+decay^n of the first weights (a random initialisation when training from scratch), 0.9995^1888 = 39 % after the
+1,888 steps of a 7-minute CIFAR-10 run, whose EMA samples were then noise. With it, 0.9995 is reached at n = 17,991.
 
 Parameters that do not train (`requires_grad` False when the EMA is made: the frozen base of a LoRA-adapted
 U-Net) are not copied: the EMA's module shares them with the model, and `update` skips them. So the EMA of an
@@ -30,13 +36,13 @@ Groups = dict[torch.dtype, tuple[list[Tensor], list[Tensor]]]
 
 
 class EMA(AveragedModel):
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"ema decay must be in [0, 1], got {decay}")
         device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
         super().__init__(model, device=device, use_buffers=True)  # the counter too lives where the model does
         _share_frozen(self.module, model)
-        self.decay = decay
+        self.decay, self.warmup = decay, warmup
         self.requires_grad_(False)
         self._paired: tuple[nn.Module, list[tuple[Tensor, Tensor]], list[tuple[nn.Module, nn.Module, str]]] | None = None
 
@@ -44,7 +50,9 @@ class EMA(AveragedModel):
     def update(self, model: nn.Module, keep: Tensor | None = None) -> None:
         """One EMA step towards ``model``'s parameters and buffers; ``keep``: a 0-dim 0/1 tensor (0: skip it)."""
         # 1 (a copy) while nothing is averaged yet, else 1 - decay: 0-dim float32 on the counter's device
-        weight = 1.0 - self.decay * (self.n_averaged > 0).float()
+        n = self.n_averaged.float()
+        decay = torch.clamp((1 + n) / (10 + n), max=self.decay) if self.warmup else self.decay
+        weight = 1.0 - decay * (n > 0).float()
         if keep is not None:
             weight = weight * keep
         groups: Groups = defaultdict(lambda: ([], []))
