@@ -466,6 +466,9 @@ def line(name: str, r: dict, flops: float, peak: float | None, base: float | Non
     if "pixels_per_image" in r:  # our runs: pixels per second, and a bucketed run against its square counterpart
         mpx = ips * r["pixels_per_image"] / 1e6
         text += f"  {mpx:8.2f} Mpx/s  recompiles {r['recompiles']}"
+        if r.get("allocator"):  # cudaMalloc/cudaFree calls and retries in the timed window: 0 once shapes are warm
+            a = r["allocator"]
+            text += f"  cudaMalloc/free/retries {a['num_device_alloc']}/{a['num_device_free']}/{a['num_alloc_retries']}"
         if square is not None and "error" not in square:
             text += f"  vs square {mpx / (square['images_per_sec'] * square['pixels_per_image'] / 1e6):6.3f}x (Mpx/s)"
     return text

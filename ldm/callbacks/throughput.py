@@ -24,6 +24,12 @@ def host(value: float) -> torch.Tensor:
     return torch.tensor(float(value), dtype=torch.float64)
 
 
+def allocator_counts(device: torch.device) -> dict[str, int]:
+    """The CUDA caching allocator's counters so far: cudaMalloc and cudaFree calls, retries after a failed one."""
+    stats = torch.cuda.memory_stats(device)
+    return {key: int(stats.get(key, 0)) for key in ("num_device_alloc", "num_device_free", "num_alloc_retries")}
+
+
 class Throughput(pl.Callback):
     """Logs `train/images_per_sec` (all ranks together), `train/images_seen` (the stage's count,
     `ldm.stages.base.Stage.images_seen`) and `train/lr` (Lightning's LearningRateMonitor refuses to run
@@ -52,12 +58,15 @@ class Throughput(pl.Callback):
 class StepTimer(pl.Callback):
     """Times training steps after `warmup` of them (compilation, autotuning, loader start-up): writes
     {"images_per_sec", "step_seconds", "steps", "batch_size", "peak_memory_gib", "world_size"} as JSON to `out`
-    (rank 0) and logs `bench/images_per_sec`. GPU work is synchronised only at the window's two ends."""
+    (rank 0) and logs `bench/images_per_sec`. GPU work is synchronised only at the window's two ends. On a GPU the
+    JSON also holds `allocator`: the caching allocator's cudaMalloc and cudaFree calls and its retries (each retry
+    frees cached blocks and waits for the GPU) within the window, which changing batch shapes (buckets) can cause."""
 
     def __init__(self, warmup: int = 10, out: str | None = None):
         self.warmup, self.out = warmup, out
         self._t0 = None
         self._steps = self._images = 0
+        self._allocator: dict[str, int] = {}
 
     @staticmethod
     def _sync(pl_module) -> None:
@@ -69,6 +78,7 @@ class StepTimer(pl.Callback):
             self._sync(pl_module)
             if pl_module.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(pl_module.device)
+                self._allocator = allocator_counts(pl_module.device)
             self._t0 = time.perf_counter()
             rank_zero_info(f"StepTimer: {self.warmup} warm-up steps done; timing from here")
         if self._t0 is not None:
@@ -80,6 +90,8 @@ class StepTimer(pl.Callback):
         if self._t0 is not None and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
             self._sync(pl_module)
             self._elapsed = time.perf_counter() - self._t0
+            if self._allocator:
+                self._allocator_end = allocator_counts(pl_module.device)
 
     def on_train_end(self, trainer, pl_module):
         if self._t0 is None or not self._steps:
@@ -95,6 +107,9 @@ class StepTimer(pl.Callback):
             "peak_memory_gib": torch.cuda.max_memory_allocated(pl_module.device) / 2**30
             if pl_module.device.type == "cuda" else None,
         }  # fmt: skip
+        if self._allocator:
+            end = getattr(self, "_allocator_end", None) or allocator_counts(pl_module.device)
+            result["allocator"] = {k: v - self._allocator[k] for k, v in end.items()}
         rank_zero_info(f"StepTimer: {result}")
         if self.out and trainer.is_global_zero:
             Path(self.out).parent.mkdir(parents=True, exist_ok=True)
