@@ -120,12 +120,13 @@ def test_negative_prompt_and_img2img_match_the_diffusers_pipelines(trained, tmp_
         for i in range(2):
             written = np.asarray(Image.open(tmp_path / sampler / f"{i:04d}.png")).astype(int)
             assert np.abs(written - np.round(expected[i] * 255).astype(int)).max() <= 1  # PNG rounding
-    # strength matters: a small strength stays close to the init image, a large one does not
-    near, far = (module.generate(prompts[:1], seed=5, num_inference_steps=4, strength=s,
-                                 init_image=torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1)
+    # strength matters: a small strength stays close to the init image as the VAE gives it back (the tiny VAE
+    # cannot reproduce noise pixels; the image strength 0 would give), a large one does not
+    x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1
+    near, far = (module.generate(prompts[:1], seed=5, num_inference_steps=4, strength=s, init_image=x)
                  for s in (0.25, 1.0))  # fmt: skip
-    init = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
-    assert (near - init).abs().mean() < (far - init).abs().mean()
+    init = module.decode_latents(module.encode_init_image(x, 1, torch.Generator().manual_seed(5)))
+    assert (near - init).abs().mean() < (far - init).abs().mean()  # 0.052 against 0.121 here
 
 
 def test_wandb_offline_run_holds_config_metrics_and_samples(tiny_root, tmp_path, monkeypatch):
