@@ -127,8 +127,7 @@ def test_kill_9_then_resume_auto_gives_the_same_losses(tiny_root, tmp_path, num_
         torch.testing.assert_close(pb["exp_avg_sq"], pa["exp_avg_sq"], atol=1e-9, rtol=1e-5)
         assert pb["step"] == pa["step"]
     assert b["lr_schedulers"] == a["lr_schedulers"]
-    throughput = next(k for k in a["callbacks"] if k.startswith("Throughput"))
-    assert b["callbacks"][throughput] == a["callbacks"][throughput] == {"images_seen": max_steps * 8}
+    assert b["images_seen"] == a["images_seen"] == max_steps * 8  # the stage's count (ldm.stages.base)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
