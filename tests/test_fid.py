@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 from torch import nn
 
+from ldm.callbacks.metrics_log import read_metrics
 from ldm.data.shapes import render, write_shapes_dataset
 from ldm.metrics import inception as inc
 from ldm.metrics.fid import make_fid, real_states, set_real_states
@@ -281,6 +282,11 @@ def test_training_logs_fid_to_wandb_and_plots(tmp_path, monkeypatch):
     assert all(row["val/fid"] > 0 and row["val/images_seen"] > 0 for row in rows)
     assert rows[1]["val/images_seen"] == 2 * rows[0]["val/images_seen"]
     assert summary(run_file)["val/fid"] == {"min": pytest.approx(min(row["val/fid"] for row in rows))}
+    # the run's own metrics file: each FID in the row of its step only, not again beside the val/loss evaluated
+    # after it at the end
+    logged = [row for row in read_metrics(run_dir / "metrics.jsonl") if "val/fid" in row]
+    assert [row["step"] for row in logged] == [1, 2]
+    assert [row["val/fid"] for row in logged] == pytest.approx([row["val/fid"] for row in rows])
     assert (run_dir / "fid_curve.png").is_file()
     assert (run_dir / "fid" / "step_000002.png").is_file()
     assert list(root.glob("fid_cache/fid_reference_*.pt"))  # under paths.data_dir

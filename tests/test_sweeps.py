@@ -119,7 +119,7 @@ def test_optuna_search_over_parallel_jobs_minimises_best_fid(tiny_root, tmp_path
     assert out.returncode == 0, out.stderr[-4000:]
     assert _job_dirs(sweep) == ["0", "1"]
     index = json.loads((sweep / "index.json").read_text())
-    assert index["params"] == ["optim.optimizer.eps"]  # the keys fixed on the command line are not searched
+    assert index["params"] == ["optim.lr"]  # the keys fixed on the command line are not searched
     jobs = index["jobs"]
     assert [job["status"] for job in jobs] == ["completed", "completed"]
     lrs = [job["params"]["optim.lr"] for job in jobs]

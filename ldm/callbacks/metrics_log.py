@@ -51,7 +51,6 @@ class MetricsLog(pl.Callback):
     def __init__(self, path: str):
         self.path = Path(path)
         self._file = None
-        self._last_val: dict[str, float] = {}
         self._last_entries: dict[str, int] = {}
         self._last_step = -1
 
@@ -61,14 +60,13 @@ class MetricsLog(pl.Callback):
             self._file = self.path.open("a")
 
     def _write(self, trainer, only_val: bool = False):
-        row = _scalars(trainer.callback_metrics)
-        val = {k: v for k, v in row.items() if k.startswith("val/")}
-        if only_val:
-            row = val
-        elif val == self._last_val:  # no evaluation since the last row: its values belong to an earlier step
-            row = {k: v for k, v in row.items() if k not in val}
-        self._last_val = val
-        self._last_entries = _val_entries(trainer)
+        row = _scalars(trainer.callback_metrics)  # first: it moves freshly logged values into the trainer's store
+        entries = _val_entries(trainer)
+        # a val/ value goes in the row of the evaluation that stored it, and in no later row: only the ones
+        # stored since the last row (an FID at step 2 is not repeated by the val/loss evaluated after it)
+        fresh = {k for k, ident in entries.items() if self._last_entries.get(k) != ident}
+        row = {k: v for k, v in row.items() if (k in fresh if k.startswith("val/") else not only_val)}
+        self._last_entries = entries
         self._last_step = trainer.global_step
         # JSON has no NaN/inf: a diverged loss is written as null rather than breaking the file
         row = {k: (v if math.isfinite(v) else None) for k, v in row.items()}
@@ -91,10 +89,10 @@ class MetricsLog(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         if self._file is None:
             return
-        val = {k: v for k, v in _scalars(trainer.callback_metrics).items() if k.startswith("val/")}
+        trainer.callback_metrics  # noqa: B018 - moves values logged since into the store that _val_entries reads
         if trainer.global_step != self._last_step:
             self._write(trainer)
-        elif val != self._last_val:  # an evaluation at the end of training, after this step's row
+        elif _val_entries(trainer) != self._last_entries:  # an evaluation at the end of training, after this step's row
             self._write(trainer, only_val=True)
 
     def teardown(self, trainer, pl_module, stage):
