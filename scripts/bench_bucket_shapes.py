@@ -17,27 +17,13 @@ import time
 import torch
 
 
-def unet(tiny: bool):
-    from diffusers import UNet2DConditionModel
-
-    if tiny:
-        return UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
-                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4,
-                                    norm_num_groups=8)  # fmt: skip
-    return UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # SD 1.x's layout
-
-
-def allocator() -> dict[str, int]:
-    if not torch.cuda.is_available():
-        return {}
-    stats = torch.cuda.memory_stats()
-    return {k: int(stats.get(k, 0)) for k in ("num_device_alloc", "num_device_free", "num_alloc_retries")}
-
-
 def main() -> None:
+    from bench_train import unet_config  # the SD-1.5-shaped U-Net (or --tiny's) that bench_train.py times
+
+    from ldm.callbacks.throughput import allocator_counts
     from ldm.data.buckets import generate_buckets
     from ldm.data.synthetic import bucket_step
+    from ldm.models.unet import build_unet
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--resolution", type=int, default=512)
@@ -49,7 +35,7 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cudnn.benchmark = True
-    model = unet(args.tiny).to(device).train()
+    model = build_unet(**unet_config("sd15", args.resolution, args.tiny)).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
     width = model.config.cross_attention_dim
     buckets = generate_buckets(args.resolution**2, bucket_step(args.resolution), 2.0)
@@ -72,11 +58,11 @@ def main() -> None:
     def timed(sequence) -> tuple[float, dict]:
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         sync()
-        before, t0 = allocator(), time.perf_counter()
+        before, t0 = allocator_counts(device) if device == "cuda" else {}, time.perf_counter()
         for s in sequence:
             step(s)
         sync()
-        seconds, after = time.perf_counter() - t0, allocator()
+        seconds, after = time.perf_counter() - t0, allocator_counts(device) if device == "cuda" else {}
         return seconds, {k: after[k] - before[k] for k in after}
 
     print(f"# {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}, batch {b}, "

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 
@@ -77,7 +78,7 @@ def test_under_bf16_the_frozen_vae_runs_in_bf16_and_encodes_like_fp32(root, tmp_
     assert module.decode_latents(latents).dtype == torch.float32
 
 
-class SleepAtEnd(__import__("pytorch_lightning").Callback):
+class SleepAtEnd(pl.Callback):
     """Stands in for slow end-of-fit work (Lightning's final checkpoint of a large model), and notes when each
     training batch starts and ends (an independent clock for the timer's window)."""
 
@@ -119,3 +120,29 @@ def test_step_timer_times_only_the_steps_after_warm_up(root, tmp_path):
     last = next(t for kind, step, t in times if kind == "end" and step == 3)
     assert abs(result["step_seconds"] * 2 - (last - first)) < 1.0
     assert result["images_per_sec"] == pytest.approx(4 / result["step_seconds"], rel=1e-6)
+    assert "allocator" not in result  # the CUDA allocator's counts: on a GPU only
+
+
+class AllocateInWindow(pl.Callback):
+    """Takes 1 GiB more than the caching allocator holds at the first timed step: one cudaMalloc in the window."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 1:
+            self.block = torch.empty(2**30, dtype=torch.uint8, device=pl_module.device)
+
+
+@pytest.mark.gpu
+def test_step_timer_counts_the_allocators_cudamallocs_in_its_window(root, tmp_path):
+    import json
+
+    out = tmp_path / "timer.json"
+    cfg = compose_config(root, tmp_path, [
+        "logger=none", "trainer.max_steps=3", "trainer.accelerator=gpu", "~callbacks.fid", "~callbacks.export",
+        "~callbacks.sample_grid", "+callbacks.alloc._target_=tests.test_speed.AllocateInWindow",
+        "+callbacks.timer._target_=ldm.callbacks.throughput.StepTimer", "+callbacks.timer.warmup=1",
+        f"+callbacks.timer.out={out}",
+    ])  # fmt: skip
+    train(cfg)
+    counts = json.loads(out.read_text())["allocator"]
+    assert set(counts) == {"num_device_alloc", "num_device_free", "num_alloc_retries"}
+    assert counts["num_device_alloc"] >= 1 and counts["num_alloc_retries"] >= 0

@@ -66,7 +66,8 @@ class StepTimer(pl.Callback):
         self.warmup, self.out = warmup, out
         self._t0 = None
         self._steps = self._images = 0
-        self._allocator: dict[str, int] = {}
+        self._allocator: dict[str, int] = {}  # the counters where the window opens (GPU only) and closes
+        self._allocator_end: dict[str, int] | None = None
 
     @staticmethod
     def _sync(pl_module) -> None:
@@ -108,7 +109,7 @@ class StepTimer(pl.Callback):
             if pl_module.device.type == "cuda" else None,
         }  # fmt: skip
         if self._allocator:
-            end = getattr(self, "_allocator_end", None) or allocator_counts(pl_module.device)
+            end = self._allocator_end or allocator_counts(pl_module.device)
             result["allocator"] = {k: v - self._allocator[k] for k, v in end.items()}
         rank_zero_info(f"StepTimer: {result}")
         if self.out and trainer.is_global_zero:

@@ -2,9 +2,9 @@
 
     ema = EMA(unet, decay=0.999)          # torch's AveragedModel layout: ema.module, ema.n_averaged
     ema.update(unet)                      # first update: a copy; then ema <- ema + (1 - decay) * (param - ema)
-    ema = EMA(unet, decay=0.999, warmup=True)   # decay min(decay, (1 + n) / (10 + n)) at the n-th update
     ema.update(unet, keep=1 - optimizer.found_inf)   # a step the fused optimizer skipped on the device:
                                                      # the EMA skips it too, and the host never waits
+    ema = EMA(unet, decay=0.999, warmup=True)   # decay min(decay, (1 + n) / (10 + n)) at the n-th update
 
 With `warmup` the decay grows with the number n of updates so far, min(decay, (1 + n) / (10 + n)), as in
 diffusers' `EMAModel` (its default) and the original latent-diffusion code's `LitEma`: without it the average keeps
