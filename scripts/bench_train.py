@@ -335,7 +335,8 @@ def ldm_train(work: Path, model: str, resolution: int, batch: int, mode: str, st
     log = (Path(log_dir) if log_dir else out.parent) / f"{out.stem}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    env = {**os.environ, "TORCH_LOGS": os.environ.get("TORCH_LOGS", "recompiles")}
+    env = {**os.environ, "TORCH_LOGS": os.environ.get("TORCH_LOGS", "recompiles"),
+           "LDM_EXIT_STACKS": os.environ.get("LDM_EXIT_STACKS", "15")}  # a slow exit's stacks in the run's log
     with open(log, "w") as f:  # streamed, so a run cut off by a time limit still shows how far it got
         code = subprocess.run([sys.executable, "-m", "ldm.train", *overrides], cwd=ROOT, stdout=f,
                               stderr=subprocess.STDOUT, env=env).returncode  # fmt: skip

@@ -22,6 +22,8 @@ from ldm.run.data_check import check_buckets
 from ldm.run.launch import launch, ranks_to_launch
 from ldm.run.resume import resolve_resume
 from ldm.run.validate import validate_config
+from ldm.training.allocator import default_allocator_settings
+from ldm.utils.exit_watch import watch_exit
 from ldm.utils.secrets import redact
 from ldm.utils.sweep_index import register_resolvers
 
@@ -31,6 +33,7 @@ register_resolvers()  # ${ldm.run_name:...} and friends in conf/ resolve whereve
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the run in this process; returns the trainer's final metrics."""
     validate_config(cfg)  # seconds, before anything heavy
+    default_allocator_settings()  # expandable segments, before the first CUDA allocation (bucket shapes)
     check_adapter(cfg)  # the adapter against the model's layers (on the meta device)
     check_buckets(cfg)  # a batch some bucket can fill (image sizes from sizes.json, or their headers once)
     ckpt_path = resolve_resume(cfg)
@@ -49,6 +52,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     finally:
         if isinstance(logger, WandbLogger) and trainer.is_global_zero:
             logger.experiment.finish()  # close this run: a later run in the process (a sweep) gets its own
+        watch_exit()  # LDM_EXIT_STACKS: where the time goes between here and the process's end
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 

@@ -6,6 +6,7 @@
     fsdp         ShardedUNetStrategy: FSDP of the U-Net only (+trainer/strategy=fsdp)
     loggers      wandb_logger: W&B, offline by itself when it cannot reach a server
     compile      allow_recompiles: torch.compile keeps a graph per bucket shape (none falls back to eager)
+    allocator    default_allocator_settings: the CUDA allocator's expandable segments unless the user set its own
 
 May import: ldm.data, ldm.diffusion, ldm.utils. Not ldm.models (a sibling), nor anything above.
 """

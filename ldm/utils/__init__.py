@@ -7,6 +7,7 @@
     targets         Python objects as Hydra `_target_` strings (config checks key on code, not strings)
     metrics_file    a run's metrics.jsonl, read as plain JSON (reports read it without the training stack)
     rules           typed rules for config values (Int, Float, Choice, ...) and the walk that checks a config
+    exit_watch      LDM_EXIT_STACKS: every thread's stack while a process outlives its work (slow exits)
     cli             how every command stops: one line, exit code, the traceback only on request; warnings to train.log
 
 May import: nothing from ldm.
