@@ -66,7 +66,7 @@ $(DATA)/cifar10/%/manifest.json: | .venv/.installed
 cifar10: $(DATA)/cifar10/train/manifest.json $(DATA)/cifar10/test/manifest.json
 
 # --- the CIFAR-10 recipe (one GPU; README "CIFAR-10"): a text tower for the ten class captions (random, frozen),
-#     the f=2 VAE (experiment=cifar10_vae, 3 minutes), then the latent-diffusion U-Net (experiment=cifar10, 7 minutes)
+#     the f=2 VAE (experiment=cifar10_vae, 3 minutes), then the latent-diffusion U-Net (experiment=cifar10, 12 minutes)
 $(DATA)/models/clip-cifar10/text_encoder/config.json: | .venv/.installed
 	$(PY) -c "from ldm.models.text_encoders import save_random_hf_clip as s; \
 		s('$(DATA)/models/clip-cifar10', hidden_size=256, num_layers=2, num_heads=4, max_length=16)"
