@@ -41,6 +41,8 @@ def test_latent_diffusion_val_loss_is_the_fixed_noise_loss_of_the_weights(root, 
     # by hand, from the final weights: the same 6 held-out images in batches of 4 and 2, a CPU generator per batch
     module = load_module(tmp_path / "checkpoints" / "last.ckpt")
     ddpm = DDPMScheduler.from_config(module.scheduler_config)
+    gamma = cfg.diffusion.min_snr_gamma
+    assert gamma == 1.0  # conf/experiment/shapes.yaml
     total = 0.0
     for i, batch in enumerate(held_out_batches(root / "shapes" / "val", 16, 6, 4)):
         g = torch.Generator().manual_seed(i)
@@ -53,7 +55,7 @@ def test_latent_diffusion_val_loss_is_the_fixed_noise_loss_of_the_weights(root, 
             cond = module.text_encoder.encode(batch["caption"])
             eps = module.unet(ddpm.add_noise(latents, noise, t), t, encoder_hidden_states=cond).sample
         snr = ddpm.alphas_cumprod[t] / (1 - ddpm.alphas_cumprod[t])
-        weight = snr.clamp(max=5.0) / snr  # Min-SNR-5 (the shapes recipe), epsilon prediction
+        weight = snr.clamp(max=gamma) / snr  # Min-SNR (the shapes recipe's gamma), epsilon prediction
         total += float((weight * F.mse_loss(eps, noise, reduction="none").mean(dim=(1, 2, 3))).mean()) * len(latents)
     assert values[3] == pytest.approx(total / 6, rel=1e-4)
     # fixed draws: evaluating again on the same weights gives the same number, bit for bit
