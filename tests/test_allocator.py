@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from ldm.training.allocator import DEFAULT, default_allocator_settings
+from ldm.training.allocator import DEFAULT, ENV_NAMES, default_allocator_settings
 
 
 def test_expandable_segments_unless_the_user_chose():
@@ -16,7 +17,7 @@ def test_expandable_segments_unless_the_user_chose():
     assert default_allocator_settings(environ) == (None if torch.cuda.is_initialized() else DEFAULT)
     if not torch.cuda.is_initialized():
         assert environ == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+    for name in ENV_NAMES:
         for value in ("max_split_size_mb:128", ""):  # the user's value, even an empty one, stays
             environ = {name: value}
             assert default_allocator_settings(environ) is None
@@ -29,7 +30,7 @@ def test_a_run_sets_it_before_building_anything(tmp_path, monkeypatch):
 
     from ldm.run import fit
 
-    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+    for name in ENV_NAMES:
         monkeypatch.delenv(name, raising=False)
     seen = []
 
@@ -37,7 +38,7 @@ def test_a_run_sets_it_before_building_anything(tmp_path, monkeypatch):
         pass
 
     def first_builder(cfg):
-        seen.append(__import__("os").environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+        seen.append(os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
         raise Stop
 
     monkeypatch.setattr(fit, "check_adapter", first_builder)
@@ -57,7 +58,6 @@ def test_the_allocator_grows_expandable_segments():
         "x = torch.empty(64 << 20, dtype=torch.uint8, device='cuda')\n"
         "print(all(s['is_expandable'] for s in torch.cuda.memory._snapshot()['segments']))\n"
     )
-    env = {k: v for k, v in __import__("os").environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
+    env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "True"
-

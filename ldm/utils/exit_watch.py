@@ -5,7 +5,8 @@
 On the GPU host every `ldm.train` process lived on 45-82 s after its last step (docs/benchmarks.md, sessions 10
 and 11; 3 s on a 2-core CPU), eager and compiled alike: loader workers joined with a timeout each, pinned-memory
 threads, CUDA teardown are candidates. `watch_exit()` arms `faulthandler`, which writes from its own C thread, so
-it reports during interpreter shutdown too; nothing happens unless the variable is set.
+it reports during interpreter shutdown too; nothing happens unless the variable is set. In a multirun whose
+jobs share one process, a later job's stacks are written too (each fit re-arms it).
 """
 
 from __future__ import annotations
