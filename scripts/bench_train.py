@@ -293,9 +293,10 @@ def unet_config(model: str, resolution: int, tiny: bool) -> dict:
 
 def ldm_train(work: Path, model: str, resolution: int, batch: int, mode: str, steps: int, warmup: int, workers: int,
               devices: int, tiny: bool, compile_: bool | str, extra: list[str], log_dir: str | None = None,
-              strategy: str = "ddp", lora_rank: int | None = None) -> dict:  # fmt: skip
+              strategy: str = "ddp", lora_rank: int | None = None, exit_grace: float = 30.0) -> dict:  # fmt: skip
     """One timed run of `python -m ldm.train` (``lora_rank``: LoRA of that rank, alpha = rank); returns StepTimer's
-    JSON."""
+    JSON. A run still alive ``exit_grace`` seconds after its timing was written is stopped (see
+    `wait_or_stop_after_timing`)."""
     tag = f"{model}-{mode}{resolution}-b{batch}-d{devices}" + (f"-lora{lora_rank}" if lora_rank else "")
     out = work / "results" / f"{tag}-{int(time.time())}.json"
     lora = (["model/adapter=lora", f"model.adapter.rank={lora_rank}", f"model.adapter.alpha={lora_rank}"]
@@ -338,8 +339,9 @@ def ldm_train(work: Path, model: str, resolution: int, batch: int, mode: str, st
     env = {**os.environ, "TORCH_LOGS": os.environ.get("TORCH_LOGS", "recompiles"),
            "LDM_EXIT_STACKS": os.environ.get("LDM_EXIT_STACKS", "15")}  # a slow exit's stacks in the run's log
     with open(log, "w") as f:  # streamed, so a run cut off by a time limit still shows how far it got
-        code = subprocess.run([sys.executable, "-m", "ldm.train", *overrides], cwd=ROOT, stdout=f,
-                              stderr=subprocess.STDOUT, env=env).returncode  # fmt: skip
+        proc = subprocess.Popen([sys.executable, "-m", "ldm.train", *overrides], cwd=ROOT, stdout=f,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)  # fmt: skip
+        code = wait_or_stop_after_timing(proc, out, exit_grace, f)
     if code != 0 or not out.exists():
         tail = "\n".join(log.read_text().splitlines()[-25:])
         return {"error": f"exit {code}:\n{tail}"}
@@ -348,6 +350,39 @@ def ldm_train(work: Path, model: str, resolution: int, batch: int, mode: str, st
     result["recompiles"] = sum("Recompiling function" in line for line in log.read_text().splitlines())
     result["pixels_per_image"] = mean_bucket_pixels(resolution) if mode.startswith("bucketed") else resolution**2
     return result
+
+
+def wait_or_stop_after_timing(proc: subprocess.Popen, timing: Path, grace: float, log) -> int:
+    """Wait for a run's exit; once its timing file exists, at most ``grace`` seconds more. A run still alive then
+    (on the GPU host runs outlived their last step by 45-82 s, docs/benchmarks.md) gets SIGUSR1 halfway, which
+    writes every thread's stack into its log (`ldm.utils.exit_watch.arm_stack_signal`: where the time goes), and is
+    then stopped with its process group (loader workers included); its exit code counts as 0, the timing being
+    written. The lingering is noted in the log."""
+    import signal
+
+    written = None
+    signalled = False
+    while (code := proc.poll()) is None:
+        time.sleep(0.5)
+        if written is None and timing.exists():
+            written = time.monotonic()
+        if written is None:
+            continue
+        waited = time.monotonic() - written
+        if not signalled and waited >= grace / 2:
+            os.kill(proc.pid, signal.SIGUSR1)
+            signalled = True
+        if waited >= grace:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            log.flush()
+            print(f"# bench_train: still running {waited:.0f} s after its timing was written: stopped", file=log,
+                  flush=True)  # fmt: skip
+            return 0
+    if written is not None:
+        print(f"# bench_train: exited {time.monotonic() - written:.0f} s after its timing was written", file=log,
+              flush=True)  # fmt: skip
+    return code
 
 
 def baseline_unet(work: Path, model: str, resolution: int, tiny: bool):
@@ -536,6 +571,9 @@ def main(argv=None) -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny models (CPU smoke test of the script)")
     parser.add_argument("--extra", nargs="*", default=[], help="more ldm.train overrides for our runs")
     parser.add_argument("--log-dir", default=None, help="where each run's log is streamed (default: --work/results)")
+    parser.add_argument("--exit-grace", type=float, default=30.0,
+                        help="seconds a run may live on after writing its timing before it is stopped (its stacks "
+                        "are written to its log halfway)")  # fmt: skip
     parser.add_argument("--baseline-only", nargs=3, type=int, metavar=("RES", "BATCH", "STEPS"), help=argparse.SUPPRESS)
     parser.add_argument("--baseline-lora-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--baseline-cached", action="store_true", help=argparse.SUPPRESS)
@@ -585,7 +623,7 @@ def main(argv=None) -> None:
             compile_ = mode != "eager" and torch.cuda.is_available() and (args.compile_mode or True)
             result = results[mode] = ldm_train(work, args.model, resolution, batch, data_mode, args.steps, args.warmup,
                                                args.workers, args.devices, args.tiny, compile_, args.extra,
-                                               args.log_dir, args.strategy)  # fmt: skip
+                                               args.log_dir, args.strategy, exit_grace=args.exit_grace)  # fmt: skip
             name = NAMES[mode]
             if args.model == "shapes":
                 name = "ldm experiment=shapes (make train)"
@@ -601,7 +639,7 @@ def main(argv=None) -> None:
             for rank in args.lora_ranks:
                 result = ldm_train(work, args.model, resolution, batch, LORA_RUNS[mode], args.steps, args.warmup,
                                    args.workers, args.devices, args.tiny, torch.cuda.is_available(), args.extra,
-                                   args.log_dir, args.strategy, lora_rank=rank)  # fmt: skip
+                                   args.log_dir, args.strategy, lora_rank=rank, exit_grace=args.exit_grace)  # fmt: skip
                 print(line(f"{resolution}px {NAMES[mode]}, rank {rank}", result, lora_flops[rank], peak, base), flush=True)
 
 

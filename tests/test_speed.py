@@ -29,10 +29,14 @@ def test_fused_adamw_with_bf16_and_gradient_clipping_trains(root, tmp_path):
 
 
 def test_clipping_bounds_the_global_gradient_norm(root, tmp_path):
+    # with a fused optimizer the clip factor rides on its grad_scale: the gradients it steps with have norm 0.5
+    # and the weights move exactly as with torch's clip_grad_norm_ before a plain (foreach) AdamW step
     cfg = compose_config(root, tmp_path)
     module = instantiate(cfg.model, _convert_="all")
-    for p in module.unet.parameters():
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in module.unet.parameters()]
+    for p, q in zip(module.unet.parameters(), reference, strict=True):
         p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
     optimizer = torch.optim.AdamW(module.unet.parameters(), fused=True)
 
     class Trainer:
@@ -40,8 +44,14 @@ def test_clipping_bounds_the_global_gradient_norm(root, tmp_path):
 
     module.trainer = Trainer  # the hook reads trainer.precision only
     module.configure_gradient_clipping(optimizer, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
+    assert optimizer.grad_scale > 1  # the gradients themselves are not rewritten before the step
+    optimizer.step()
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.unet.parameters()]))
     assert norm == pytest.approx(0.5, rel=1e-4)
+    torch.nn.utils.clip_grad_norm_(reference, 0.5)
+    torch.optim.AdamW(reference, foreach=True).step()
+    for p, q in zip(module.unet.parameters(), reference, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-6)
 
 
 def test_channels_last_gives_the_same_loss(root, tmp_path):

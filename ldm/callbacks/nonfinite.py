@@ -27,14 +27,11 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_warn
 
+from ldm.training.optim import is_fused
+
 
 class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses in a row: training stopped."""
-
-
-def is_fused(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether every parameter group runs a fused kernel, which honours `found_inf` on the device."""
-    return bool(optimizer.param_groups) and all(g.get("fused") for g in optimizer.param_groups)
 
 
 class NonFiniteLoss(pl.Callback):
@@ -63,8 +60,9 @@ class NonFiniteLoss(pl.Callback):
             if not grads:
                 return
             loss_bad = torch.zeros((), dtype=torch.bool, device=grads[0].device)
-        grad_bad = (~torch.isfinite(torch.nn.utils.get_total_norm(grads)) if grads and not scaled
-                    else torch.zeros_like(loss_bad))  # fmt: skip
+        norm = torch.nn.utils.get_total_norm(grads) if grads and not scaled else None
+        grad_bad = ~torch.isfinite(norm) if norm is not None else torch.zeros_like(loss_bad)
+        pl_module.grad_norm = norm  # gradient clipping, next, reuses it: one pass over the gradients, not two
         if is_fused(optimizer) and not scaled:
             self._skip_on_device(trainer, pl_module, optimizer, loss_bad, grad_bad)
             return

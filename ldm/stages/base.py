@@ -17,6 +17,14 @@
 - `step_skipped`: the non-finite guard's verdict for the current optimizer step, when the guard
   (`ldm.callbacks.nonfinite.NonFiniteLoss`) judges on the device: a 0-dim 0/1 float tensor, 1 when the fused
   optimizer skips the step. None otherwise (no guard, or a skipped step shows as dropped gradients).
+- `grad_norm`: the global gradient norm of the current optimizer step, when the guard computed it (a 0-dim device
+  tensor); gradient clipping then uses it instead of reading all gradients again.
+
+Gradient clipping by norm under bf16 or fp32 (`trainer.gradient_clip_val`) with a fused optimizer (the GPU default)
+does not rewrite the gradients: the clip factor c = min(1, max_norm / (norm + 1e-6)), computed on the device as
+`torch.nn.utils.clip_grad_norm_` computes it, goes to the optimizer as `grad_scale` = 1 / c, which torch's fused
+kernels divide every gradient by as they read it (the attribute through which its GradScaler unscales fp16
+gradients). Same update, one pass over the gradients fewer (SDXL's: 10 GB read and written per step).
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
+
+from ldm.training.optim import is_fused
 
 
 def batch_size(batch) -> int:
@@ -39,6 +49,7 @@ class Stage(pl.LightningModule):
         self.images_seen = 0
         self.trained_steps = 0
         self.step_skipped: Tensor | None = None
+        self.grad_norm: Tensor | None = None
 
     @property
     def progress_bar(self) -> bool:
@@ -70,8 +81,26 @@ class Stage(pl.LightningModule):
         if gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
         else:
-            self.clip_grad_norm(params, gradient_clip_val)
+            self.clip_grad_norm(params, gradient_clip_val, optimizer)
 
-    def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float) -> None:
-        """Clip the gradients' global norm (a stage with sharded parameters computes it over all ranks)."""
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
+    def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float,
+                       optimizer: torch.optim.Optimizer | None = None) -> None:  # fmt: skip
+        """Clip the gradients' global norm (a stage with sharded parameters computes it over all ranks); with a
+        fused ``optimizer``, by its `grad_scale` (see the module docstring)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        norm = self.grad_norm if self.grad_norm is not None else torch.nn.utils.get_total_norm(grads)
+        if optimizer is None or not is_fused(optimizer) or getattr(optimizer, "grad_scale", None) is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+            return
+        coef = torch.clamp(max_norm / (norm.float() + 1e-6), max=1.0)  # clip_grads_with_norm_'s factor
+        optimizer.grad_scale = 1.0 / coef
+        self._grad_scaled = optimizer
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        scaled = self.__dict__.pop("_grad_scaled", None)
+        if scaled is not None:
+            del scaled.grad_scale  # this step's clip factor
+        self.grad_norm = None

@@ -20,7 +20,8 @@ source as the frozen VAE and text encoder are. `adapter.text_encoder` adapts the
 CLIP models: SD's one, SDXL's two), which then runs on every step with gradients (no caption cache, no cached
 encodings).
 
-Speed options (all off by default, harmless on CPU): `channels_last`, `compile` (torch.compile of the
+Speed options (all off by default, harmless on CPU): `channels_last` (NHWC weights and activations, transformer
+blocks included: `ldm.models.unet.to_channels_last`), `compile` (torch.compile of the
 U-Net in place, and of the VAE encoder when it encodes on the fly; True or a dict of torch.compile options
 such as {"mode": "max-autotune-no-cudagraphs"}), `gradient_checkpointing`. `vae_bf16` (on): under bf16 mixed
 precision the frozen VAE runs in plain bf16. Attention goes through PyTorch's scaled_dot_product_attention (diffusers'
@@ -57,7 +58,7 @@ from ldm.diffusion import (
 )
 from ldm.models.adapters import BASE_DTYPES, LoRA, cast_base, is_adapter_key, keep_input_dtype
 from ldm.models.sdxl import time_ids
-from ldm.models.unet import base_model_version
+from ldm.models.unet import base_model_version, to_channels_last
 from ldm.models.vae import downsample_factor
 from ldm.stages.base import Stage
 from ldm.training.compile import allow_recompiles
@@ -196,7 +197,7 @@ class LatentDiffusion(Stage):
         if self.adapter is not None and not getattr(self, "_adapter_ready", False):
             self._setup_adapter()
         if self.channels_last:
-            self.unet.to(memory_format=torch.channels_last)
+            to_channels_last(self.unet)
         if self.compile_options is not None and not getattr(self, "_compiled", False):
             buckets = len(getattr(datamodule, "bucket_sizes", None) or ())
             if buckets > 1:  # a graph per bucket (and per batch size of a short batch) may be kept, none runs eagerly
@@ -451,11 +452,11 @@ class LatentDiffusion(Stage):
         if "ema_text_encoder" in self._modules:
             self.ema_text_encoder.update(self.text_encoder, keep=keep)
 
-    def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float) -> None:
+    def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float, optimizer=None) -> None:
         if isinstance(self.unet, FSDP):  # sharded (ldm/training/fsdp.py): the norm over all ranks' shards
             self.unet.clip_grad_norm_(max_norm)
         else:
-            super().clip_grad_norm(params, max_norm)
+            super().clip_grad_norm(params, max_norm, optimizer)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """What the optimizer steps: the whole U-Net, or its adapters (and the text encoder's) when adapted."""

@@ -39,3 +39,9 @@ def _with_fused_default(optimizer: Callable[..., Any], params: list) -> Callable
     if tensors and all(t.is_cuda for t in tensors) and "fused" in inspect.signature(optimizer.func).parameters:
         keywords["fused"] = True
     return functools.partial(optimizer.func, *optimizer.args, **keywords)
+
+
+def is_fused(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every parameter group runs a fused kernel, which honours `found_inf` and `grad_scale` on the device
+    (torch's protocol with its GradScaler: attributes of the optimizer that its fused step reads)."""
+    return bool(optimizer.param_groups) and all(g.get("fused") for g in optimizer.param_groups)

@@ -1,18 +1,22 @@
 """Where a process spends the time after its work: every thread's stack while it is still alive.
 
     LDM_EXIT_STACKS=15 python -m ldm.train ...     # 15 s after the fit returns, then every 15 s: all stacks
+    kill -USR1 <pid>                                # with LDM_EXIT_STACKS set: all stacks now, wherever it is
 
 On the GPU host every `ldm.train` process lived on 45-82 s after its last step (docs/benchmarks.md, sessions 10
 and 11; 3 s on a 2-core CPU), eager and compiled alike: loader workers joined with a timeout each, pinned-memory
 threads, CUDA teardown are candidates. `watch_exit()` arms `faulthandler`, which writes from its own C thread, so
 it reports during interpreter shutdown too; nothing happens unless the variable is set. In a multirun whose
-jobs share one process, a later job's stacks are written too (each fit re-arms it).
+jobs share one process, a later job's stacks are written too (each fit re-arms it). `arm_stack_signal()`, called when
+a run starts, makes SIGUSR1 write them at any moment (a wait inside the fit's own teardown, before `watch_exit`
+runs): `scripts/bench_train.py` sends it to a run that has not exited some seconds after its timing was written.
 """
 
 from __future__ import annotations
 
 import faulthandler
 import os
+import signal
 import sys
 import time
 from collections.abc import Mapping
@@ -36,3 +40,12 @@ def watch_exit(environ: Mapping[str, str] | None = None, file=None) -> float | N
           "while this process lives", file=file, flush=True)  # fmt: skip
     faulthandler.dump_traceback_later(seconds, repeat=True, file=file)
     return seconds
+
+
+def arm_stack_signal(environ: Mapping[str, str] | None = None, file=None) -> bool:
+    """With ``LDM_EXIT_STACKS`` set: SIGUSR1 writes every thread's stack to stderr (or ``file``); returns whether
+    it was armed (not on platforms without SIGUSR1)."""
+    if not (os.environ if environ is None else environ).get(ENV, "").strip() or not hasattr(signal, "SIGUSR1"):
+        return False
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr if file is None else file, all_threads=True)
+    return True

@@ -1,0 +1,80 @@
+"""`to_channels_last` keeps the U-Net's images NHWC through its transformer blocks (no copy back to NCHW) and
+changes no value: outputs and gradients equal diffusers' own forward, for SD's convolutional and SDXL's linear
+projections."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ldm.models.sdxl import TIME_IDS, TINY_SDXL_UNET
+from ldm.models.unet import build_unet, to_channels_last
+
+SD_UNET = dict(sample_size=8, block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, attention_head_dim=4,
+               cross_attention_dim=24, norm_num_groups=8)  # fmt: skip
+
+
+def inputs(unet):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    kwargs = {"encoder_hidden_states": torch.randn(2, 7, unet.config.cross_attention_dim, generator=g)}
+    if unet.config.addition_embed_type == "text_time":
+        pooled = unet.config.projection_class_embeddings_input_dim - TIME_IDS * unet.config.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, pooled, generator=g),
+                                       "time_ids": torch.rand(2, TIME_IDS, generator=g) * 64}  # fmt: skip
+    return x, torch.tensor([10, 700]), kwargs
+
+
+@pytest.mark.parametrize("config", [SD_UNET, TINY_SDXL_UNET], ids=["conv-projection", "linear-projection"])
+def test_same_outputs_and_gradients_with_nhwc_transformer_outputs(config):
+    reference = build_unet(**config)
+    nhwc = to_channels_last(copy.deepcopy(reference))
+    x, t, kwargs = inputs(reference)
+    layouts = []
+    for module in nhwc.modules():
+        if isinstance(module, Transformer2DModel):
+            module.register_forward_hook(lambda m, args, out: layouts.append(
+                out[0].is_contiguous(memory_format=torch.channels_last) and not out[0].is_contiguous()))
+
+    expected = reference(x, t, **kwargs).sample
+    out = nhwc(x.contiguous(memory_format=torch.channels_last), t, **kwargs).sample
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert layouts and all(layouts), "a transformer block handed on an NCHW copy"
+
+    expected.square().mean().backward()
+    out.square().mean().backward()
+    for (name, p), q in zip(reference.named_parameters(), nhwc.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+class Clones(TorchDispatchMode):
+    """Counts the tensor copies a forward makes (`.contiguous()` of a non-contiguous view is an aten.clone)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten.clone.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("config", [SD_UNET, TINY_SDXL_UNET], ids=["conv-projection", "linear-projection"])
+def test_one_copy_fewer_per_transformer_block(config):
+    # what to_channels_last removes: diffusers' transformer output is copied to NCHW, here for NHWC input too
+    plain = build_unet(**config).to(memory_format=torch.channels_last)
+    nhwc = to_channels_last(copy.deepcopy(plain))
+    x, t, kwargs = inputs(plain)
+    x = x.contiguous(memory_format=torch.channels_last)
+    counts = []
+    for unet in (plain, nhwc):
+        with torch.no_grad(), Clones() as clones:
+            unet(x, t, **kwargs)
+        counts.append(clones.count)
+    blocks = sum(isinstance(m, Transformer2DModel) for m in plain.modules())
+    assert counts[0] - counts[1] == blocks > 0
