@@ -122,3 +122,51 @@ def test_pairs_kept_between_updates_still_follow_swapped_weights_and_replaced_bu
     for (name, a), b in zip(reference.state_dict().items(), ours.state_dict().values()):
         if a.is_floating_point():
             assert torch.allclose(a, b, atol=1e-6), name
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_an_update_every_k_steps_weighs_in_as_k_steps_towards_the_same_weights(warmup):
+    # the closed form: k per-step updates towards a fixed w move the average by decay_1 * ... * decay_k of the gap;
+    # EMA(every=k) does it in one update with the per-step decay taken at the steps the updates stand for
+    net = _net()
+    k, decay = 3, 0.9
+    ours, stepwise = EMA(net, decay, warmup, every=k), EMA(net, decay, warmup)
+    stepwise.update(net)  # both start from a copy
+    ours.update(net)
+    for n in range(1, 4):
+        _train_a_bit(net)
+        for _ in range(k):  # the per-step EMA at steps n*k .. n*k + k - 1 towards the same weights
+            stepwise.update(net)
+        ours.update(net)
+        if warmup:  # per-step decays min(decay, (1 + s) / (10 + s)) at s = 1..k (stepwise) vs one decay at s = n*k
+            continue  # the warm-up approximates within a step: checked below by the factor alone
+        for a, b in zip(ours.module.parameters(), stepwise.module.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert int(ours.n_averaged) == 4
+    if warmup:  # one update at n updates so far moves the gap by min(decay, (1 + nk) / (10 + nk)) ** k
+        before = [p.clone() for p in ours.module.parameters()]
+        _train_a_bit(net)
+        ours.update(net)
+        steps = 4 * k
+        factor = min(decay, (1 + steps) / (10 + steps)) ** k
+        for a, b0, w in zip(ours.module.parameters(), before, net.parameters()):
+            torch.testing.assert_close(a, w + factor * (b0 - w), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_interval_is_refused():
+    with pytest.raises(ValueError, match="interval"):
+        EMA(_net(), 0.9, every=0)
+
+
+def test_a_fit_updates_the_ema_on_every_kth_step(tmp_path):
+    # a real Trainer run: 4 steps with model.ema_every_n_steps=2 average twice (steps 2 and 4)
+    from tiny import compose_config, make_tiny_root
+
+    from ldm.run.fit import train
+
+    cfg = compose_config(make_tiny_root(tmp_path / "tiny"), tmp_path / "run",
+                         ["model.ema_every_n_steps=2", "trainer.max_steps=4", "logger=none", "~callbacks.fid",
+                          "~callbacks.export", "~callbacks.sample_grid"])  # fmt: skip
+    train(cfg)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 4 and int(ckpt["state_dict"]["ema.n_averaged"]) == 2

@@ -196,6 +196,7 @@ KEYS = {
     "model.sampling": Any(),  # ${sampling}
     "model.ema_decay": Float(0, 1, open_max=True, none=True),
     "model.ema_warmup": Bool(),
+    "model.ema_every_n_steps": COUNT,
     "model.checkpoint_frozen": Bool(),
     "model.text_cache_size": Int(min=0),
     "model.channels_last": Bool(),

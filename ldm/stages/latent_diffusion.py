@@ -88,6 +88,7 @@ class LatentDiffusion(Stage):
         lr_scheduler: Callable[..., Any] | None = None,
         ema_decay: float | None = None,
         ema_warmup: bool = True,
+        ema_every_n_steps: int = 1,
         checkpoint_frozen: bool = False,
         text_cache_size: int = 0,
         channels_last: bool = False,
@@ -126,8 +127,8 @@ class LatentDiffusion(Stage):
         self.register_buffer("alpha_bar", config_alpha_bar(self.scheduler_config), persistent=False)  # (T,)
 
         # EMA of the U-Net weights (torch's AveragedModel layout, updated without host syncs); sampling uses it.
-        self.ema = EMA(unet, ema_decay, ema_warmup) if ema_decay else None  # of the adapters only when adapted
-        self.ema_decay, self.ema_warmup = ema_decay, ema_warmup
+        self.ema = EMA(unet, ema_decay, ema_warmup, ema_every_n_steps) if ema_decay else None  # adapters only when adapted
+        self.ema_decay, self.ema_warmup, self.ema_every_n_steps = ema_decay, ema_warmup, ema_every_n_steps
         self.base_dtype: torch.dtype | None = None  # an adapted model's frozen base, when cast (adapters stay fp32)
         self._empty: dict[str, Tensor] | None = None  # the unconditional text inputs (batch 1)
         # The text encoder is frozen, so a caption always encodes the same: data sets with few distinct
@@ -160,7 +161,7 @@ class LatentDiffusion(Stage):
         for layer in text_encoder.unread_layers():
             layer.requires_grad_(False)
         if self.ema_decay:
-            self.ema_text_encoder = EMA(text_encoder, self.ema_decay, self.ema_warmup)
+            self.ema_text_encoder = EMA(text_encoder, self.ema_decay, self.ema_warmup, self.ema_every_n_steps)
 
     def _check_text_width(self, width: int, what: str) -> None:
         if self.unet.config.cross_attention_dim != width:
@@ -440,8 +441,8 @@ class LatentDiffusion(Stage):
         # module's on_train_batch_end) then holds the EMA of this step too, so resumed runs match. A step
         # whose gradients were dropped (non-finite loss) updated nothing, and neither does the EMA; nor does a
         # step a fused optimizer skipped on the device (`step_skipped`, set by NonFiniteLoss): no host sync.
-        if self.ema is None:
-            return
+        if self.ema is None or self.trainer.global_step % self.ema_every_n_steps:
+            return  # no EMA, or not an EMA step (global_step counts this step already; restored on resume)
         # Under FSDP the EMA (whole on every rank) is updated from the gathered full weights (all ranks).
         skipped = self.step_skipped
         if skipped is None and all(p.grad is None for p in self.unet.parameters()):

@@ -5,6 +5,7 @@
     ema.update(unet, keep=1 - optimizer.found_inf)   # a step the fused optimizer skipped on the device:
                                                      # the EMA skips it too, and the host never waits
     ema = EMA(unet, decay=0.999, warmup=True)   # decay min(decay, (1 + n) / (10 + n)) at the n-th update
+    ema = EMA(unet, decay=0.999, every=10)      # updated every 10th step (the caller's cadence) with decay^10
 
 With `warmup` the decay grows with the number n of updates so far, min(decay, (1 + n) / (10 + n)), as in
 diffusers' `EMAModel` (its default) and the original latent-diffusion code's `LitEma`: without it the average keeps
@@ -14,6 +15,11 @@ decay^n of the first weights (a random initialisation when training from scratch
 Parameters that do not train (`requires_grad` False when the EMA is made: the frozen base of a LoRA-adapted
 U-Net) are not copied: the EMA's module shares them with the model, and `update` skips them. So the EMA of an
 adapted model holds the adapters' averages only, next to the one frozen base.
+
+With `every` = k > 1 the caller updates every k-th optimizer step (as SimpleTuner's `--ema_update_interval` and
+Composer's EMA `update_interval` do: the averaging reads and writes every averaged weight, for SDXL's U-Net 30 GB a
+step) and each update weighs in as k per-step updates towards the same weights would: decay^k, the warm-up's decay
+taken at the n * k steps the n updates so far stand for. The average's time constant in steps stays the same.
 
 The arithmetic is torch's `get_ema_multi_avg_fn` over parameters and buffers (`use_buffers=True`), but
 torch's `AveragedModel.update_parameters` reads `n_averaged` (a tensor on the model's device) on the host
@@ -36,13 +42,15 @@ Groups = dict[torch.dtype, tuple[list[Tensor], list[Tensor]]]
 
 
 class EMA(AveragedModel):
-    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False, every: int = 1):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"ema decay must be in [0, 1], got {decay}")
+        if every < 1:
+            raise ValueError(f"ema update interval must be >= 1 step, got {every}")
         device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
         super().__init__(model, device=device, use_buffers=True)  # the counter too lives where the model does
         _share_frozen(self.module, model)
-        self.decay, self.warmup = decay, warmup
+        self.decay, self.warmup, self.every = decay, warmup, every
         self.requires_grad_(False)
         self._paired: tuple[nn.Module, list[tuple[Tensor, Tensor]], list[tuple[nn.Module, nn.Module, str]]] | None = None
 
@@ -51,8 +59,9 @@ class EMA(AveragedModel):
         """One EMA step towards ``model``'s parameters and buffers; ``keep``: a 0-dim 0/1 tensor (0: skip it)."""
         # 1 (a copy) while nothing is averaged yet, else 1 - decay: 0-dim float32 on the counter's device
         n = self.n_averaged.float()
-        decay = torch.clamp((1 + n) / (10 + n), max=self.decay) if self.warmup else self.decay
-        weight = 1.0 - decay * (n > 0).float()
+        steps = n * self.every  # the optimizer steps the updates so far stand for
+        decay = torch.clamp((1 + steps) / (10 + steps), max=self.decay) if self.warmup else self.decay
+        weight = 1.0 - decay**self.every * (n > 0).float()
         if keep is not None:
             weight = weight * keep
         groups: Groups = defaultdict(lambda: ([], []))
