@@ -1,0 +1,56 @@
+"""Stop a DataLoader's worker processes now, rather than as torch does when the loader is dropped.
+
+    stop_workers(loader)     # a loader with persistent workers, after its last batch was taken
+    loaders = WorkerLoaders(); loader = loaders.add(DataLoader(...)); loaders.stop()   # a data module's teardown
+
+A loader with persistent workers keeps them until its iterator is garbage collected, at interpreter exit for a
+training run. torch then asks each worker to finish and joins it with a 5 s timeout (`MP_STATUS_CHECK_INTERVAL`)
+before terminating it: a worker that does not exit at once costs 5 s, one after another. On the GPU host every
+`ldm.train` process outlived its last step by 45-82 s, its main thread joining loader workers
+(`_MultiProcessingDataLoaderIter._shutdown_workers`; docs/benchmarks.md, session 12): 8-16 workers x 5 s. A worker
+at the end of a fit holds nothing to keep (it only reads), so here it is terminated (SIGTERM, what torch does after
+its timeout) and then joined, and the iterator's own shutdown finds them gone: the pin-memory thread is stopped
+and the queues closed as usual.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+
+def stop_workers(loader) -> int:
+    """Terminate ``loader``'s live worker processes and shut its iterator down; returns how many were stopped
+    (0: no multi-process iterator, e.g. `num_workers=0` or never iterated). ``loader``: a torch DataLoader, or a
+    webdataset WebLoader (a pipeline whose first stage is one)."""
+    if not isinstance(loader, torch.utils.data.DataLoader):
+        return sum(stop_workers(stage) for stage in getattr(loader, "pipeline", [])
+                   if isinstance(stage, torch.utils.data.DataLoader))  # fmt: skip
+    it = getattr(loader, "_iterator", None)
+    if not isinstance(it, torch.utils.data.dataloader._MultiProcessingDataLoaderIter):
+        return 0
+    workers = [w for w in getattr(it, "_workers", []) if w.is_alive()]
+    for w in workers:
+        w.terminate()
+    for w in workers:
+        w.join(timeout=5.0)
+    it._shutdown_workers()  # pin-memory thread, queues; the workers it joins are gone
+    loader._iterator = None
+    return len(workers)
+
+
+class WorkerLoaders:
+    """The loaders a data module made (weakly held): `stop()` stops all their workers (the module's teardown)."""
+
+    def __init__(self):
+        self._loaders = weakref.WeakSet()
+
+    def add(self, loader):
+        self._loaders.add(loader)
+        return loader
+
+    def stop(self) -> int:
+        stopped = sum(stop_workers(loader) for loader in list(self._loaders))
+        self._loaders = weakref.WeakSet()
+        return stopped
