@@ -69,7 +69,8 @@ def main(argv=None) -> None:
     backends = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                 "efficient": SDPBackend.EFFICIENT_ATTENTION}  # fmt: skip
     peak = peak_tflops()
-    print(f"# {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, torch {torch.__version__}", flush=True)
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"# {device}, torch {torch.__version__}", flush=True)
     for name, shape in shapes.items():
         b, h, n, d = shape
         flops = 4 * b * h * n * n * d * 3.5  # forward + 2.5x backward

@@ -337,7 +337,7 @@ def ldm_train(work: Path, model: str, resolution: int, batch: int, mode: str, st
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     env = {**os.environ, "TORCH_LOGS": os.environ.get("TORCH_LOGS", "recompiles"),
-           "LDM_EXIT_STACKS": os.environ.get("LDM_EXIT_STACKS", "15")}  # a slow exit's stacks in the run's log
+           "LDM_EXIT_STACKS": os.environ.get("LDM_EXIT_STACKS", "10")}  # a slow exit's stacks in the run's log
     with open(log, "w") as f:  # streamed, so a run cut off by a time limit still shows how far it got
         proc = subprocess.Popen([sys.executable, "-m", "ldm.train", *overrides], cwd=ROOT, stdout=f,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)  # fmt: skip
@@ -353,30 +353,22 @@ def ldm_train(work: Path, model: str, resolution: int, batch: int, mode: str, st
 
 
 def wait_or_stop_after_timing(proc: subprocess.Popen, timing: Path, grace: float, log) -> int:
-    """Wait for a run's exit; once its timing file exists, at most ``grace`` seconds more. A run still alive then
-    (on the GPU host runs outlived their last step by 45-82 s, docs/benchmarks.md) gets SIGUSR1 halfway, which
-    writes every thread's stack into its log (`ldm.utils.exit_watch.arm_stack_signal`: where the time goes), and is
-    then stopped with its process group (loader workers included); its exit code counts as 0, the timing being
-    written. The lingering is noted in the log."""
+    """Wait for a run's exit; once its timing file exists, at most ``grace`` seconds more. A run still alive then is
+    stopped with its process group (loader workers included) and its exit code counts as 0, the timing being
+    written; its log holds the LDM_EXIT_STACKS dumps of where it waited and a line saying how long it lingered.
+    (Session 12 found the main thread joining loader workers, 5 s each: `ldm.data.workers` now stops them.)"""
     import signal
 
     written = None
-    signalled = False
     while (code := proc.poll()) is None:
         time.sleep(0.5)
         if written is None and timing.exists():
             written = time.monotonic()
-        if written is None:
-            continue
-        waited = time.monotonic() - written
-        if not signalled and waited >= grace / 2:
-            os.kill(proc.pid, signal.SIGUSR1)
-            signalled = True
-        if waited >= grace:
+        if written is not None and time.monotonic() - written >= grace:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             log.flush()
-            print(f"# bench_train: still running {waited:.0f} s after its timing was written: stopped", file=log,
+            print(f"# bench_train: still running {grace:.0f} s after its timing was written: stopped", file=log,
                   flush=True)  # fmt: skip
             return 0
     if written is not None:
@@ -572,8 +564,7 @@ def main(argv=None) -> None:
     parser.add_argument("--extra", nargs="*", default=[], help="more ldm.train overrides for our runs")
     parser.add_argument("--log-dir", default=None, help="where each run's log is streamed (default: --work/results)")
     parser.add_argument("--exit-grace", type=float, default=30.0,
-                        help="seconds a run may live on after writing its timing before it is stopped (its stacks "
-                        "are written to its log halfway)")  # fmt: skip
+                        help="seconds a run may live on after writing its timing before it is stopped")
     parser.add_argument("--baseline-only", nargs=3, type=int, metavar=("RES", "BATCH", "STEPS"), help=argparse.SUPPRESS)
     parser.add_argument("--baseline-lora-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--baseline-cached", action="store_true", help=argparse.SUPPRESS)

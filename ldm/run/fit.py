@@ -23,7 +23,7 @@ from ldm.run.launch import launch, ranks_to_launch
 from ldm.run.resume import resolve_resume
 from ldm.run.validate import validate_config
 from ldm.training.allocator import default_allocator_settings
-from ldm.utils.exit_watch import arm_stack_signal, watch_exit
+from ldm.utils.exit_watch import watch_exit
 from ldm.utils.secrets import redact
 from ldm.utils.sweep_index import register_resolvers
 
@@ -34,7 +34,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the run in this process; returns the trainer's final metrics."""
     validate_config(cfg)  # seconds, before anything heavy
     default_allocator_settings()  # expandable segments, before the first CUDA allocation (bucket shapes)
-    arm_stack_signal()  # LDM_EXIT_STACKS: `kill -USR1` writes every thread's stack
     check_adapter(cfg)  # the adapter against the model's layers (on the meta device)
     check_buckets(cfg)  # a batch some bucket can fill (image sizes from sizes.json, or their headers once)
     ckpt_path = resolve_resume(cfg)

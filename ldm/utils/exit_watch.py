@@ -1,22 +1,21 @@
 """Where a process spends the time after its work: every thread's stack while it is still alive.
 
     LDM_EXIT_STACKS=15 python -m ldm.train ...     # 15 s after the fit returns, then every 15 s: all stacks
-    kill -USR1 <pid>                                # with LDM_EXIT_STACKS set: all stacks now, wherever it is
 
 On the GPU host every `ldm.train` process lived on 45-82 s after its last step (docs/benchmarks.md, sessions 10
 and 11; 3 s on a 2-core CPU), eager and compiled alike: loader workers joined with a timeout each, pinned-memory
 threads, CUDA teardown are candidates. `watch_exit()` arms `faulthandler`, which writes from its own C thread, so
 it reports during interpreter shutdown too; nothing happens unless the variable is set. In a multirun whose
-jobs share one process, a later job's stacks are written too (each fit re-arms it). `arm_stack_signal()`, called when
-a run starts, makes SIGUSR1 write them at any moment (a wait inside the fit's own teardown, before `watch_exit`
-runs): `scripts/bench_train.py` sends it to a run that has not exited some seconds after its timing was written.
+jobs share one process, a later job's stacks are written too (each fit re-arms it).
+The stacks of session 12 found the cause: the main thread joining data-loader workers, 5 s each
+(`ldm.data.workers`). (A SIGUSR1-triggered dump does not work in a fit: Lightning re-installs the default handlers
+at the end of fit, and the signal then kills the process.)
 """
 
 from __future__ import annotations
 
 import faulthandler
 import os
-import signal
 import sys
 import time
 from collections.abc import Mapping
@@ -41,11 +40,3 @@ def watch_exit(environ: Mapping[str, str] | None = None, file=None) -> float | N
     faulthandler.dump_traceback_later(seconds, repeat=True, file=file)
     return seconds
 
-
-def arm_stack_signal(environ: Mapping[str, str] | None = None, file=None) -> bool:
-    """With ``LDM_EXIT_STACKS`` set: SIGUSR1 writes every thread's stack to stderr (or ``file``); returns whether
-    it was armed (not on platforms without SIGUSR1)."""
-    if not (os.environ if environ is None else environ).get(ENV, "").strip() or not hasattr(signal, "SIGUSR1"):
-        return False
-    faulthandler.register(signal.SIGUSR1, file=sys.stderr if file is None else file, all_threads=True)
-    return True
