@@ -52,29 +52,36 @@ def test_same_outputs_and_gradients_with_nhwc_transformer_outputs(config):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
-class Clones(TorchDispatchMode):
-    """Counts the tensor copies a forward makes (`.contiguous()` of a non-contiguous view is an aten.clone)."""
+class TransformerClones(TorchDispatchMode):
+    """Counts the tensor copies made inside Transformer2DModel forwards (`.contiguous()` of a non-contiguous view,
+    or a reshape that cannot be a view, is an aten.clone)."""
 
-    def __init__(self):
+    def __init__(self, unet):
         super().__init__()
-        self.count = 0
+        self.count, self.inside = 0, 0
+        for m in unet.modules():
+            if isinstance(m, Transformer2DModel):
+                m.register_forward_pre_hook(lambda *_: setattr(self, "inside", self.inside + 1))
+                m.register_forward_hook(lambda *_: setattr(self, "inside", self.inside - 1))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func is torch.ops.aten.clone.default
+        self.count += self.inside > 0 and func is torch.ops.aten.clone.default
         return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("config", [SD_UNET, TINY_SDXL_UNET], ids=["conv-projection", "linear-projection"])
-def test_one_copy_fewer_per_transformer_block(config):
+def test_no_copy_inside_the_transformer_blocks(config):
     # what to_channels_last removes: diffusers' transformer output is copied to NCHW, here for NHWC input too
+    # (the ResNet blocks' own .contiguous() before a 1x1 shortcut convolution copies NHWC inputs: not counted)
     plain = build_unet(**config).to(memory_format=torch.channels_last)
     nhwc = to_channels_last(copy.deepcopy(plain))
     x, t, kwargs = inputs(plain)
     x = x.contiguous(memory_format=torch.channels_last)
     counts = []
     for unet in (plain, nhwc):
-        with torch.no_grad(), Clones() as clones:
+        clones = TransformerClones(unet)
+        with torch.no_grad(), clones:
             unet(x, t, **kwargs)
         counts.append(clones.count)
     blocks = sum(isinstance(m, Transformer2DModel) for m in plain.modules())
-    assert counts[0] - counts[1] == blocks > 0
+    assert counts[0] >= blocks > 0 and counts[1] == 0, counts

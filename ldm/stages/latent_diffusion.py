@@ -441,8 +441,10 @@ class LatentDiffusion(Stage):
         # module's on_train_batch_end) then holds the EMA of this step too, so resumed runs match. A step
         # whose gradients were dropped (non-finite loss) updated nothing, and neither does the EMA; nor does a
         # step a fused optimizer skipped on the device (`step_skipped`, set by NonFiniteLoss): no host sync.
-        if self.ema is None or self.trainer.global_step % self.ema_every_n_steps:
-            return  # no EMA, or not an EMA step (global_step counts this step already; restored on resume)
+        if self.ema is None:
+            return
+        if self.ema_every_n_steps > 1 and self._trainer is not None and self.trainer.global_step % self.ema_every_n_steps:
+            return  # not an EMA step (global_step counts this step already, and is restored on resume)
         # Under FSDP the EMA (whole on every rank) is updated from the gathered full weights (all ranks).
         skipped = self.step_skipped
         if skipped is None and all(p.grad is None for p in self.unet.parameters()):
