@@ -127,7 +127,8 @@ class LatentDiffusion(Stage):
         self.register_buffer("alpha_bar", config_alpha_bar(self.scheduler_config), persistent=False)  # (T,)
 
         # EMA of the U-Net weights (torch's AveragedModel layout, updated without host syncs); sampling uses it.
-        self.ema = EMA(unet, ema_decay, ema_warmup, ema_every_n_steps) if ema_decay else None  # adapters only when adapted
+        # (of the adapters only when adapted)
+        self.ema = EMA(unet, ema_decay, ema_warmup, ema_every_n_steps) if ema_decay else None
         self.ema_decay, self.ema_warmup, self.ema_every_n_steps = ema_decay, ema_warmup, ema_every_n_steps
         self.base_dtype: torch.dtype | None = None  # an adapted model's frozen base, when cast (adapters stay fp32)
         self._empty: dict[str, Tensor] | None = None  # the unconditional text inputs (batch 1)
@@ -443,7 +444,8 @@ class LatentDiffusion(Stage):
         # step a fused optimizer skipped on the device (`step_skipped`, set by NonFiniteLoss): no host sync.
         if self.ema is None:
             return
-        if self.ema_every_n_steps > 1 and self._trainer is not None and self.trainer.global_step % self.ema_every_n_steps:
+        every = self.ema_every_n_steps
+        if every > 1 and self._trainer is not None and self.trainer.global_step % every:
             return  # not an EMA step (global_step counts this step already, and is restored on resume)
         # Under FSDP the EMA (whole on every rank) is updated from the gathered full weights (all ranks).
         skipped = self.step_skipped
