@@ -30,6 +30,9 @@ def stop_workers(loader) -> int:
     it = getattr(loader, "_iterator", None)
     if not isinstance(it, torch.utils.data.dataloader._MultiProcessingDataLoaderIter):
         return 0
+    if getattr(it, "_worker_pids_set", False):  # as torch's own shutdown does before it terminates a worker: else its
+        torch.utils.data._utils.signal_handling._remove_worker_pids(id(it))  # SIGCHLD handler raises "DataLoader
+        it._worker_pids_set = False  # worker ... is killed by signal" in the main thread, wherever it is
     workers = [w for w in getattr(it, "_workers", []) if w.is_alive()]
     for w in workers:
         w.terminate()
