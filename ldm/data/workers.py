@@ -15,6 +15,7 @@ and the queues closed as usual.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
@@ -54,6 +55,13 @@ class WorkerLoaders:
         return loader
 
     def stop(self) -> int:
-        stopped = sum(stop_workers(loader) for loader in list(self._loaders))
+        """Stop every loader's workers; a loader that cannot be stopped so (another torch's internals) is left to
+        torch's own shutdown, with a warning: a finished run is never failed by this."""
+        stopped = 0
+        for loader in list(self._loaders):
+            try:
+                stopped += stop_workers(loader)
+            except Exception as error:  # noqa: BLE001 - the run's work is done; torch still shuts them down at exit
+                warnings.warn(f"could not stop the data loader's workers early ({error!r}); torch will at exit")
         self._loaders = weakref.WeakSet()
         return stopped
