@@ -5,7 +5,6 @@ and read colour, position, size and shape back from the pixels (ldm.metrics.shap
     uv run python scripts/eval_shapes.py --ground-truth     # the reader on rendered images (its ceiling)
     uv run python scripts/eval_shapes.py --reconstruct data/models/vae-shapes   # through the VAE: its ceiling
     uv run python scripts/eval_shapes.py CKPT --sampler euler --steps 50 --guidance-scale 7.5   # sampling options
-    uv run python scripts/eval_shapes.py --zero-shot data/models/clip-shapes --prompts 400   # stage 0's CLIP on shape
 
 Prints one line per attribute: the fraction of images that show what the caption says, and chance, then which
 shapes are read as which (rows: the caption's, columns: read back).
@@ -44,11 +43,7 @@ def main(argv=None) -> dict:
     p.add_argument("--sampler", default=None, help="a sampler name (ldm.diffusion.SCHEDULERS); default: the run's")
     p.add_argument("--ground-truth", action="store_true", help="score rendered images instead of a model")
     p.add_argument("--reconstruct", metavar="VAE_DIR", help="score rendered images after a VAE's encode + decode")
-    p.add_argument("--zero-shot", metavar="CLIP_DIR", help="how often a CLIP (open_clip directory) matches rendered "
-                   "images to their caption rather than the same caption with another shape")  # fmt: skip
     args = p.parse_args(argv)
-    if args.zero_shot:
-        return zero_shot_shapes(args.zero_shot, args.prompts, args.seed)
     attrs = held_out_attrs(args.prompts, args.seed)
     if args.ground_truth or args.reconstruct:
         rng = random.Random(args.seed)
@@ -77,34 +72,6 @@ def main(argv=None) -> dict:
         print(f"{want:>13s}: " + " ".join(f"{n:8d}" for n in row))
     print(json.dumps(result))
     return result
-
-
-def zero_shot_shapes(clip_dir: str, n: int, seed: int) -> dict:
-    """Rendered images against their caption and the three captions that differ only in the shape: the fraction the
-    CLIP matches to the right one, overall and per shape (rows: drawn, columns: chosen)."""
-    import torch
-
-    from ldm.models.clip import load_open_clip_dir
-
-    model, preprocess, tokenizer = load_open_clip_dir(clip_dir)
-    rng = random.Random(seed)
-    drawn, chosen = [], []
-    with torch.no_grad():
-        for _ in range(n):
-            image, _, a = render(rng, 32)
-            captions = [caption_for(s, a["color"], a["position"], a["size"], a["template"]) for s in SHAPES]
-            img = torch.nn.functional.normalize(model.encode_image(preprocess(image).unsqueeze(0)), dim=-1)
-            txt = torch.nn.functional.normalize(model.encode_text(tokenizer(captions)), dim=-1)
-            drawn.append(a["shape"])
-            chosen.append(SHAPES[int((img @ txt.T).argmax())])
-    accuracy = sum(d == c for d, c in zip(drawn, chosen)) / n
-    print(f"shape     {accuracy:6.1%}   (chance {CHANCE['shape']:.1%}): the CLIP's caption for each rendered image")
-    print("shape chosen:  " + " ".join(f"{s:>8s}" for s in SHAPES))
-    for want in SHAPES:
-        print(f"{want:>13s}: " + " ".join(f"{sum(d == want and c == got for d, c in zip(drawn, chosen)):8d}"
-                                         for got in SHAPES))  # fmt: skip
-    print(json.dumps({"shape": accuracy}))
-    return {"shape": accuracy}
 
 
 def reconstruct(images: list[np.ndarray], vae_dir: str) -> list[np.ndarray]:

@@ -36,6 +36,12 @@ class StepNorms(pl.Callback):
         for optimizer in trainer.optimizers:
             optimizer.register_step_post_hook(record)
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # the clip factor rides on the fused optimizer's grad_scale for one step only: left on, it would rescale the
+        # next step's gradients by this step's factor
+        assert not any(hasattr(o, "grad_scale") for o in trainer.optimizers)
+        assert getattr(pl_module, "grad_norm", None) is None
+
     def on_train_end(self, trainer, pl_module):
         with open(self.out, "w") as f:
             json.dump(self.norms, f)

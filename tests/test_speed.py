@@ -54,6 +54,27 @@ def test_clipping_bounds_the_global_gradient_norm(root, tmp_path):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-6)
 
 
+def test_clipping_reuses_the_norm_the_non_finite_guard_computed(root, tmp_path):
+    # the guard's global norm (set as module.grad_norm) is the one clipping divides by: no second pass over the
+    # gradients; a norm twice the true one halves the clip factor, which the step's gradients then show
+    cfg = compose_config(root, tmp_path)
+    module = instantiate(cfg.model, _convert_="all")
+    for p in module.unet.parameters():
+        p.grad = torch.randn_like(p)
+    true_norm = torch.nn.utils.get_total_norm([p.grad for p in module.unet.parameters()])
+    module.grad_norm = 2 * true_norm
+    optimizer = torch.optim.AdamW(module.unet.parameters(), fused=True)
+
+    class Trainer:
+        precision = "bf16-mixed"
+
+    module.trainer = Trainer
+    module.configure_gradient_clipping(optimizer, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
+    optimizer.step()
+    norm = torch.nn.utils.get_total_norm([p.grad for p in module.unet.parameters()])
+    assert norm == pytest.approx(0.25, rel=1e-4)
+
+
 def test_channels_last_gives_the_same_loss(root, tmp_path):
     cfg = compose_config(root, tmp_path)
     losses = []

@@ -39,4 +39,3 @@ def watch_exit(environ: Mapping[str, str] | None = None, file=None) -> float | N
           "while this process lives", file=file, flush=True)  # fmt: skip
     faulthandler.dump_traceback_later(seconds, repeat=True, file=file)
     return seconds
-
