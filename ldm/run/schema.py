@@ -351,6 +351,11 @@ KEYS = {
     "callbacks.val_loss.at_end": Bool(),
     "callbacks.throughput._target_": TARGET,
     "callbacks.throughput.log_every_n_steps": COUNT,
+    "callbacks.profile._target_": TARGET,
+    "callbacks.profile.start": Int(min=0),
+    "callbacks.profile.steps": COUNT,
+    "callbacks.profile.out": Path(none=True),
+    "callbacks.profile.row_limit": COUNT,
 }  # fmt: skip
 
 

@@ -1,0 +1,128 @@
+"""Where a training step's time goes: `StepProfile` records `steps` consecutive steps of a real run with
+torch.profiler (host and, on a GPU, device activity) and writes what decides a small model's speed:
+
+    python -m ldm.train experiment=cifar10 'callbacks=[ldm,profile]' callbacks.profile.start=1000
+
+- `profile/summary.json`: per step, the wall time, the GPU's busy time (the union of its kernels' intervals) and
+  its share of the wall time (a GPU busy 30 % of the time waits on the host the rest), the host's waits for the
+  device (synchronising CUDA calls: their count and time) and for the data loader;
+- `profile/summary.txt`: the same, then the ops with the most device time and the most host time;
+- `profile/trace.json.gz`: the timeline, for Perfetto (ui.perfetto.dev) or chrome://tracing.
+
+The window opens after `start` steps (compilation, cuDNN autotuning and the loader's start are over by then) and
+costs those few steps some speed; the rest of the run is not profiled.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+from torch.profiler import ProfilerActivity, profile
+
+LOADER_NEXT = "enumerate(DataLoader)"  # torch's DataLoader records each __next__ under this name
+
+
+def busy_time(intervals: list[tuple[float, float]]) -> float:
+    """The length of the union of [start, end) intervals (any order, overlapping or not)."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end <= reach:
+            continue
+        total += end - max(start, reach)
+        reach = end
+    return total
+
+
+def is_sync(name: str) -> bool:
+    """A CUDA runtime call that makes the host wait: synchronisations and blocking (non-async) copies."""
+    return name.startswith(("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")) or name in (
+        "cudaMemcpy", "cudaMemcpy2D")  # fmt: skip
+
+
+def summarise(events, steps: int, wall_s: float) -> dict:
+    """Per-step figures from a profiler's events (`profile.events()`) over `steps` steps lasting `wall_s`."""
+    kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    syncs = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and is_sync(e.name)]
+    loader = [e for e in events if e.name.startswith(LOADER_NEXT)]
+    step_ms = 1000 * wall_s / steps
+    out = {
+        "steps": steps,
+        "step_ms": step_ms,
+        "loader_wait_ms": sum(e.cpu_time_total for e in loader) / 1000 / steps,
+        "host_syncs_per_step": len(syncs) / steps,
+        "host_sync_ms": sum(e.cpu_time_total for e in syncs) / 1000 / steps,
+        "gpu_busy_ms": None,
+        "gpu_busy_fraction": None,
+        "kernels_per_step": None,
+    }
+    if kernels:
+        busy_ms = busy_time(kernels) / 1000 / steps
+        out.update(gpu_busy_ms=busy_ms, gpu_busy_fraction=busy_ms / step_ms, kernels_per_step=len(kernels) / steps)
+    return out
+
+
+class StepProfile(pl.Callback):
+    """Profiles training steps `start` .. `start + steps - 1` (global steps) on rank 0 and writes summary.json,
+    summary.txt and trace.json.gz under `out` (default: the run directory's `profile/`)."""
+
+    def __init__(self, start: int = 100, steps: int = 10, out: str | None = None, row_limit: int = 30):
+        if start < 0 or steps < 1:
+            raise ValueError(f"StepProfile: start must be >= 0 and steps >= 1, got start={start}, steps={steps}")
+        self.start, self.steps, self.out, self.row_limit = start, steps, out, row_limit
+        self._prof: profile | None = None
+        self._t0 = 0.0
+        self._done = False
+
+    def _active(self, trainer) -> bool:
+        return trainer.is_global_zero and not self._done
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._active(trainer) and self._prof is None and trainer.global_step >= self.start:
+            activities = [ProfilerActivity.CPU]
+            if pl_module.device.type == "cuda":
+                activities.append(ProfilerActivity.CUDA)
+                torch.cuda.synchronize(pl_module.device)
+            self._prof = profile(activities=activities)
+            self._prof.__enter__()
+            self._first_step = trainer.global_step
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._prof is not None and trainer.global_step - self._first_step >= self.steps:
+            self._finish(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if self._prof is not None:  # the run ended inside the window: what was recorded
+            self._finish(trainer, pl_module)
+
+    def _finish(self, trainer, pl_module) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        wall = time.perf_counter() - self._t0
+        steps = trainer.global_step - self._first_step
+        prof, self._prof, self._done = self._prof, None, True
+        prof.__exit__(None, None, None)
+        out = Path(self.out or Path(trainer.default_root_dir) / "profile")
+        out.mkdir(parents=True, exist_ok=True)
+        summary = {"first_step": self._first_step, **summarise(prof.events(), max(steps, 1), wall)}
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        table = prof.key_averages()
+        device_sort = "self_device_time_total" if pl_module.device.type == "cuda" else "self_cpu_time_total"
+        lines = [f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in summary.items()]
+        text = "\n".join(lines) + "\n\n# by device time\n" + table.table(sort_by=device_sort, row_limit=self.row_limit)
+        text += "\n\n# by host time\n" + table.table(sort_by="self_cpu_time_total", row_limit=self.row_limit)
+        (out / "summary.txt").write_text(text)
+        raw = out / "trace.json"
+        prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as src, gzip.open(out / "trace.json.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        raw.unlink()
+        rank_zero_info(f"StepProfile: steps {self._first_step}..{trainer.global_step - 1}: "
+                       + ", ".join(lines) + f" (written to {out})")  # fmt: skip
