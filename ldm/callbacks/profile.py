@@ -46,9 +46,15 @@ def is_sync(name: str) -> bool:
         "cudaMemcpy", "cudaMemcpy2D")  # fmt: skip
 
 
+def is_kernel(event) -> bool:
+    """Device work (a kernel, copy or memset), not a user annotation: `record_function` ranges (the optimizer step,
+    `## Call CompiledFxGraph`) appear on the device timeline too, spanning the step, gaps included."""
+    return event.device_type == torch.autograd.DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+
+
 def summarise(events, steps: int, wall_s: float) -> dict:
     """Per-step figures from a profiler's events (`profile.events()`) over `steps` steps lasting `wall_s`."""
-    kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [(e.time_range.start, e.time_range.end) for e in events if is_kernel(e)]
     syncs = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and is_sync(e.name)]
     loader = [e for e in events if e.name.startswith(LOADER_NEXT)]
     step_ms = 1000 * wall_s / steps
