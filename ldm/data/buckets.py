@@ -90,12 +90,6 @@ def cover_scale(size: Size, target: Size) -> float:
     return max(target[0] / size[0], target[1] / size[1])
 
 
-def cover_size(size: Size, target: Size) -> Size:
-    """The size of an image of `size` resized (aspect ratio kept) to just cover `target`: both sides >= target's."""
-    scale = cover_scale(size, target)
-    return max(target[0], round(size[0] * scale)), max(target[1], round(size[1] * scale))
-
-
 def assign_bucket(size: Size, buckets: Sequence[Size], upscale: bool = False) -> int | None:
     """Index of the bucket an image of `size` (width, height) trains in, or None when it is too small for every
     bucket of its nearest aspect ratio and `upscale` is off."""

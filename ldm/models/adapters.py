@@ -45,10 +45,6 @@ def is_adapter_key(key: str) -> bool:
     return any(f".{name}." in key for name in LoraLayer.adapter_layer_names)
 
 
-def adapter_parameters(module: nn.Module) -> list[nn.Parameter]:
-    return [p for name, p in module.named_parameters() if is_adapter_key(name)]
-
-
 def has_adapter(module: nn.Module | None) -> bool:
     return module is not None and any(isinstance(m, BaseTunerLayer) for m in module.modules())
 
