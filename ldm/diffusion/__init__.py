@@ -4,7 +4,7 @@ May import: nothing from ldm.
 """
 
 from ldm.diffusion.loss import diffusion_loss, loss_mask, min_snr_weight, offset_noise, sample_timesteps
-from ldm.diffusion.parameterization import add_noise, predict_x0, target, velocity
+from ldm.diffusion.parameterization import add_noise, target, velocity
 from ldm.diffusion.sampling import SCHEDULERS, as_condition, guided, make_scheduler, sample_latents, unet_inputs
 from ldm.diffusion.schedules import (
     alpha_bar,
@@ -28,7 +28,6 @@ __all__ = [
     "make_scheduler",
     "min_snr_weight",
     "offset_noise",
-    "predict_x0",
     "rescale_zero_terminal_snr",
     "sample_latents",
     "sample_timesteps",

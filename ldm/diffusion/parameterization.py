@@ -56,36 +56,6 @@ def target(prediction_type: str, x0: Tensor, noise: Tensor, alpha_bar_t: Tensor)
     return _lookup(TARGETS, prediction_type)(x0, noise, alpha_bar_t)
 
 
-def _x0_from_eps(eps: Tensor, x_t: Tensor, alpha_bar_t: Tensor) -> Tensor:
-    # Invert Ho et al. 2020 eq. 4: x_0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab).
-    eps, x_t = eps.float(), x_t.float()
-    ab = _expand(alpha_bar_t, x_t)
-    return (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
-
-
-def _x0_from_v(v: Tensor, x_t: Tensor, alpha_bar_t: Tensor) -> Tensor:
-    # Salimans & Ho 2022, sec. 4: x_0 = sqrt(ab) x_t - sqrt(1 - ab) v.
-    v, x_t = v.float(), x_t.float()
-    ab = _expand(alpha_bar_t, x_t)
-    return ab.sqrt() * x_t - (1 - ab).sqrt() * v
-
-
-def _x0_from_x0(x0: Tensor, x_t: Tensor, alpha_bar_t: Tensor) -> Tensor:
-    return x0.float()
-
-
-X0_FROM: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
-    "epsilon": _x0_from_eps,
-    "v_prediction": _x0_from_v,
-    "sample": _x0_from_x0,
-}
-
-
-def predict_x0(prediction_type: str, model_output: Tensor, x_t: Tensor, alpha_bar_t: Tensor) -> Tensor:
-    """The x_0 estimate implied by ``model_output`` at x_t (eps is ill-posed where alpha_bar_t == 0)."""
-    return _lookup(X0_FROM, prediction_type)(model_output, x_t, alpha_bar_t)
-
-
 def _lookup(table: dict[str, Callable], prediction_type: str) -> Callable:
     try:
         return table[prediction_type]
