@@ -11,7 +11,7 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.models.clip_convert import open_clip_to_hf
-from ldm.models.freeze import freeze, is_frozen, unfreeze
+from ldm.models.freeze import freeze, is_frozen
 from ldm.models.text_encoders import (
     HFCLIPTextEncoder,
     OpenCLIPTextEncoder,
@@ -106,6 +106,12 @@ def test_write_clip_tokenizer_rejects_unknown_pad(tmp_path):
 # ---------------------------------------------------------------- freeze
 
 
+def _unfreeze(module: nn.Module) -> nn.Module:
+    """Undo `freeze` (drop the instance's `train` shadow): freezing touches only that instance, so this restores it."""
+    del module.train
+    return module.requires_grad_(True).train()
+
+
 def test_freeze_stays_eval_under_parent_train_and_unfreezes():
     torch.manual_seed(0)
     frozen = freeze(nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5)))
@@ -117,7 +123,7 @@ def test_freeze_stays_eval_under_parent_train_and_unfreezes():
     assert _all_frozen(copy.deepcopy(parent)["frozen"].train())  # survives copying
     assert parent.state_dict().keys() == {"frozen.0.weight", "frozen.0.bias", "trained.weight", "trained.bias"}
 
-    unfreeze(frozen)
+    _unfreeze(frozen)
     parent.train()
     assert not is_frozen(frozen) and frozen[1].training and all(p.requires_grad for p in frozen.parameters())
 

@@ -7,7 +7,6 @@ so it always passes mode=False down its own subtree; the class and other instanc
 
     text_encoder = freeze(text_encoder)
     lightning_module.train()          # text_encoder.training stays False
-    unfreeze(text_encoder)            # back to an ordinary trainable module
 """
 
 from __future__ import annotations
@@ -44,11 +43,3 @@ def is_frozen(module: nn.Module) -> bool:
     """True when `module` was frozen with `freeze` (its `train` is the eval-only stand-in)."""
     return isinstance(module.__dict__.get("train"), _EvalOnlyTrain)
 
-
-def unfreeze(module: M) -> M:
-    """Undo `freeze`: restore the class's `train`, switch to train mode, turn gradients back on."""
-    if is_frozen(module):
-        del module.train
-    module.requires_grad_(True)
-    module.train()
-    return module
