@@ -1,6 +1,12 @@
 """Diffusion math as small pure tensor functions: schedules, parameterisations, loss, sampling.
 
-May import: nothing from ldm.
+    schedules         betas, alpha_bar, snr (as diffusers' DDPMScheduler), zero terminal SNR; scheduler_config: the
+                      training noise schedule as a diffusers config, its one home
+    parameterization  add_noise (q(x_t | x_0)) and the eps / v / x0 regression targets
+    loss              timestep sampling, offset noise, Min-SNR weights, the weighted (masked) MSE
+    sampling          sample_latents: classifier-free guided text-to-latent (and img2img) with diffusers' schedulers
+
+May import: ldm.utils. Not ldm.data (a sibling: the math knows no shard format), nor anything above.
 """
 
 from ldm.diffusion.loss import diffusion_loss, loss_mask, min_snr_weight, offset_noise, sample_timesteps

@@ -1,4 +1,4 @@
-"""Small helpers with no ldm imports above this package.
+"""Small helpers, the bottom layer: every other package may import them.
 
     cpu             how busy the other processes keep the CPU cores; threads for the free ones
     images          tensors to PIL images and captioned grids
@@ -10,5 +10,5 @@
     exit_watch      LDM_EXIT_STACKS: every thread's stack while a process outlives its work (slow exits)
     cli             how every command stops: one line, exit code, the traceback only on request; warnings to train.log
 
-May import: nothing from ldm.
+May import: nothing from ldm outside ldm.utils.
 """
