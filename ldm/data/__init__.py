@@ -18,6 +18,7 @@ Modules (import them directly; this package imports nothing heavy):
     datamodule   ShardDataModule, the LightningDataModule over train/val shards (exact epochs, buckets, resume)
     latents      cached latents: write them (precompute_latents) and train on them (LatentShardDataModule)
     health       DataHealth: skip counters shared by the loader workers
+    workers      stop a DataLoader's worker processes now (stop_workers, WorkerLoaders), not at interpreter exit
     shapes       procedural "a small red circle at the top left" images (the built-in default)
     synthetic    photo-like random images for benchmarks
 

@@ -3,6 +3,7 @@
     unet            build_unet / load_unet: diffusers UNet2DConditionModel
     vae             build_vae / load_vae: diffusers AutoencoderKL (frozen when loaded for stage 2)
     text_encoders   frozen text encoders: transformers CLIP (SD 1.x) or an open_clip text tower (SD 2.x)
+    sdxl            SDXL's text-encoder pair, its micro-conditioning (time_ids), SDXL-shaped models from scratch
     tokenizer       the real CLIP BPE tokenizer, written offline from open_clip's vocabulary
     clip            build, save and load open_clip CLIP models (stage 0)
     clip_convert    an open_clip text tower as a transformers CLIPTextModel (for export)

@@ -9,6 +9,7 @@
     rank       python -m ldm.run.rank CONFIG: what each launched rank runs
     class_images  ensure_class_images: DreamBooth class images generated with the base model before training
     data_check    check_buckets: a batch some bucket can fill (needs the image sizes; after the heavy imports)
+    adapter_check check_adapter: the LoRA settings and init_from file tried on the model built on the meta device
 
 schema, validate and overrides import nothing heavy (no torch): `ldm.train` checks a config with them first.
 May import: ldm.callbacks, ldm.stages, ldm.metrics, ldm.models, ldm.training, ldm.data, ldm.diffusion, ldm.utils.
