@@ -21,7 +21,7 @@ import warnings
 from PIL import Image
 
 from ldm.data.buckets import Size
-from ldm.data.format import image_bytes, is_remote, read_sizes_file, split_name, write_sizes_file
+from ldm.data.format import IMAGE_EXTENSIONS, image_bytes, is_remote, read_sizes_file, split_name, write_sizes_file
 from ldm.data.plan import Record
 
 _ORIENTATION = 0x0112
@@ -45,7 +45,7 @@ def scan_shard(path: str) -> dict[str, Size | None]:
                 continue
             key, extension = parts
             entry = samples.setdefault(key, {})
-            if extension.lower() in ("jpg", "jpeg", "png", "webp") and not entry:
+            if extension.lower() in IMAGE_EXTENSIONS and not entry:
                 entry[extension.lower()] = tar.extractfile(member).read()
     sizes: dict[str, Size | None] = {}
     for key, members in samples.items():
