@@ -20,7 +20,7 @@ from PIL import Image
 
 from ldm.callbacks.data_health import DataHealthMonitor
 from ldm.data.datamodule import ShardDataModule
-from ldm.data.format import duplicate_keys, read_manifest, tar_keys, write_manifest
+from ldm.data.format import duplicate_keys, expand_urls, read_manifest, tar_keys, write_manifest
 from ldm.data.webdataset import make_shard_dataset
 from ldm.utils.cli import run_command
 
@@ -108,27 +108,80 @@ def test_every_rank_and_worker_layout_trains_each_key_once(duplicated, monkeypat
     assert duplicates == 3 if world_size == 1 else duplicates >= 3  # a rank topping up reads its copies again
 
 
-def test_duplicates_are_logged_in_a_lightning_run(duplicated):
-    class Probe(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.layer = torch.nn.Linear(3, 1)
+class Probe(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 1)
 
-        def training_step(self, batch, batch_idx):
-            return self.layer(batch["pixel_values"].float().mean((2, 3))).mean()
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch["pixel_values"].float().mean((2, 3))).mean()
 
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    dm = ShardDataModule(str(duplicated), None, resolution=8, batch_size=4, num_workers=0)
+
+def _fit_one_pass(train_shards, batch_size: int) -> pl.Trainer:
+    dm = ShardDataModule(train_shards, None, resolution=8, batch_size=batch_size, num_workers=0)
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[DataHealthMonitor(log_every_n_steps=1)])  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(Probe(), datamodule=dm)
+    return trainer
+
+
+def test_duplicates_are_logged_in_a_lightning_run(duplicated):
+    trainer = _fit_one_pass(str(duplicated), 4)
     assert trainer.callback_metrics["data/duplicates"].item() == 3
     assert trainer.global_step == 4  # 13 distinct samples in batches of 4
+
+
+# --- the same keys in two shard folders (a shard set copied, or downloaded twice) ------------------------------
+@pytest.fixture
+def two_folders(tmp_path) -> tuple[Path, Path]:
+    """`good` and `good2` both hold `a`, `b` (shard 0) and `c` (shard 1); each has one key of its own."""
+    folders = tmp_path / "good", tmp_path / "good2"
+    for folder, own in zip(folders, ("g1", "g2")):
+        folder.mkdir()
+        shard(folder / "000000.tar", ["a", "b", own])
+        shard(folder / "000001.tar", ["c"])
+    return folders
+
+
+def _write_manifests(folders, which: str) -> None:
+    for folder in {"both": folders, "first": folders[:1], "second": folders[1:], "none": ()}[which]:
+        assert write_manifest(folder)["duplicates"] == {}  # each folder alone holds every key once
+
+
+@pytest.mark.parametrize("manifests", ["both", "first", "second", "none"])
+def test_a_key_in_two_shard_folders_is_read_once_named_and_counted(two_folders, manifests):
+    """A manifest knows only its own folder's keys: with two folders every tar's headers are compared."""
+    good, good2 = two_folders
+    _write_manifests(two_folders, manifests)
+    urls = expand_urls([str(good), str(good2)])
+    assert duplicate_keys(urls) == {"a": [f"{good}/000000.tar", f"{good2}/000000.tar"],
+                                    "b": [f"{good}/000000.tar", f"{good2}/000000.tar"],
+                                    "c": [f"{good}/000001.tar", f"{good2}/000001.tar"]}  # fmt: skip
+    dataset = make_shard_dataset([str(good), str(good2)], 8, shuffle_buffer=0, shardshuffle=False,
+                                 split_by_node=False)  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        samples = list(dataset)
+    assert Counter(s["key"] for s in samples) == Counter(["a", "b", "c", "g1", "g2"])
+    assert {s["key"]: s["caption"] for s in samples}["a"] == "a copy 0"  # the first copy: good's
+    assert dataset.health.totals()["duplicates"] == 3 and dataset.health.totals()["skipped"] == 0
+    messages = sorted(str(w.message) for w in caught if "duplicate key" in str(w.message))
+    assert messages == [f"duplicate key {key!r} in shards {good}/{name} and {good2}/{name}: trained once (the first "
+                        f"copy, in {good}/{name}), this copy skipped"
+                        for key, name in [("a", "000000.tar"), ("b", "000000.tar"), ("c", "000001.tar")]]  # fmt: skip
+
+
+def test_a_run_over_two_shard_folders_trains_each_key_once_and_logs_the_count(two_folders):
+    _write_manifests(two_folders, "both")
+    trainer = _fit_one_pass([str(f) for f in two_folders], 1)
+    assert trainer.callback_metrics["data/duplicates"].item() == 3
+    assert trainer.global_step == 5  # a, b, c, g1, g2: one step each
 
 
 # --- make_shards ---------------------------------------------------------------------------------------------
@@ -160,6 +213,18 @@ def test_make_shards_refuses_to_reshard_duplicates_and_manifest_only_records_the
     main = runpy.run_path(str(MAKE_SHARDS), run_name="make_shards")["main"]
     main([str(duplicated), "--manifest-only"])  # adopted as is: recorded, and the reader trains each once
     assert set(read_manifest(duplicated)["duplicates"]) == {"a", "b", "c"}
+
+
+def test_make_shards_refuses_keys_that_two_source_folders_share(two_folders, tmp_path, capsys):
+    good, good2 = two_folders
+    _write_manifests(two_folders, "both")
+    listed = tmp_path / "both.txt"  # a list file: the shard specs of both folders
+    listed.write_text(f"{good}\n{good2}\n")
+    code, err = _make_shards([str(listed), str(tmp_path / "out"), "--no-progress"], capsys)
+    assert code == 1
+    assert err == [f"error: {listed}: 3 keys name several samples, e.g. 'a' in {good}/000000.tar, "
+                   f"{good2}/000000.tar; keys must be unique: nothing was written"]  # fmt: skip
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.tar"))
 
 
 def test_manifest_only_names_a_damaged_shard_in_one_line_and_writes_nothing(duplicated, capsys):

@@ -227,29 +227,26 @@ def find_duplicates(keys_by_url: dict[str, list[str]]) -> dict[str, list[str]]:
 
 def duplicate_keys(urls: list[str], extensions=None) -> dict[str, list[str]]:
     """Keys that name more than one sample in a shard set: key -> the url of each of its samples, in url order.
-    From manifest.json's "duplicates" where the manifest records them (make_shards writes it), else from the local
-    tars' headers; remote shards are not looked into."""
+
+    Shards of one folder: from manifest.json's "duplicates" where the manifest records them (make_shards writes it),
+    else from the local tars' headers. Shards of several folders (a list of shard sets, a list file): every local
+    tar's headers (member names only, no data is read), since a manifest knows only the keys of its own folder.
+    Remote shards are not looked into."""
     local = [url for url in urls if not is_remote(url)]
+    folders = list(dict.fromkeys(os.path.dirname(url) for url in local))
+    manifest = read_manifest(folders[0]) if len(folders) == 1 else None
+    if manifest is not None and "duplicates" in manifest:
+        order = {url: i for i, url in enumerate(urls)}
+        found = {key: sorted((u for u in (os.path.join(folders[0], name) for name in names) if u in order),
+                             key=order.__getitem__) for key, names in manifest["duplicates"].items()}  # fmt: skip
+        return {key: where for key, where in found.items() if len(where) > 1}
     keys_by_url: dict[str, list[str]] = {}
-    recorded: dict[str, list[str]] = {}
-    scan = []
-    for folder in dict.fromkeys(os.path.dirname(url) for url in local):
-        manifest = read_manifest(folder)
-        if manifest is not None and "duplicates" in manifest:
-            for key, names in manifest["duplicates"].items():
-                recorded[key] = [os.path.join(folder, name) for name in names]
-        else:
-            scan.extend(url for url in local if os.path.dirname(url) == folder)
-    for url in scan:
+    for url in local:
         try:
             keys_by_url[url] = tar_keys(url, extensions)
         except (OSError, tarfile.TarError):
             keys_by_url[url] = []  # unreadable: the reader names it when it gets there
-    order = {url: i for i, url in enumerate(urls)}
-    found = find_duplicates(keys_by_url)
-    for key, where in recorded.items():
-        found[key] = sorted(found.get(key, []) + [u for u in where if u in order], key=order.__getitem__)
-    return {key: where for key, where in found.items() if len(where) > 1}
+    return find_duplicates(keys_by_url)
 
 
 def shard_record(path: str | os.PathLike) -> dict:
