@@ -281,6 +281,22 @@ def test_resume_removes_what_interrupted_saves_left_and_no_checkpoint(four_steps
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
+@pytest.mark.parametrize("how", ["ckpt_path", "resume"])
+def test_resuming_from_a_named_checkpoint_removes_what_interrupted_saves_left_beside_it(four_steps, tmp_path,
+                                                                                        tiny_root, how):  # fmt: skip
+    """`ckpt_path=` (the run writes a new directory) and `resume=<file>` (it continues there) clean the folder the
+    killed run saved into as `resume=auto` does; the checkpoints and their checksums stay as they were."""
+    run_dir = _copy_run(four_steps, tmp_path)
+    folder = run_dir / "checkpoints"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for path in (folder / ".last.ckpt.tmp-4242", folder / ".epoch=0-step=5.ckpt.tmp-4242",
+                 folder / ".last.ckpt.sha256.tmp-77"):  # fmt: skip
+        path.write_bytes(b"half a checkpoint")
+    cfg = compose_config(tiny_root, run_dir.parent / "new", [*FAST, f"{how}={folder / 'last.ckpt'}"])
+    assert resolve_resume(cfg) == str(folder / "last.ckpt")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
 def test_a_resume_with_another_cpu_thread_count_says_it_is_not_bit_for_bit(four_steps, tmp_path, tiny_root):
     """CPU sums split over threads: another thread count sums in another order (README: exact resume)."""
     run_dir = _copy_run(four_steps, tmp_path)

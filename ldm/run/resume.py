@@ -121,11 +121,12 @@ def _checked(path: Path, key: str, stage: str | None) -> Path:
     return path
 
 
-def remove_stale_temporaries(run_dir: Path) -> None:
-    """Delete what interrupted saves left in ``run_dir/checkpoints`` (rank 0 only: it alone writes there)."""
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete what interrupted saves left in the checkpoint folder a run resumes from (rank 0 only: it alone writes
+    checkpoints); never a checkpoint."""
     if rank_zero_only.rank != 0:
         return
-    for path in stale_temporaries(Path(run_dir) / "checkpoints"):
+    for path in stale_temporaries(folder):
         path.unlink(missing_ok=True)
         log.info(f"removed {path}: a temporary file an interrupted checkpoint save left")
 
@@ -136,7 +137,11 @@ def resolve_resume(cfg: DictConfig) -> str | None:
     resume, ckpt_path = cfg.get("resume"), cfg.get("ckpt_path")
     stage = (cfg.get("model") or {}).get("_target_")
     if resume in (None, False, "", "none", "null"):
-        return str(_checked(Path(ckpt_path), "ckpt_path", stage)) if ckpt_path else None
+        if not ckpt_path:
+            return None
+        found = _checked(Path(ckpt_path), "ckpt_path", stage)
+        remove_stale_temporaries(found.parent)  # the run writes elsewhere, but a kill there left them
+        return str(found)
     if ckpt_path:
         raise ConfigError(f"resume={resume!r} and ckpt_path={ckpt_path!r}: set only one")
     output_dir = Path(cfg.paths.output_dir)
@@ -167,7 +172,7 @@ def resolve_resume(cfg: DictConfig) -> str | None:
     if run_dir.resolve() != output_dir.resolve():
         with open_dict(cfg):
             cfg.paths.output_dir = str(run_dir)
-    remove_stale_temporaries(run_dir)
+    remove_stale_temporaries(found.parent)
     wandb_id = wandb_run_id(run_dir)
     if wandb_id and names_target(cfg.get("logger"), wandb_logger):
         with open_dict(cfg):
