@@ -17,8 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from ldm.run.schema import SAMPLERS
-from ldm.utils.cli import ArgumentParser, run_command, silence_notices
+from ldm.run.schema import KEYS, SAMPLERS
+from ldm.utils.cli import ArgumentParser, rule_type, run_command, silence_notices
 
 # torch, the metrics and the model libraries are imported inside the functions that use them: they take 10-40 s to
 # import, and a mistaken argument is said before that.
@@ -65,27 +65,37 @@ def pipeline_generator(path: str, device: str = "cpu", guidance_scale: float | N
     return generate, pipe.unet.config.sample_size * pipe.vae_scale_factor
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m ldm.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("mode", choices=["checkpoint", "pipeline", "compare"])
     p.add_argument("paths", nargs="+", help="a checkpoint, a pipeline directory, or two image sets")
     p.add_argument("--shards", help="reference shards (images and captions)")
-    p.add_argument("--n", type=int, default=10_000, help="images to generate / to read from each set")
-    p.add_argument("--n-reference", type=int, default=None, help="reference images (default: --n)")
-    p.add_argument("--resolution", type=int, default=None, help="resolution to read shard sets at (compare)")
+    # numeric options: the rules of the FID callback's (and data's) config keys (a mistake is one line, at once)
+    p.add_argument("--n", type=rule_type(KEYS["callbacks.fid.num_images"]), default=10_000,
+                   help="images to generate / to read from each set")
+    p.add_argument("--n-reference", type=rule_type(KEYS["callbacks.fid.num_reference"]), default=None,
+                   help="reference images (default: --n)")
+    p.add_argument("--resolution", type=rule_type(KEYS["data.resolution"]), default=None,
+                   help="resolution to read shard sets at (compare)")
     p.add_argument("--cache-dir", default="data/fid_cache")
     p.add_argument("--network", default=None, help="FID Inception: TorchScript or pt_inception-*.pth state dict")
     p.add_argument("--clip-model", default=None, help="open_clip or HF CLIP directory: adds val/clip_score")
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance-scale", type=float, default=None)
-    p.add_argument("--steps", type=int, default=None, help="sampling steps")
+    p.add_argument("--batch-size", type=rule_type(KEYS["callbacks.fid.batch_size"]), default=50)
+    p.add_argument("--seed", type=rule_type(KEYS["callbacks.fid.seed"]), default=0)
+    p.add_argument("--guidance-scale", type=rule_type(KEYS["callbacks.fid.guidance_scale"]), default=None)
+    p.add_argument("--steps", type=rule_type(KEYS["callbacks.fid.num_inference_steps"]), default=None,
+                   help="sampling steps")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="metrics.json")
     p.add_argument("--wandb", action="store_true", help="also log to W&B (offline when it cannot be reached)")
     p.add_argument("--project", default="ldm")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="default: the run's sampling config")
     p.add_argument("--no-autocast", action="store_true", help="checkpoint on a GPU: generate in fp32, not bf16")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = parser()
     args = p.parse_args(argv)
     if args.mode == "compare" and len(args.paths) != 2:
         p.error(f"compare takes two image sets, got {len(args.paths)}")

@@ -24,7 +24,7 @@ FORMATS = ("diffusers-lora", "kohya", "pipeline", "single-file")  # ldm.models.e
 DTYPES = ("bfloat16", "float16", "float32")
 
 
-def main(argv=None) -> Path:
+def parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m ldm.export", description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", type=existing_file, help="a .ckpt written by ldm.train")
     p.add_argument("out", help="the directory (pipeline, diffusers-lora) or .safetensors file (kohya, single-file)")
@@ -32,7 +32,11 @@ def main(argv=None) -> Path:
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="the pipeline's scheduler")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="kohya, single-file: cast the weights")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> Path:
+    args = parser().parse_args(argv)
     # imported only now: torch and the model libraries take 10-40 s to import, a mistaken argument is said before
     import torch
 

@@ -14,12 +14,16 @@ from ldm.sweeps.report import write_report
 from ldm.utils.cli import ArgumentParser, run_command
 
 
-def main(argv=None) -> list[Path]:
+def parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m ldm.report", description=__doc__.split("\n")[0])
     p.add_argument("sweep_dir", help="a sweep directory (holds index.json)")
     p.add_argument("--out", default=None, help="where to write (default: the sweep directory)")
     p.add_argument("--metric", default="val/fid", help="the metric plotted for every job")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> list[Path]:
+    args = parser().parse_args(argv)
     paths = write_report(args.sweep_dir, args.out, args.metric)
     for path in paths:
         print(path)

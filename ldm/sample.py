@@ -17,28 +17,34 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ldm.run.schema import SAMPLERS
-from ldm.utils.cli import ArgumentParser, existing_file, run_command, silence_notices
+from ldm.run.schema import KEYS, SAMPLERS, STRENGTH
+from ldm.utils.cli import ArgumentParser, existing_file, rule_type, run_command, silence_notices
 
 
-def parse_args(argv=None):
+def parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m ldm.sample", description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", type=existing_file, help="a .ckpt written by ldm.train")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's sampling config)")
-    p.add_argument("--guidance-scale", type=float, default=None)
+    # numeric options: the rules of the config keys they stand for (a mistake is one line, before any import)
+    p.add_argument("--seed", type=rule_type(KEYS["seed"]), default=0)
+    p.add_argument("--steps", type=rule_type(KEYS["sampling.num_inference_steps"]), default=None,
+                   help="sampler steps (default: the run's sampling config)")
+    p.add_argument("--guidance-scale", type=rule_type(KEYS["sampling.guidance_scale"]), default=None)
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None)
     p.add_argument("--negative-prompt", default=None,
                    help="what guidance steers away from (default: the run's sampling.negative_prompt, or none)")
     p.add_argument("--init-image", type=existing_file, default=None,
                    help="img2img: start from this image (any size; resized)")
-    p.add_argument("--strength", type=float, default=0.75,
+    p.add_argument("--strength", type=rule_type(STRENGTH), default=0.75,
                    help="img2img: how much of the sampler's schedule runs (0: the image back, 1: from noise)")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw weights, not the EMA")
     p.add_argument("--out", default="samples.png", help="captioned grid PNG")
     p.add_argument("--out-dir", default=None, help="also write one PNG per image here")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return parser().parse_args(argv)
 
 
 def main(argv=None) -> Path:

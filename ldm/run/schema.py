@@ -70,6 +70,9 @@ CHANNELS = ListOf(Int(min=1), min_len=1)
 BLOCK_TYPES = ListOf(Str(), min_len=1)
 STEPS_OR_OFF = Int(min=0, none=True, note="(0 or null: off)")
 
+# --- command-line options with no config key of their own (the others use their key's rule: ldm.utils.cli.rule_type)
+STRENGTH = Float(0, 1, note="(img2img: 0 gives the image back, 1 starts from noise)")  # ldm.sample --strength
+
 KEYS = {
     # --- conf/train.yaml ----------------------------------------------------------------------------------
     "name": Str(),

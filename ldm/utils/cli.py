@@ -36,6 +36,31 @@ def existing_file(path: str) -> str:
     return path
 
 
+def rule_type(rule) -> Callable[[str], object]:
+    """argparse `type=` for a numeric option: its text read as a number and checked by ``rule`` (an
+    `ldm.utils.rules` rule, usually the schema's rule of the config key the option stands for, so a command and its
+    config allow the same values). A mistake is argparse's one line naming the option, before anything heavy:
+    `error: python -m ldm.sample: argument --steps: -1: expected an integer in [1, 1000] (see --help)`."""
+
+    from ldm.utils.rules import Float  # plain Python, like this module
+
+    def read(text: str):
+        for kind in (int, float):
+            try:
+                value = kind(text)
+                break
+            except ValueError:
+                continue
+        else:
+            value = text  # not a number: the rule says what it expected
+        if not rule.ok(value):
+            raise argparse.ArgumentTypeError(f"{text}: expected {rule.describe()}")
+        return float(value) if isinstance(rule, Float) else value  # `--guidance-scale 5` is 5.0, as the config's
+
+    read.__name__ = "number"
+    return read
+
+
 def full_errors() -> bool:
     """Whether the user asked for tracebacks (HYDRA_FULL_ERROR=1 or LDM_DEBUG=1)."""
     return any(os.environ.get(name, "").lower() in ("1", "true", "yes") for name in ("HYDRA_FULL_ERROR", "LDM_DEBUG"))
