@@ -43,8 +43,8 @@ def test_training_condition_drops_at_configured_rate(module_factory, p):
     captions = ["a large red circle in the center", "a small blue square at the top left"] * 1000
     torch.manual_seed(1)
     cond = module.training_condition(captions)["encoder_hidden_states"]  # (B, L, D)
-    empty = module.encode_captions([""])[0]
-    full = module.encode_captions(captions[:2])
+    empty = module.encode_text([""])["encoder_hidden_states"][0]
+    full = module.encode_text(captions[:2])["encoder_hidden_states"]
     is_empty = (cond == empty).flatten(1).all(1)
     is_caption = torch.stack([(c == full[i % 2]).all() for i, c in enumerate(cond)])
     assert torch.all(is_empty ^ is_caption)  # every row is exactly one of the two
@@ -55,8 +55,9 @@ def test_training_condition_drops_at_configured_rate(module_factory, p):
 def test_guidance_scale_one_is_the_conditional_prediction(module_factory):
     module = module_factory()
     unet = module.unet.eval()
-    cond = module.encode_captions(["a large red circle in the center", "a small blue square at the top left"])
-    uncond = module.empty_hidden().expand_as(cond)
+    captions = ["a large red circle in the center", "a small blue square at the top left"]
+    cond = module.encode_text(captions)["encoder_hidden_states"]
+    uncond = module.empty_condition()["encoder_hidden_states"].expand_as(cond)
     x = torch.randn(2, *module.latent_shape)
     t = torch.tensor([500, 500])
     with torch.no_grad():
@@ -72,5 +73,5 @@ def test_text_cache_gives_the_encoder_output(module_factory):
     cached = module_factory("model.text_cache_size=2")
     captions = ["a large red circle in the center", "a small blue square at the top left", "a red square"]
     for batch in (captions, captions[::-1], captions[:1] * 3):
-        torch.testing.assert_close(cached.encode_captions(batch), plain.encode_captions(batch))
+        torch.testing.assert_close(cached.encode_text(batch), plain.encode_text(batch))
     assert len(cached._text_cache) == 2  # bounded

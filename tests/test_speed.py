@@ -82,7 +82,7 @@ def test_channels_last_gives_the_same_loss(root, tmp_path):
         module = instantiate(cfg.model, _convert_="all", channels_last=channels_last)
         module.configure_model()
         latents = torch.randn(4, *module.latent_shape).contiguous(memory_format=torch.channels_last)
-        cond = module.encode_captions(["a red circle"] * 4)
+        cond = module.encode_text(["a red circle"] * 4)["encoder_hidden_states"]
         torch.manual_seed(0)
         losses.append(module.diffusion_step(latents, cond).item())
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)

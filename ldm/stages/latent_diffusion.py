@@ -312,10 +312,6 @@ class LatentDiffusion(Stage):
             cache.popitem(last=False)
         return out
 
-    def encode_captions(self, captions: Sequence[str]) -> Tensor:
-        """The captions' hidden states (B, L, D) (`encode_text`'s "encoder_hidden_states")."""
-        return self.encode_text(captions)["encoder_hidden_states"]
-
     def empty_condition(self) -> dict[str, Tensor]:
         """The unconditional text inputs (batch 1), what dropped captions train with and guidance samples with: the
         empty caption's encoding (SDXL: zeros), from the frozen text encoder once, or cached with the latents."""
@@ -325,10 +321,6 @@ class LatentDiffusion(Stage):
         if self._empty["encoder_hidden_states"].device != self.device:
             self._empty = {k: v.to(self.device) for k, v in self._empty.items()}
         return self._empty
-
-    def empty_hidden(self) -> Tensor:
-        """The unconditional hidden states (1, L, D) (`empty_condition`'s "encoder_hidden_states")."""
-        return self.empty_condition()["encoder_hidden_states"]
 
     def on_fit_start(self) -> None:
         cached = getattr(self.trainer.datamodule, "empty_condition", None)  # LatentShardDataModule
