@@ -73,8 +73,8 @@ def test_the_option_is_refused_before_anything_heavy_is_imported(tmp_path):
     path = tmp_path / "model.ckpt"
     path.write_bytes(b"")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "ldm.sample", str(path), "--prompt", "a",
-                          "--steps", "-1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    command = [sys.executable, "-X", "importtime", "-m", "ldm.sample", str(path), "--prompt", "a", "--steps", "-1"]
+    out = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     lines = [line for line in out.stderr.splitlines() if not line.startswith("import time:")]
     assert lines == ["error: python -m ldm.sample: argument --steps: -1: expected an integer in [1, 1000] (see --help)"]
