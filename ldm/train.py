@@ -24,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from ldm.run.overrides import added_keys, explain_hydra_error, quote_shard_patterns
+from ldm.run.overrides import UsageError, added_keys, command_line, explain_hydra_error, quote_shard_patterns
 from ldm.run.validate import validate_config
 from ldm.utils.cli import full_errors, run_command, silence_notices, warnings_to_log_files
 from ldm.utils.secrets import redact_argv, redact_files, redact_logging
@@ -89,6 +89,11 @@ def _run(cfg: DictConfig, added: set[str]) -> None:
 
 def main() -> None:
     """`python -m ldm.train ...`: Hydra raises its own errors here (HYDRA_FULL_ERROR), to be said in one line."""
+    try:
+        sys.argv[:] = command_line(sys.argv)  # an unknown option in one line, not argparse's usage text
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)  # a usage mistake, as argparse's
     quote_shard_patterns(sys.argv)
     with _environ("HYDRA_FULL_ERROR", "1"):
         code = run_command(task, explain=lambda error: explain_hydra_error(error, sys.argv), full=FULL_ERRORS)

@@ -332,3 +332,31 @@ def test_a_brace_pattern_reaches_the_checks_through_the_real_command_line(tiny_r
                   f"data.train_shards={shards}/{{000000..000002}}.tar", "data.batch_size=1000")
     assert out.stderr.strip().splitlines() == [f"error: data.batch_size=1000 is larger than the 48 samples of "
                                                f"data.train_shards={shards}/{{000000..000002}}.tar"], out.stderr
+
+
+# --- Hydra's own command line: options, unreadable overrides, multiruns -----------------------------------------
+OPTIONS = ("--help/-h, --hydra-help, --version, --cfg/-c, --resolve, --package/-p, --run/-r, --multirun/-m, "
+           "--shell-completion/-sc, --config-path/-cp, --config-name/-cn, --config-dir/-cd, --experimental-rerun, "
+           "--info/-i, and key=value overrides")  # fmt: skip
+
+
+@pytest.mark.parametrize("args,code,line", [
+    (["--foo"], 2, f"error: --foo: no such option of python -m ldm.train; it takes {OPTIONS}"),
+    (["--mutlirun", "optim.lr=1e-4,3e-4"], 2, f"error: --mutlirun: no such option of python -m ldm.train; did you "
+                                              f"mean --multirun? it takes {OPTIONS}"),
+    (["--cfg", "jobs"], 2, "error: argument --cfg/-c: invalid choice: 'jobs' (choose from 'job', 'hydra', 'all') "
+                           "(python -m ldm.train --help lists the options)"),
+    (["data.batch_size=[1"], 1, "error: data.batch_size=[1: Hydra cannot read this override (no viable alternative "
+                                "at input '[1'); to give the value as text, quote it: \"data.batch_size='[1'\""),
+    (["data.batch_size=4", "a=b=c"], 1, "error: a=b=c: Hydra cannot read this override (mismatched input '=' "
+                                        "expecting <EOF>); to give the value as text, quote it: \"a='b=c'\""),
+    (["data.batch_size"], 1, "error: data.batch_size: not an override (missing EQUAL at '<EOF>'); overrides are "
+                             "key=value (+key=value adds a key, ~key deletes one)"),
+])  # fmt: skip
+def test_hydra_s_own_mistakes_are_one_line_naming_the_item(tmp_path, args, code, line):
+    out, seconds = _cli(tmp_path, *args, f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert (out.returncode, out.stderr.strip().splitlines()) == (code, [line]), out.stderr
+    assert "Traceback" not in out.stdout + out.stderr and not (tmp_path / "sweep").exists()  # nothing written
+    print(f"{args}: {seconds:.2f} s")
+    assert seconds < 10
+

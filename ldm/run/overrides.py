@@ -1,6 +1,7 @@
 """The command line's overrides, before and after Hydra reads them: what they add on purpose, shard patterns that
 Hydra's grammar would misread, and Hydra's own composition errors as one line.
 
+    sys.argv[:] = command_line(sys.argv)    # Hydra's options checked (one line), `a=1 -m b=2` read as meant
     quote_shard_patterns(sys.argv)          # data.train_shards=/d/{000000..000009}.tar -> ...='/d/{...}.tar'
     added_keys(["+my_api_key=x", "a=1"])    # {"my_api_key"}: new keys, not typos
     explain_hydra_error(error)              # "data.batchsize=4: no such config key; did you mean data.batch_size? ..."
@@ -12,9 +13,12 @@ quoted for it. Plain Python + Hydra's override parser: nothing heavy.
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import re
 from pathlib import Path
 
+from hydra._internal.utils import get_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
 from omegaconf import OmegaConf
@@ -25,6 +29,85 @@ from ldm.utils.rules import did_you_mean
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 SHARD_KEYS = ("data.train_shards", "data.val_shards", "callbacks.fid.shards")
+
+
+class UsageError(ValueError):
+    """A command line Hydra's argument parser would refuse with its usage text; the message is one line."""
+
+
+def _split(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra's options with their values, the overrides) of a command line, in their order; UsageError for an
+    option Hydra does not have. Overrides never start with `-`; an option's value is the next item (`-cn NAME`),
+    or for `--info`, the next item when it is one of its choices."""
+    actions = get_args_parser()._option_string_actions
+    options, overrides = [], []
+    items = iter(argv[1:])
+    for item in items:
+        if item == "--":
+            overrides.extend(items)
+            break
+        if not item.startswith("-") or len(item) == 1:
+            overrides.append(item)
+            continue
+        name = item.partition("=")[0]
+        longer = [o for o in actions if o.startswith("--") and o.startswith(name)] if name.startswith("--") else []
+        action = actions.get(name) or (actions[longer[0]] if len(longer) == 1 else None)  # argparse's --multi
+        if action is None:
+            raise UsageError(_unknown_option(item, actions))
+        options.append(item)
+        if "=" in item or action.nargs == 0:
+            continue
+        following = next(items, None)
+        if following is None:
+            break
+        if action.nargs is None or (action.nargs == "?" and following in (action.choices or ())):
+            options.append(following)
+        else:
+            overrides.append(following)
+    return options, overrides
+
+
+def _unknown_option(item: str, actions: dict) -> str:
+    names = {}  # one entry per option: "-m/--multirun"
+    for action in actions.values():
+        names.setdefault(id(action), "/".join(action.option_strings))
+    close = difflib.get_close_matches(item.partition("=")[0], list(actions), n=1, cutoff=0.75)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return (f"{item}: no such option of python -m ldm.train; {hint}it takes {', '.join(names.values())}, and "
+            f"key=value overrides")  # fmt: skip
+
+
+def command_line(argv: list[str]) -> list[str]:
+    """The command line as Hydra's parser reads it: the overrides, then the options (argparse reads positional
+    items only as one run, so `experiment=x -m a=1` would be refused with its usage text). A mistake argparse would
+    answer with that text (an unknown option, a value that is not one of an option's choices) is a UsageError in
+    one line naming the option."""
+    options, overrides = _split(argv)
+    parser = get_args_parser()
+
+    def refuse(message: str):
+        raise UsageError(f"{message} (python -m ldm.train --help lists the options)")
+
+    parser.error = refuse
+    named = [parser._option_string_actions.get(option.partition("=")[0]) for option in options]
+    if not any(isinstance(action, argparse._VersionAction) for action in named):  # it would print and exit here
+        parser.parse_args([*overrides, *options])
+    return [argv[0], *overrides, *options]
+
+
+def unreadable_override(argv: list[str]) -> tuple[str, str] | None:
+    """(the first override of the command line that Hydra's grammar cannot read, why), each read on its own."""
+    try:
+        overrides = _split(argv)[1]
+    except UsageError:
+        overrides = [a for a in argv[1:] if not a.startswith("-")]
+    for override in overrides:
+        try:
+            OverridesParser.create().parse_override(override)
+        except HydraException as error:
+            lines = [line.strip() for line in str(error).splitlines() if line.strip() and "hydra.cc" not in line]
+            return override, (lines[0] if lines else type(error).__name__)
+    return None
 
 
 def _parses(override: str) -> bool:
@@ -86,11 +169,16 @@ def explain_hydra_error(error: BaseException, argv: list[str]) -> str | None:
     text = str(error).strip()
     first = text.splitlines()[0] if text else type(error).__name__
     if isinstance(error, OverrideParseException):
-        bad = re.search(r"Error parsing override '(.*)'", first)
-        reason = next((line for line in text.splitlines()[1:] if line.strip() and "hydra.cc" not in line), "")
-        override = bad.group(1) if bad else first
-        return (f"{override}: Hydra cannot read this override ({reason.strip()}); quote the value, e.g. "
-                f"\"{override.partition('=')[0]}='{override.partition('=')[2]}'\"")  # fmt: skip
+        found = unreadable_override(argv)
+        if found is None:  # not one item alone: say Hydra's own first line
+            return f"Hydra cannot read the overrides: {first}"
+        override, reason = found
+        key, equals, value = override.partition("=")
+        if not equals:
+            return (f"{override}: not an override ({reason}); overrides are key=value (+key=value adds a key, "
+                    f"~key deletes one)")  # fmt: skip
+        quoted = f"\"{key}='{value}'\"" if "'" not in value else f"'{key}=\"{value}\"'"  # as typed in a shell
+        return f"{override}: Hydra cannot read this override ({reason}); to give the value as text, quote it: {quoted}"
     if isinstance(error, MissingConfigException) and error.options is not None:
         missing = re.search(r"Could not find '([^']+)'", text)
         name = missing.group(1) if missing else first
