@@ -352,6 +352,10 @@ OPTIONS = ("--help/-h, --hydra-help, --version, --cfg/-c, --resolve, --package/-
                                         "expecting <EOF>); to give the value as text, quote it: \"a='b=c'\""),
     (["data.batch_size"], 1, "error: data.batch_size: not an override (missing EQUAL at '<EOF>'); overrides are "
                              "key=value (+key=value adds a key, ~key deletes one)"),
+    # a multirun: every job's config checked before any starts; -m anywhere on the line
+    (["-m", "data.batch_size=abc"], 1, "error: data.batch_size='abc': expected an integer >= 1"),
+    (["sampling.sampler=heun2", "-m"], 1, "error: sampling.sampler='heun2': expected one of ddim, ddpm, dpm++, "
+                                          "dpmsolver++, euler, euler_a, lms, pndm"),
 ])  # fmt: skip
 def test_hydra_s_own_mistakes_are_one_line_naming_the_item(tmp_path, args, code, line):
     out, seconds = _cli(tmp_path, *args, f"hydra.sweep.dir={tmp_path / 'sweep'}")
@@ -360,3 +364,13 @@ def test_hydra_s_own_mistakes_are_one_line_naming_the_item(tmp_path, args, code,
     print(f"{args}: {seconds:.2f} s")
     assert seconds < 10
 
+
+def test_a_sweep_checks_every_job_before_the_first_starts(tiny_root, tmp_path):
+    """The second job's value is wrong: the sweep stops in one line naming it, before the first job trains."""
+    out, seconds = _cli(tmp_path, "experiment=shapes", f"paths.data_dir={tiny_root}", *TINY, *TINY_UNET,
+                        "data.batch_size=4,1000", "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}")  # fmt: skip
+    shards = tiny_root / "shapes" / "train"
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+        f"error: data.batch_size=1000 is larger than the 48 samples of data.train_shards={shards} (job 1 of 2: "
+        f"data.batch_size=1000)"], out.stderr  # fmt: skip
+    assert not (tmp_path / "sweep").exists() and seconds < 10

@@ -114,3 +114,16 @@ def test_a_sweep_writes_and_prints_no_secret(tiny_root, tmp_path):
     index = json.loads((sweep / "index.json").read_text())
     assert "+my_api_key=<redacted>" in index["command"] and index["jobs"][0]["status"] == "completed"
     assert index["jobs"][0]["name"] == "shapes-0 wandb_token=<redacted>"
+
+
+def test_a_sweep_whose_jobs_all_fail_exits_non_zero_in_one_line(tiny_root, tmp_path):
+    """The jobs pass the config checks (a key added with `+` is AdamW's to judge) and fail when training starts:
+    each is recorded as failed, the report is written, and the command fails in one line naming the first."""
+    sweep = tmp_path / "sweep"
+    out = _train(tiny_root, sweep, "+optim.optimizer.eps=-1,-2", "trainer.max_steps=1", multirun=True)
+    line = _one_line_stop(out)
+    assert line.startswith(f"error: sweep {sweep}: none of its 2 jobs completed: job 0 failed: ValueError: Invalid "
+                           f"epsilon value: -1"), line  # fmt: skip
+    index = json.loads((sweep / "index.json").read_text())
+    assert [job["status"] for job in index["jobs"]] == ["failed", "failed"]
+    assert (sweep / "report.md").is_file()

@@ -61,6 +61,15 @@ def rule_type(rule) -> Callable[[str], object]:
     return read
 
 
+class CarriedError(BaseException):
+    """Carries an error through code that turns every Exception into a warning and goes on (Hydra calls its callbacks
+    that way): `run_command` reports the ``error`` inside as if it had been raised itself."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
 def full_errors() -> bool:
     """Whether the user asked for tracebacks (HYDRA_FULL_ERROR=1 or LDM_DEBUG=1)."""
     return any(os.environ.get(name, "").lower() in ("1", "true", "yes") for name in ("HYDRA_FULL_ERROR", "LDM_DEBUG"))
@@ -119,11 +128,12 @@ def run_command(main: Callable, *args, explain: Callable[[BaseException], str | 
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except Exception as error:  # noqa: BLE001: every error ends the same way
+    except (Exception, CarriedError) as caught:  # noqa: BLE001: every error ends the same way
+        error = caught.error if isinstance(caught, CarriedError) else caught
         line = explain(error) or one_line(error)
         log_to_files(f"stopped: {line}", error)
         if full:
-            raise
+            raise error
         print(f"error: {line}", file=sys.stderr)
         return 1
 
