@@ -27,10 +27,11 @@ from omegaconf import DictConfig
 from ldm.run.overrides import UsageError, added_keys, command_line, explain_hydra_error, quote_shard_patterns
 from ldm.run.validate import validate_config
 from ldm.utils.cli import full_errors, run_command, silence_notices, warnings_to_log_files
-from ldm.utils.secrets import redact_argv, redact_files, redact_logging
+from ldm.utils.secrets import redact_argv, redact_files, redact_hydra_writes, redact_logging
 from ldm.utils.sweep_index import register_resolvers
 
 register_resolvers()  # ${ldm.run_name:...} and friends in conf/ (the checks resolve the config)
+redact_hydra_writes()  # Hydra writes .hydra/*.yaml (and multirun.yaml) before a job runs: redacted as written
 
 
 @contextmanager

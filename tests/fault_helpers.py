@@ -97,3 +97,60 @@ class FullDisk:
 
     def __exit__(self, *exc):
         self.f.close()
+
+
+class SecretProbe:
+    """A Hydra callback (`+hydra.callbacks.probe._target_=fault_helpers.SecretProbe`) that looks into every file under
+    the sweep directory whenever anything is logged, and when each job starts and ends, for the words of the
+    environment variable LDM_PROBE_WORDS (comma-separated); each find is appended to the file LDM_PROBE_OUT as
+    "moment: file". The sweeper writes multirun.yaml and the launcher logs each job's overrides before the first job
+    starts, and Hydra writes a job's `.hydra/` before calling its callbacks' on_job_start (this one runs after the
+    project's own), so a secret written in clear and redacted later is caught."""
+
+    def __init__(self):
+        import os
+
+        self.words = [w for w in os.environ.get("LDM_PROBE_WORDS", "").split(",") if w]
+        self.out = os.environ["LDM_PROBE_OUT"]
+        self.sweep_dir, self.seen = None, {}
+
+    def look(self, moment: str) -> None:
+        from pathlib import Path
+
+        if self.sweep_dir is None or not self.sweep_dir.is_dir():
+            return
+        for path in self.sweep_dir.rglob("*"):
+            try:
+                stat = path.stat()
+                if not path.is_file() or self.seen.get(path) == (stat.st_mtime_ns, stat.st_size):
+                    continue
+                self.seen[path] = (stat.st_mtime_ns, stat.st_size)
+                text = path.read_bytes().decode(errors="replace")
+            except OSError:  # removed meanwhile
+                continue
+            if any(word in text for word in self.words):
+                with Path(self.out).open("a") as found:
+                    found.write(f"{moment}: {path}\n")
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        import logging
+        from pathlib import Path
+
+        self.sweep_dir = Path(config.hydra.sweep.dir)
+        make = logging.getLogRecordFactory()
+
+        def factory(*args, **kw):
+            record = make(*args, **kw)
+            self.look(f"log record {record.getMessage()[:60]!r}")
+            return record
+
+        logging.setLogRecordFactory(factory)
+
+    def on_job_start(self, config, **kwargs) -> None:
+        self.look(f"job {config.hydra.job.num} start")
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        self.look(f"job {config.hydra.job.num} end")
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        self.look("sweep end")

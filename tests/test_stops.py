@@ -99,12 +99,18 @@ def test_a_full_disk_stops_in_one_line_and_keeps_the_checkpoints(tiny_root, tmp_
     assert f"stopped: {line[len('error: '):]}" in (run_dir / "train.log").read_text()
 
 
-def test_a_sweep_writes_and_prints_no_secret(tiny_root, tmp_path):
+def test_a_sweep_writes_and_prints_no_secret(tiny_root, tmp_path, monkeypatch):
+    """Not at the end only: no file of the sweep ever holds a secret (SecretProbe looks whenever anything is logged,
+    from the moment the sweep starts, and as each job starts and ends)."""
     secret, swept = "sk-" + "Q7" * 16, "tok-" + "Z9" * 12
-    sweep = tmp_path / "sweep"
+    sweep, finds = tmp_path / "sweep", tmp_path / "finds.txt"
+    monkeypatch.setenv("LDM_PROBE_WORDS", f"{secret},{swept}")
+    monkeypatch.setenv("LDM_PROBE_OUT", str(finds))
     out = _train(tiny_root, sweep, f"+my_api_key={secret}", f"+wandb_token={swept},other-{swept}",
-                 "trainer.max_steps=1", multirun=True)  # fmt: skip
+                 "trainer.max_steps=1", "+hydra.callbacks.probe._target_=fault_helpers.SecretProbe",
+                 multirun=True)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
+    assert not finds.exists(), finds.read_text()
     assert "Launching 2 jobs" in out.stdout + out.stderr and "+my_api_key=<redacted>" in out.stdout + out.stderr
     files = [p for p in sweep.rglob("*") if p.is_file()]
     assert {"multirun.yaml", "index.json", "report.md", "report.csv"} <= {p.name for p in files}

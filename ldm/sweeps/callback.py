@@ -2,8 +2,8 @@
 (as a single run's is checked: one line naming the key, exit code 1), opens the sweep's index (swept keys, W&B
 group, command) and, when the sweep ends, closes it (jobs that died without a word are marked failed), writes the
 report (`ldm.sweeps.report`) and fails the command when no job completed. Secrets given on the command line are
-redacted in everything a sweep writes and prints: the index, Hydra's `multirun.yaml` (as each job starts, and at
-the end), the launcher's log lines.
+redacted in everything a sweep writes and prints: Hydra's `multirun.yaml` and each job's `.hydra/` as Hydra writes
+them (`ldm.utils.secrets.redact_hydra_writes`), the index, the launcher's log lines.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from ldm.run.overrides import added_keys
 from ldm.run.validate import ConfigError, validate_config
 from ldm.sweeps.report import write_report
 from ldm.utils.cli import CarriedError
-from ldm.utils.secrets import redact, redact_argv, redact_files, redact_logging
+from ldm.utils.secrets import redact, redact_argv, redact_files, redact_hydra_writes, redact_logging
 from ldm.utils.sweep_index import locked, read_index, sweep_group, swept_keys, write_index
 
 log = logging.getLogger(__name__)
@@ -93,10 +93,11 @@ class SweepCallback(Callback):
         self.report = report
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        """Before the sweeper writes anything: secrets redacted from what it logs, every job's config checked (a
-        mistake stops the command in one line: Hydra only warns about a callback's errors)."""
+        """Before the sweeper writes anything: secrets redacted from what it writes and logs, every job's config
+        checked (a mistake stops the command in one line: Hydra only warns about a callback's errors)."""
         redact_logging()  # the launcher prints every job's overrides: `#0 : optim.lr=1e-4 +api_key=...`
         redact_argv()
+        redact_hydra_writes()  # multirun.yaml, next, and each job's .hydra/
         try:
             check_jobs(config)
         except Exception as error:  # noqa: BLE001: any error here stops the sweep before it starts

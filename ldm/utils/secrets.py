@@ -3,6 +3,7 @@
     clean = redact(config_dict)                 # values of *key*/*token*/*secret*/*password* -> "<redacted>"
     redact_files(run_dir / ".hydra")           # the config and overrides Hydra wrote
     redact_argv()                              # W&B records the command line
+    redact_hydra_writes()                      # Hydra's own files (.hydra/*.yaml, multirun.yaml) written redacted
 
 A config key is secret when one of its `_`/`-`-separated words is key, token, secret, password (and a
 few spellings): `api_key`, `hf_token`, `wandb-secret`, but not `tokenizer_subfolder`. Any string that
@@ -100,3 +101,42 @@ def redact_logging() -> None:
 
     factory._ldm_redacts = True
     logging.setLogRecordFactory(factory)
+
+
+def _redacted_config(cfg, resolve: bool = False):
+    """A copy of an OmegaConf config with secrets redacted (interpolations left as written unless ``resolve``), or
+    ``cfg`` itself when it holds none."""
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(cfg, resolve=resolve, enum_to_str=True)
+    clean = redact(data)
+    return cfg if clean == data else OmegaConf.create(clean)
+
+
+def redact_hydra_writes() -> None:
+    """Make Hydra write its own files with secrets redacted (idempotent). It writes them before any code of a run
+    is called, with the command line's values in clear: a run's `.hydra/{config,hydra,overrides}.yaml`
+    (`hydra.core.utils._save_config`, then the job starts) and a multirun's `multirun.yaml` (its sweeper's
+    `OmegaConf.save`, before the first job starts). Only those files are redacted: a config this project saves for
+    its own processes to read (`ldm.run.launch`) keeps its values."""
+    import hydra.core.utils as hydra_utils
+    from omegaconf import OmegaConf
+
+    save_config = getattr(hydra_utils, "_save_config", None)
+    if save_config is not None and not getattr(save_config, "_ldm_redacts", False):
+
+        def redacting_save_config(cfg, filename, output_dir):
+            save_config(_redacted_config(cfg), filename, output_dir)
+
+        redacting_save_config._ldm_redacts = True
+        hydra_utils._save_config = redacting_save_config
+    save = OmegaConf.save
+    if not getattr(save, "_ldm_redacts", False):
+
+        def redacting_save(config, f, resolve: bool = False) -> None:
+            if isinstance(f, (str, os.PathLike)) and Path(f).name == "multirun.yaml" and OmegaConf.is_config(config):
+                config = _redacted_config(config, resolve)
+            save(config, f, resolve)
+
+        redacting_save._ldm_redacts = True
+        OmegaConf.save = redacting_save
