@@ -158,6 +158,51 @@ def test_every_command_that_reads_checkpoints_runs_nothing_they_name(tiny_root, 
     assert not (tmp_path / "exported").exists() and not (tmp_path / "s.png").exists()
 
 
+PAYLOADS = ["shutil.copyfile", "builtins.open", "torch.load", "subprocess.run", "numpy.save"]  # the issue's five
+COMMANDS = ["sample", "export", "evaluate", "train ckpt_path", "train resume"]
+
+
+def _in_process(command: str, root: Path, tmp: Path, ckpt: Path) -> int:
+    """A command's exit code, run in this process as its entry point runs it (`run_command` around its `main`, or
+    for ldm.train around `train` of the config its command line composes)."""
+    from ldm import evaluate, export, sample
+    from ldm.run.fit import train
+    from ldm.utils.cli import run_command
+
+    if command.startswith("train"):
+        key = "ckpt_path" if command == "train ckpt_path" else "resume"
+        cfg = compose_config(root, tmp / "run", ["logger=none", "callbacks.fid=null", "callbacks.export=null",
+                                                 f"{key}={ckpt}"])  # fmt: skip
+        return run_command(train, cfg)
+    argv = {
+        "sample": [str(ckpt), "--prompt", "a red circle", "--out", str(tmp / "s.png")],
+        "export": [str(ckpt), str(tmp / "exported")],
+        "evaluate": ["checkpoint", str(ckpt), "--shards", str(root / "shapes" / "val"), "--n", "4", "--out",
+                     str(tmp / "m.json")],
+    }[command]  # fmt: skip
+    return run_command({"sample": sample, "export": export, "evaluate": evaluate}[command].main, argv)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_every_payload_through_every_command_runs_nothing(tiny_root, saved_config, tmp_path, payload, command,
+                                                          monkeypatch, capsys):  # fmt: skip
+    """Each of the issue's payloads through each command that reads checkpoints, in this process (the subprocess test
+    above runs the real command lines for one payload): refused in one line, nothing it names ran."""
+    monkeypatch.setenv("LDM_TEST_MARKER", str(tmp_path / "unpickled"))
+    where, section, marker = _payloads(tmp_path)[payload]
+    ckpt = _evil_checkpoint(saved_config, where, section, tmp_path / "evil.ckpt")
+    assert _in_process(command, tiny_root, tmp_path, ckpt) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    if command.startswith("train"):  # training builds its model from its own config; the checkpoint's is never built
+        assert line.startswith("error: ") and "evil.ckpt" in line, line
+    else:
+        assert line.startswith("error: refusing to build ") and f"_target_='{payload}' is not one of ldm's builders" \
+            in line, line  # fmt: skip
+    assert not marker.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "run") == ["evil.ckpt", "payload.pkl", "source.txt"]
+
+
 def test_a_pipeline_whose_index_names_another_module_is_refused(tiny_root, tmp_path):
     folder = tmp_path / "pipe"
     folder.mkdir()
