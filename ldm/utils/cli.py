@@ -19,6 +19,8 @@ import sys
 import warnings
 from collections.abc import Callable
 
+from ldm.utils.rules import Float  # plain Python, like this module
+
 log = logging.getLogger("ldm")
 
 
@@ -41,8 +43,6 @@ def rule_type(rule) -> Callable[[str], object]:
     `ldm.utils.rules` rule, usually the schema's rule of the config key the option stands for, so a command and its
     config allow the same values). A mistake is argparse's one line naming the option, before anything heavy:
     `error: python -m ldm.sample: argument --steps: -1: expected an integer in [1, 1000] (see --help)`."""
-
-    from ldm.utils.rules import Float  # plain Python, like this module
 
     def read(text: str):
         for kind in (int, float):
