@@ -109,8 +109,9 @@ class SweepCallback(Callback):
                                     "params": keys, "command": " ".join(sys.argv), "started": _now(), "jobs": []})
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
-        """Each job of a multirun (in its own process with some launchers): the sweeper has written `multirun.yaml`
-        by now, with the command line in clear; redact it, and this process's logging."""
+        """Each job of a multirun (in its own process with some launchers): this process's logging redacted, and
+        the sweep's YAML files once more (Hydra's own are written redacted already, `redact_hydra_writes`; a
+        sweeper plugin may write others)."""
         if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
             return
         redact_logging()
