@@ -204,6 +204,8 @@ KEYS = {
     "model.text_cache_size": Int(min=0),
     "model.channels_last": Bool(),
     "model.compile": Bool() | Options(),
+    "model.compile.mode": Choice("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    "model.compile.dynamic": Bool(none=True),
     "model.gradient_checkpointing": Bool(),
     "model.vae_bf16": Bool(),
     "model.kl_weight": Float(min=0),  # vae_stage
