@@ -7,7 +7,7 @@ the CIFAR-scale U-Net (`model/unet=cifar`, 37 M parameters) on 8x8x4 latents of 
 captions of ten classes (what `make cifar10` shards hold; the text encodings are cached, `model.text_cache_size`).
 `--model shapes`: the built-in default's stage 2 exactly as `make train` runs it (`experiment=shapes`, fp32, eager,
 its 1.1 M-parameter U-Net at batch 32), on freshly rendered shapes with untrained stage-0/1 exports; reported in
-steps/s too. `--model sdxl` (issue 20): a random SDXL-base-shaped model in the StableDiffusionXLPipeline layout
+steps/s too (`--compile-mode reduce-overhead`: the same stage with CUDA graphs). `--model sdxl` (issue 20): a random SDXL-base-shaped model in the StableDiffusionXLPipeline layout
 (`ldm.models.sdxl.save_random_sdxl`: the 2.567 B-parameter U-Net, CLIP-L and OpenCLIP-bigG-shaped text encoders, an
 SD-shaped VAE with scaling 0.13025; about 14 GB of fp32 weights written once), 1024 px by default at batch 4, our
 runs `model=sdxl` on latents cached with both encoders' states, bigG's pooled embedding and each image's size and
@@ -31,6 +31,7 @@ gradients for the frozen base).
     python scripts/bench_train.py --resolution 512 256 --batch-size 32 128      # one GPU
     python scripts/bench_train.py --model cifar --batch-size 256 --runs baseline cached onthefly --steps 100 --warmup 30
     python scripts/bench_train.py --model shapes --runs eager --steps 200 --warmup 30
+    python scripts/bench_train.py --model shapes --runs eager --steps 300 --warmup 50 --compile-mode reduce-overhead
     python scripts/bench_train.py --resolution 32 --batch-size 2 --steps 2 --warmup 1 --tiny   # a CPU smoke run
     python scripts/bench_train.py --resolution 512 --batch-size 32 --devices 2 --runs cached   # DDP scaling
     python scripts/bench_train.py --resolution 512 --batch-size 16 --lora-ranks 4 16 64 \
@@ -305,6 +306,8 @@ def ldm_train(work: Path, model: str, resolution: int, batch: int, mode: str, st
     if model == "shapes":  # the default's stage 2 as `make train` runs it: its precision, loader, callbacks' cadence
         overrides = ["experiment=shapes", f"paths.data_dir={work}", f"paths.models_dir={work}/models",
                      f"data.batch_size={batch}", "data.samples_per_epoch=100000000"]  # fmt: skip
+        if isinstance(compile_, str):  # --compile-mode: the same stage compiled (CUDA graphs with reduce-overhead)
+            overrides.append(f"model.compile={{mode:{compile_},dynamic:false}}")
     else:
         images = f"{work}/{'classes' if model == 'cifar' else 'photos'}{resolution}"
         data = {
@@ -612,12 +615,14 @@ def main(argv=None) -> None:
         for mode in [m for m in runs if m in ("cached", "onthefly", "eager", "bucketed", "bucketed-cached")]:
             data_mode = "cached" if mode == "eager" else mode
             compile_ = mode != "eager" and torch.cuda.is_available() and (args.compile_mode or True)
+            if args.model == "shapes":  # eager as make train runs it, unless --compile-mode asks
+                compile_ = args.compile_mode if torch.cuda.is_available() else False
             result = results[mode] = ldm_train(work, args.model, resolution, batch, data_mode, args.steps, args.warmup,
                                                args.workers, args.devices, args.tiny, compile_, args.extra,
                                                args.log_dir, args.strategy, exit_grace=args.exit_grace)  # fmt: skip
             name = NAMES[mode]
             if args.model == "shapes":
-                name = "ldm experiment=shapes (make train)"
+                name = "ldm experiment=shapes (make train)" + (f", {compile_}" if compile_ else "")
             elif compile_ and args.compile_mode:
                 name += f", {args.compile_mode}"
             square = {"bucketed": results.get("onthefly"), "bucketed-cached": results.get("cached")}.get(mode)
