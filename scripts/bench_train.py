@@ -7,7 +7,8 @@ the CIFAR-scale U-Net (`model/unet=cifar`, 37 M parameters) on 8x8x4 latents of 
 captions of ten classes (what `make cifar10` shards hold; the text encodings are cached, `model.text_cache_size`).
 `--model shapes`: the built-in default's stage 2 exactly as `make train` runs it (`experiment=shapes`, fp32, eager,
 its 1.1 M-parameter U-Net at batch 32), on freshly rendered shapes with untrained stage-0/1 exports; reported in
-steps/s too (`--compile-mode reduce-overhead`: the same stage with CUDA graphs). `--model sdxl` (issue 20): a random SDXL-base-shaped model in the StableDiffusionXLPipeline layout
+steps/s too (`--compile-mode reduce-overhead`: the same stage with CUDA graphs). `--model sdxl` (issue 20): a
+random SDXL-base-shaped model in the StableDiffusionXLPipeline layout
 (`ldm.models.sdxl.save_random_sdxl`: the 2.567 B-parameter U-Net, CLIP-L and OpenCLIP-bigG-shaped text encoders, an
 SD-shaped VAE with scaling 0.13025; about 14 GB of fp32 weights written once), 1024 px by default at batch 4, our
 runs `model=sdxl` on latents cached with both encoders' states, bigG's pooled embedding and each image's size and
@@ -633,10 +634,12 @@ def main(argv=None) -> None:
             base = bases.get("lora-baseline-cached") if mode == "lora-cached" else None
             base = base or bases.get("lora-baseline")
             for rank in args.lora_ranks:
+                compile_ = torch.cuda.is_available() and (args.compile_mode or True)
                 result = ldm_train(work, args.model, resolution, batch, LORA_RUNS[mode], args.steps, args.warmup,
-                                   args.workers, args.devices, args.tiny, torch.cuda.is_available(), args.extra,
+                                   args.workers, args.devices, args.tiny, compile_, args.extra,
                                    args.log_dir, args.strategy, lora_rank=rank, exit_grace=args.exit_grace)  # fmt: skip
-                print(line(f"{resolution}px {NAMES[mode]}, rank {rank}", result, lora_flops[rank], peak, base), flush=True)
+                label = f"{resolution}px {NAMES[mode]}, rank {rank}" + (f", {compile_}" if isinstance(compile_, str) else "")
+                print(line(label, result, lora_flops[rank], peak, base), flush=True)
 
 
 if __name__ == "__main__":

@@ -144,6 +144,8 @@ def test_wandb_offline_run_holds_config_metrics_and_samples(tiny_root, tmp_path,
     rows = history(run_file)
     metrics = {k for row in rows for k in row}
     assert {"train/loss", "train/lr", "train/images_per_sec", "train/images_seen", "samples/captions"} <= metrics
+    elapsed = [row["train/elapsed_seconds"] for row in rows if "train/elapsed_seconds" in row]
+    assert elapsed and all(0 < a <= b for a, b in zip(elapsed, elapsed[1:]))  # wall time since the fit started
     samples = [row for row in rows if "samples/captions" in row]
     assert len(samples) == 3  # steps 1, 2 and the end of training
     assert samples[-1]["samples/captions"] == list(cfg.prompts)

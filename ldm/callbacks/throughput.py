@@ -31,24 +31,46 @@ def allocator_counts(device: torch.device) -> dict[str, int]:
 
 
 class Throughput(pl.Callback):
-    """Logs `train/images_per_sec` (all ranks together), `train/images_seen` (the stage's count,
-    `ldm.stages.base.Stage.images_seen`) and `train/lr` (Lightning's LearningRateMonitor refuses to run
-    without a logger; this works with `logger=none`)."""
+    """Logs `train/images_per_sec` (all ranks together), `train/elapsed_seconds` (wall time since the fit
+    started, evaluations and start-up included: curves against time), `train/images_seen` (the stage's count,
+    `ldm.stages.base.Stage.images_seen`) and `train/lr` (Lightning's LearningRateMonitor refuses to run without a
+    logger; this works with `logger=none`). Writes where start-up went to the log: set-up before the loop
+    (models, callbacks' reference statistics) and the first step (compilation, CUDA graph capture, autotuning)."""
 
     def __init__(self, log_every_n_steps: int = 10):
         self.every = log_every_n_steps
         self._t0: float | None = None
         self._images = 0
+        self._fit_start: float | None = None
+        self._first_step: float | None = None
+
+    def setup(self, trainer, pl_module, stage):
+        if stage == "fit":  # before the models are configured and before any callback's on_fit_start
+            self._fit_start = time.perf_counter()
+
+    def on_train_start(self, trainer, pl_module):
+        if self._fit_start is not None:
+            rank_zero_info(f"start-up: the training loop began {time.perf_counter() - self._fit_start:.1f} s after "
+                           f"the fit started (models, data, callbacks' set-up)")  # fmt: skip
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._t0 is None:
             self._t0 = time.perf_counter()
+        if self._first_step is None:
+            self._first_step = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = time.perf_counter()
+        if self._first_step is not None and self._first_step > 0:
+            rank_zero_info(f"start-up: the first step took {now - self._first_step:.1f} s on the host (compilation, "
+                           f"CUDA graph capture, autotuning)")  # fmt: skip
+            self._first_step = -1.0  # said once
         self._images += batch_size(batch) * trainer.world_size
         if trainer.global_step % self.every == 0 and self._t0 is not None:
-            elapsed = time.perf_counter() - self._t0
+            elapsed = now - self._t0
             pl_module.log("train/images_per_sec", host(self._images / max(elapsed, 1e-9)), batch_size=1)
+            if self._fit_start is not None:
+                pl_module.log("train/elapsed_seconds", host(now - self._fit_start), batch_size=1)
             self._t0, self._images = time.perf_counter(), 0
         pl_module.log("train/images_seen", host(pl_module.images_seen), batch_size=1)
         if trainer.optimizers:
