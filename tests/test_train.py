@@ -3,6 +3,8 @@ checkpoint -> resume, sampling and a diffusers pipeline export that StableDiffus
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -129,8 +131,10 @@ def test_negative_prompt_and_img2img_match_the_diffusers_pipelines(trained, tmp_
     assert (near - init).abs().mean() < (far - init).abs().mean()  # 0.052 against 0.121 here
 
 
-def test_wandb_offline_run_holds_config_metrics_and_samples(tiny_root, tmp_path, monkeypatch):
+def test_wandb_offline_run_holds_config_metrics_and_samples(tiny_root, tmp_path, monkeypatch, caplog):
     from wandb_offline import config, history, run_files
+
+    caplog.set_level(logging.INFO)
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -146,6 +150,9 @@ def test_wandb_offline_run_holds_config_metrics_and_samples(tiny_root, tmp_path,
     assert {"train/loss", "train/lr", "train/images_per_sec", "train/images_seen", "samples/captions"} <= metrics
     elapsed = [row["train/elapsed_seconds"] for row in rows if "train/elapsed_seconds" in row]
     assert elapsed and all(0 < a <= b for a, b in zip(elapsed, elapsed[1:]))  # wall time since the fit started
+    startup = [m for m in caplog.messages if m.startswith("start-up: ")]  # where start-up went, said once each
+    assert [m.split(" took ")[0].split(" began ")[0] for m in startup] == ["start-up: the training loop",
+                                                                        "start-up: the first step"], startup
     samples = [row for row in rows if "samples/captions" in row]
     assert len(samples) == 3  # steps 1, 2 and the end of training
     assert samples[-1]["samples/captions"] == list(cfg.prompts)

@@ -42,7 +42,7 @@ class Throughput(pl.Callback):
         self._t0: float | None = None
         self._images = 0
         self._fit_start: float | None = None
-        self._first_step: float | None = None
+        self._first_step_told = False
 
     def setup(self, trainer, pl_module, stage):
         if stage == "fit":  # before the models are configured and before any callback's on_fit_start
@@ -56,15 +56,13 @@ class Throughput(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._t0 is None:
             self._t0 = time.perf_counter()
-        if self._first_step is None:
-            self._first_step = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         now = time.perf_counter()
-        if self._first_step is not None and self._first_step > 0:
-            rank_zero_info(f"start-up: the first step took {now - self._first_step:.1f} s on the host (compilation, "
+        if not self._first_step_told:  # _t0 is still the first step's start
+            rank_zero_info(f"start-up: the first step took {now - self._t0:.1f} s on the host (compilation, "
                            f"CUDA graph capture, autotuning)")  # fmt: skip
-            self._first_step = -1.0  # said once
+            self._first_step_told = True
         self._images += batch_size(batch) * trainer.world_size
         if trainer.global_step % self.every == 0 and self._t0 is not None:
             elapsed = now - self._t0
