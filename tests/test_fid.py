@@ -301,3 +301,10 @@ def test_training_logs_fid_to_wandb_and_plots(tmp_path, monkeypatch):
     by_pipeline = evaluate(["pipeline", str(run_dir / "pipeline"), *common, "--out", str(tmp_path / "pipe.json")])
     assert by_checkpoint["num_reference"] == 4 and (tmp_path / "ckpt.json").is_file()
     assert by_pipeline["val/fid"] == pytest.approx(by_checkpoint["val/fid"], rel=1e-2)
+    # a guidance sweep in one process: each scale's FID is that scale's own evaluation (same captions and seeds)
+    sweep = evaluate(["checkpoint", str(run_dir / "checkpoints" / "last.ckpt"), *common[:4], "--guidance-scale",
+                      "1", "3", "--steps", "3", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "s.json")])
+    assert [row["guidance_scale"] for row in sweep["sweep"]] == [1.0, 3.0]
+    assert sweep["sweep"][1]["val/fid"] == pytest.approx(by_checkpoint["val/fid"], rel=1e-6)
+    assert sweep["sweep"][0]["val/fid"] != pytest.approx(sweep["sweep"][1]["val/fid"], rel=1e-3)
+    assert sweep["val/fid"] == min(row["val/fid"] for row in sweep["sweep"])

@@ -9,8 +9,9 @@ a shard spec (read with `shard_images` at ``resolution``).
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -70,18 +71,38 @@ def fid_between(a: str, b: str, num_images: int | None = None, resolution: int |
 def evaluate_generator(generate: Generate, resolution: int, shards: str, num_images: int,
                        num_reference: int | None = None, cache_dir: str = "data/fid_cache",
                        network: str | None = None, clip_model: str | None = None, batch_size: int = 50,
-                       seed: int = 0, device: str = "cpu") -> dict:
-    """FID (and CLIP score) of ``num_images`` images for the shards' captions, image i with seed seed + i."""
+                       seed: int = 0, device: str = "cpu", guidance_scales: Sequence[float] | None = None,
+                       progress: Callable[[dict], None] | None = None) -> dict:
+    """FID (and CLIP score) of ``num_images`` images for the shards' captions, image i with seed seed + i.
+
+    ``guidance_scales`` (a sweep; ``generate`` then takes ``guidance_scale=``): one evaluation per scale on the same
+    reference statistics, captions and seeds; the result lists them under "sweep" (each with its "guidance_scale")
+    and its top-level figures are those of the lowest FID. None or one scale: one evaluation, no "sweep".
+    ``progress`` gets each scale's figures as soon as they are computed.
+    """
     t0 = time.perf_counter()
     fid = make_fid(network).to(device)
     set_real_states(fid, reference_states(fid, shards, resolution, num_reference or num_images, cache_dir,
                                           network, batch_size))
     clip = make_clip_score(clip_model).to(device) if clip_model else None
     captions = cycle_to(read_captions(shards, num_images), num_images)
-    update_generated(generate, captions, [seed + i for i in range(num_images)], fid, clip, batch_size)
-    result = {"val/fid": float(fid.compute()), "num_images": num_images,
-              "num_reference": int(fid.real_features_num_samples)}
-    if clip is not None:
-        result["val/clip_score"] = float(clip.compute())
-    result["seconds"] = time.perf_counter() - t0
-    return result
+    rows = []
+    for scale in guidance_scales or [None]:
+        start = time.perf_counter()
+        fid.reset()  # the generated side only (reset_real_features=False)
+        if clip is not None:
+            clip.reset()
+        at_scale = generate if scale is None else functools.partial(generate, guidance_scale=scale)
+        update_generated(at_scale, captions, [seed + i for i in range(num_images)], fid, clip, batch_size)
+        row = {} if scale is None else {"guidance_scale": scale}
+        row |= {"val/fid": float(fid.compute()), "num_images": num_images,
+                "num_reference": int(fid.real_features_num_samples)}
+        if clip is not None:
+            row["val/clip_score"] = float(clip.compute())
+        rows.append(row | {"seconds": time.perf_counter() - start})
+        if progress is not None:
+            progress(rows[-1])
+    if len(rows) == 1:
+        return rows[0] | {"seconds": time.perf_counter() - t0}
+    best = min(rows, key=lambda row: row["val/fid"])
+    return best | {"sweep": rows, "seconds": time.perf_counter() - t0}
