@@ -474,7 +474,8 @@ def baseline(work: Path, model: str, resolution: int, batch: int, steps: int, wa
     elapsed = time.perf_counter() - t0
     return {"images_per_sec": batch * steps / elapsed, "step_seconds": elapsed / steps, "steps": steps,
             "batch_size": batch, "world_size": 1,
-            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}  # fmt: skip
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if device == "cuda" else None}  # fmt: skip
 
 
 def peak_tflops() -> float | None:
@@ -489,6 +490,8 @@ def line(name: str, r: dict, flops: float, peak: float | None, base: float | Non
         return f"{name:<44} FAILED {r['error']}"
     ips = r["images_per_sec"]
     mem = f"{r['peak_memory_gib']:5.1f} GiB" if r.get("peak_memory_gib") is not None else "   - GiB"
+    if r.get("peak_reserved_gib") is not None:  # what the process holds (CUDA graphs' pools are reserved, not allocated)
+        mem += f" (reserved {r['peak_reserved_gib']:.1f})"
     per_gpu = ips / r["world_size"]
     mfu = f"{per_gpu * flops / (peak * 1e12):5.1%}" if peak else "  -  "
     ratio = f"{ips / base:5.2f}x" if base else "  -  "

@@ -174,6 +174,8 @@ def test_step_timer_counts_the_allocators_cudamallocs_in_its_window(root, tmp_pa
         f"+callbacks.timer.out={out}",
     ])  # fmt: skip
     train(cfg)
-    counts = json.loads(out.read_text())["allocator"]
+    result = json.loads(out.read_text())
+    counts = result["allocator"]
+    assert result["peak_reserved_gib"] >= max(1.0, result["peak_memory_gib"])  # the 1 GiB block, at least
     assert set(counts) == {"num_device_alloc", "num_device_free", "num_alloc_retries"}
     assert counts["num_device_alloc"] >= 1 and counts["num_alloc_retries"] >= 0
