@@ -46,8 +46,8 @@ def checkpoint_generator(path: str, device: str = "cpu", autocast: bool = True, 
     return generate, module.resolution
 
 
-def pipeline_generator(path: str, device: str = "cpu", guidance_scale: float | None = None,
-                       num_inference_steps: int | None = None, autocast: bool = False, sampler: str | None = None):
+def pipeline_generator(path: str, device: str = "cpu", num_inference_steps: int | None = None,
+                       autocast: bool = False, sampler: str | None = None):
     """An exported diffusers pipeline directory's generator (one generator per image); ``sampler``: the pipeline's
     own scheduler config, as training wrote it, under another sampler."""
     import torch
@@ -60,13 +60,12 @@ def pipeline_generator(path: str, device: str = "cpu", guidance_scale: float | N
         pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    options = {k: v for k, v in dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps).items()
-               if v is not None}
 
-    def generate(prompts, seeds, guidance_scale=None):  # guidance_scale: this call's, over the one given above
+    def generate(prompts, seeds, guidance_scale=None):  # None: the pipeline's defaults
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        scale = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
-        return pipe(prompts, generator=generators, output_type="pt", **{**options, **scale}).images.float()
+        options = {k: v for k, v in dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps).items()
+                   if v is not None}
+        return pipe(prompts, generator=generators, output_type="pt", **options).images.float()
 
     return generate, pipe.unet.config.sample_size * pipe.vae_scale_factor
 

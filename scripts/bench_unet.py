@@ -127,10 +127,10 @@ def run_variant(spec: str, args, device: str) -> dict:
     sync()
     seconds = (start.elapsed_time(end) / 1000 if device == "cuda" else time.perf_counter() - t0) / args.steps
     result = {"variant": spec, "batch": b, "step_s": seconds, "img_s": b / seconds, "warmup_s": warm_s,
-              "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}  # fmt: skip
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+              "host_ms": host_s * 1000 / args.steps}  # fmt: skip
     if spec == args.profile:
         result["kinds"] = profile(step, device)
-    result["host_ms"] = host_s * 1000 / args.steps
     del unet, optimizer, batches, ema
     torch._dynamo.reset()
     if device == "cuda":

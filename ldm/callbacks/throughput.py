@@ -77,10 +77,11 @@ class Throughput(pl.Callback):
 
 class StepTimer(pl.Callback):
     """Times training steps after `warmup` of them (compilation, autotuning, loader start-up): writes
-    {"images_per_sec", "step_seconds", "steps", "batch_size", "peak_memory_gib", "world_size"} (on a GPU also
-    "peak_reserved_gib") as JSON to `out` (rank 0) and logs `bench/images_per_sec`. GPU work is synchronised only at the window's two ends. On a GPU the
-    JSON also holds `allocator`: the caching allocator's cudaMalloc and cudaFree calls and its retries (each retry
-    frees cached blocks and waits for the GPU) within the window, which changing batch shapes (buckets) can cause."""
+    {"images_per_sec", "step_seconds", "steps", "batch_size", "peak_memory_gib", "world_size"} as JSON to `out`
+    (rank 0) and logs `bench/images_per_sec`. GPU work is synchronised only at the window's two ends. On a GPU the
+    JSON also holds `peak_reserved_gib` and `allocator`: the caching allocator's cudaMalloc and cudaFree calls and
+    its retries (each retry frees cached blocks and waits for the GPU) within the window, which changing batch
+    shapes (buckets) can cause."""
 
     def __init__(self, warmup: int = 10, out: str | None = None):
         self.warmup, self.out = warmup, out

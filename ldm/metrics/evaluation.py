@@ -86,6 +86,7 @@ def evaluate_generator(generate: Generate, resolution: int, shards: str, num_ima
                                           network, batch_size))
     clip = make_clip_score(clip_model).to(device) if clip_model else None
     captions = cycle_to(read_captions(shards, num_images), num_images)
+    seeds = [seed + i for i in range(num_images)]
     rows = []
     for scale in guidance_scales or [None]:
         start = time.perf_counter()
@@ -93,7 +94,7 @@ def evaluate_generator(generate: Generate, resolution: int, shards: str, num_ima
         if clip is not None:
             clip.reset()
         at_scale = generate if scale is None else functools.partial(generate, guidance_scale=scale)
-        update_generated(at_scale, captions, [seed + i for i in range(num_images)], fid, clip, batch_size)
+        update_generated(at_scale, captions, seeds, fid, clip, batch_size)
         row = {} if scale is None else {"guidance_scale": scale}
         row |= {"val/fid": float(fid.compute()), "num_images": num_images,
                 "num_reference": int(fid.real_features_num_samples)}
