@@ -6,8 +6,9 @@ and read colour, position, size and shape back from the pixels (ldm.metrics.shap
     uv run python scripts/eval_shapes.py --reconstruct data/models/vae-shapes   # through the VAE: its ceiling
     uv run python scripts/eval_shapes.py CKPT --sampler euler --steps 50 --guidance-scale 7.5   # sampling options
 
-Prints one line per attribute: the fraction of images that show what the caption says, and chance, then which
-shapes are read as which (rows: the caption's, columns: read back).
+Prints one line per attribute: the fraction of images that show what the caption says, and chance, then the
+shape's by size (small shapes are where an f=4 VAE loses it), then which shapes are read as which (rows: the
+caption's, columns: read back).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 import numpy as np
 
 from ldm.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, caption_for, render
-from ldm.metrics.shape_following import agreement, read_attributes
+from ldm.metrics.shape_following import agreement, agreement_by, read_attributes
 from ldm.utils.cli import ArgumentParser, run_command
 
 CHANCE = {"color": 1 / len(COLORS), "position": 1 / len(POSITIONS), "size": 1 / len(SIZES),
@@ -65,6 +66,8 @@ def main(argv=None) -> dict:
     result = agreement(images, attrs)
     for k, v in result.items():
         print(f"{k:9s} {v:6.1%}   (chance {CHANCE[k]:.1%})")
+    by_size = agreement_by(images, attrs, "size", "shape")
+    print("shape by size: " + "  ".join(f"{k} {v:.1%} of {n}" for k, (v, n) in by_size.items()))
     read = [(read_attributes(image) or {}).get("shape", "none") for image in images]
     print("shape read as: " + " ".join(f"{s:>8s}" for s in (*SHAPES, "none")))
     for want in SHAPES:

@@ -80,3 +80,16 @@ def agreement(images: list[np.ndarray], attrs: list[dict]) -> dict[str, float]:
             hits[a] += o
         hits["all"] += all(ok)
     return {k: v / max(len(images), 1) for k, v in hits.items()}
+
+
+def agreement_by(images: list[np.ndarray], attrs: list[dict], group: str = "size",
+                 attribute: str = "shape") -> dict[str, tuple[float, int]]:
+    """Per value of the caption's `group` (e.g. small / large): the fraction of its images whose read-back
+    `attribute` equals the caption's, and how many images it holds. Where a model falls short by group, against
+    the same breakdown of a VAE's reconstructions (`eval_shapes.py --reconstruct`), says which stage limits it."""
+    hits: dict[str, list[int]] = {}
+    for image, want in zip(images, attrs):
+        h = hits.setdefault(want[group], [0, 0])
+        h[0] += (read_attributes(image) or {}).get(attribute) == want[attribute]
+        h[1] += 1
+    return {k: (right / n, n) for k, (right, n) in sorted(hits.items())}
