@@ -1,8 +1,9 @@
 """The latent-diffusion LightningModule: encode, drop captions, noise, predict, loss. Nothing else.
 
 The VAE and the text encoder are frozen (eval, no grad, no optimizer state) and left out of training
-checkpoints: they are reloaded from where they came from (their `from_pretrained` path). Only the
-U-Net (and its EMA copy) trains and is saved.
+checkpoints: they are reloaded from where they came from (their `from_pretrained` path), and the checkpoint
+keeps their fingerprints (`ldm.models.fingerprint`) so that a source which now holds other weights is refused.
+Only the U-Net (and its EMA copy) trains and is saved.
 
     module = LatentDiffusion(unet, vae, text_encoder, diffusion=dict(prediction_type="epsilon"),
                              optimizer=functools.partial(torch.optim.AdamW, lr=1e-4))
@@ -31,6 +32,7 @@ default processor), which picks the flash kernel under bf16 on the GPU.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -57,6 +59,7 @@ from ldm.diffusion import (
     unet_inputs,
 )
 from ldm.models.adapters import BASE_DTYPES, LoRA, cast_base, is_adapter_key, keep_input_dtype
+from ldm.models.fingerprint import difference, fingerprint
 from ldm.models.sdxl import time_ids
 from ldm.models.unet import base_model_version, to_channels_last
 from ldm.models.vae import downsample_factor
@@ -104,6 +107,11 @@ class LatentDiffusion(Stage):
             adapter.attach_unet(unet)  # base frozen, adapters added (before the EMA copies the U-Net)
         # Frozen parts given as factories are built on first use (see __getattr__).
         self._frozen_factories: dict[str, Callable[[], torch.nn.Module]] = {}
+        # Their fingerprints (ldm.models.fingerprint): taken once, saved in checkpoints, checked against what a
+        # checkpoint's config loads again (a relative path read from another directory finds other weights).
+        self._fingerprints: dict[str, dict] = {}
+        self._expected: dict[str, dict] = {}
+        self._sources: dict[str, str] = {}
         for name, part in (("vae", vae), ("text_encoder", text_encoder)):
             if isinstance(part, torch.nn.Module):
                 setattr(self, name, part)
@@ -180,6 +188,7 @@ class LatentDiffusion(Stage):
                 self._check_text_width(part.hidden_size, "the text encoder's hidden size")
                 self._adapt_text_encoder(part)
             self.add_module(name, part)
+            self._check_frozen(name)
             return part
         return super().__getattr__(name)
 
@@ -480,9 +489,43 @@ class LatentDiffusion(Stage):
         state = checkpoint["state_dict"]
         for key in [k for k in state if self._reloaded(k)]:
             del state[key]
+        if not self.checkpoint_frozen:  # reloaded from their sources: record which weights those held
+            checkpoint["frozen_fingerprints"] = {
+                name: self._frozen_fingerprint(name) if name in self._modules else self._expected[name]
+                for name in ("vae", "text_encoder") if name in self._modules or name in self._expected
+            }  # fmt: skip
+
+    def _frozen_fingerprint(self, name: str) -> dict:
+        if name not in self._fingerprints:  # frozen: taken once (trained adapters left out)
+            self._fingerprints[name] = fingerprint(self._modules[name], skip=is_adapter_key)
+        return self._fingerprints[name]
+
+    def _check_frozen(self, name: str) -> None:
+        """Refuse (ValueError, one line) a frozen part that holds other weights than the checkpoint loaded into this
+        module was trained with."""
+        if name not in self._expected:
+            return
+        problem = difference(self._expected[name], self._frozen_fingerprint(name))
+        if problem:
+            source = self._sources.get(name, "its source")
+            raise ValueError(
+                f"model.{name}: the {name.replace('_', ' ')} loaded from {source} is not the one this checkpoint was "
+                f"trained with ({problem}); relative paths are read from the working directory ({os.getcwd()}): "
+                f"run from the directory the run was trained in, or put that {name.replace('_', ' ')} back"
+            )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
+        self._expected = dict(checkpoint.get("frozen_fingerprints") or {})
+        config = checkpoint.get("config")
+        parts = config.get("model", {}) if isinstance(config, Mapping) else {}
+        for name in self._expected:
+            part = parts.get(name) if isinstance(parts, Mapping) else None
+            path = (part.get("path") or part.get("pretrained")) if isinstance(part, Mapping) else None
+            if path:
+                self._sources[name] = repr(str(path))
+            if name in self._modules:
+                self._check_frozen(name)
         state = checkpoint["state_dict"]
         if any(k.startswith(FROZEN_PREFIXES + ("ema_text_encoder.",)) for k in state):  # frozen parts or their adapters
             self.build_frozen()

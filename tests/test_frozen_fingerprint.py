@@ -1,0 +1,49 @@
+"""A checkpoint leaves its frozen VAE and text encoder out and reloads them from their paths; it records their
+fingerprints, so that a path which now holds other weights (a relative path read from another working directory,
+a stage-1 directory overwritten by a new run) is refused in one line instead of decoding with the wrong VAE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import compose_config, make_tiny_root
+
+from ldm.models.fingerprint import difference, fingerprint
+from ldm.models.vae import build_vae
+from ldm.run.fit import train
+from ldm.stages.load import load_module
+from ldm.training.checkpoint import load_checkpoint
+
+TINY_VAE = dict(block_out_channels=[8, 16], norm_num_groups=4, sample_size=16)
+
+
+def test_fingerprint_ignores_dtype_and_tells_trainings_apart():
+    vae = build_vae(**TINY_VAE, seed=0)
+    saved = fingerprint(vae)
+    assert difference(saved, fingerprint(build_vae(**TINY_VAE, seed=1))) is not None  # another initialisation
+    for dtype in (torch.bfloat16, torch.float16):
+        assert difference(saved, fingerprint(vae.to(dtype))) is None
+        vae.float()
+    with torch.no_grad():  # one weight moved by 5 %: a different part
+        vae.decoder.conv_out.weight.mul_(1.05)
+    assert difference(saved, fingerprint(vae)) is not None
+    assert difference(saved, fingerprint(build_vae(**{**TINY_VAE, "latent_channels": 8}))) == \
+        "its tensors' names or shapes differ"
+
+
+def test_a_checkpoint_refuses_a_vae_that_is_not_the_one_it_trained_with(tmp_path):
+    root = make_tiny_root(tmp_path / "root")
+    train(compose_config(root, tmp_path / "run", ["logger=none", "~callbacks.fid"]))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    saved = load_checkpoint(ckpt)["frozen_fingerprints"]
+    assert set(saved) == {"vae", "text_encoder"}
+    assert not any(k.startswith(("vae.", "text_encoder.")) for k in load_checkpoint(ckpt)["state_dict"])
+    load_module(ckpt).generate(["a small red circle"], seed=0, num_inference_steps=2)  # its own VAE: fine
+
+    # a new stage-1 run writes the same directory
+    build_vae(**TINY_VAE, seed=1).save_pretrained(root / "models" / "vae-shapes")
+    module = load_module(ckpt)
+    with pytest.raises(ValueError, match=r"^model\.vae: the vae loaded from '.*vae-shapes' is not the one this "
+                                         r"checkpoint was trained with \(\d+ of \d+ sampled weights differ\)") as e:
+        module.generate(["a small red circle"], seed=0, num_inference_steps=2)
+    assert "\n" not in str(e.value)
