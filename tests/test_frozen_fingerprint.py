@@ -31,6 +31,12 @@ def test_fingerprint_ignores_dtype_and_tells_trainings_apart():
         "its tensors' names or shapes differ"
 
 
+def test_fingerprint_reaches_the_last_weight_of_a_large_tensor():
+    # CLIP's token embedding (49,408 x 768): past 2**24 elements a float32 position would round beyond the end
+    embedding = torch.nn.Embedding(49408, 768)
+    assert fingerprint(embedding)["values"][-1] == embedding.weight[-1, -1].item()
+
+
 def test_a_checkpoint_refuses_a_vae_that_is_not_the_one_it_trained_with(tmp_path):
     root = make_tiny_root(tmp_path / "root")
     train(compose_config(root, tmp_path / "run", ["logger=none", "~callbacks.fid"]))

@@ -32,8 +32,9 @@ def fingerprint(module: nn.Module, skip: Callable[[str], bool] = lambda name: Fa
         structure.update(f"{name}:{tuple(tensor.shape)};".encode())
         if tensor.is_floating_point() and tensor.numel():
             flat = tensor.detach().reshape(-1)
-            index = torch.linspace(0, flat.numel() - 1, SAMPLES_PER_TENSOR, device=flat.device).long()
-            picked.append(flat[index].float())
+            last = flat.numel() - 1  # integer positions: a float linspace rounds past the end of large tensors
+            index = torch.tensor([last * k // (SAMPLES_PER_TENSOR - 1) for k in range(SAMPLES_PER_TENSOR)])
+            picked.append(flat[index.to(flat.device)].float())
     values = torch.cat(picked).cpu().tolist() if picked else []
     return {"structure": structure.hexdigest(), "values": values}
 
