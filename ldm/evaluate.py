@@ -97,6 +97,8 @@ def parser() -> ArgumentParser:
     p.add_argument("--project", default="ldm")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="default: the run's sampling config")
     p.add_argument("--no-autocast", action="store_true", help="checkpoint on a GPU: generate in fp32, not bf16")
+    p.add_argument("--no-ema", action="store_true",
+                   help="checkpoint: generate with the trained weights, not their EMA (the default when it has one)")
     return p
 
 
@@ -105,6 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.mode == "compare" and len(args.paths) != 2:
         p.error(f"compare takes two image sets, got {len(args.paths)}")
+    if args.no_ema and args.mode != "checkpoint":
+        p.error(f"--no-ema: only a checkpoint holds the trained weights beside their EMA, not a {args.mode}")
     if args.mode != "compare" and not args.shards:
         p.error(f"{args.mode} needs --shards")
     for path in args.paths:
@@ -123,7 +127,8 @@ def main(argv=None) -> dict:
                              batch_size=args.batch_size, device=args.device)
     else:
         options = dict(num_inference_steps=args.steps, sampler=args.sampler,
-                       autocast=not args.no_autocast and args.mode == "checkpoint")
+                       autocast=not args.no_autocast and args.mode == "checkpoint",
+                       **({"use_ema": False} if args.no_ema else {}))
         make = checkpoint_generator if args.mode == "checkpoint" else pipeline_generator
         generate, resolution = make(args.paths[0], args.device, **options)
         sweep = len(args.guidance_scale or []) > 1  # each scale's figures on stderr as they are computed

@@ -308,3 +308,18 @@ def test_training_logs_fid_to_wandb_and_plots(tmp_path, monkeypatch):
     assert sweep["sweep"][1]["val/fid"] == pytest.approx(by_checkpoint["val/fid"], rel=1e-6)
     assert sweep["sweep"][0]["val/fid"] != pytest.approx(sweep["sweep"][1]["val/fid"], rel=1e-3)
     assert sweep["val/fid"] == min(row["val/fid"] for row in sweep["sweep"])
+    # the trained weights, not their EMA (two steps into its warm-up the two differ): the images of the module's own
+    # generate(use_ema=False), so another FID
+    from ldm.evaluate import checkpoint_generator
+    from ldm.stages.load import load_module
+
+    trained = evaluate(["checkpoint", str(run_dir / "checkpoints" / "last.ckpt"), *common, "--no-ema",
+                        "--out", str(tmp_path / "trained.json")])
+    assert trained["val/fid"] != pytest.approx(by_checkpoint["val/fid"], rel=1e-3)
+    generate, _ = checkpoint_generator(str(run_dir / "checkpoints" / "last.ckpt"), use_ema=False, num_inference_steps=3)
+    module = load_module(str(run_dir / "checkpoints" / "last.ckpt"))
+    expected = module.generate(["a red circle"], seed=[7], use_ema=False, num_inference_steps=3)
+    assert not torch.equal(expected, module.generate(["a red circle"], seed=[7], num_inference_steps=3))
+    torch.testing.assert_close(generate(["a red circle"], [7]), expected, atol=1e-5, rtol=0)
+    with pytest.raises(SystemExit):  # an export holds one set of weights
+        evaluate(["pipeline", str(run_dir / "pipeline"), *common, "--no-ema"])
