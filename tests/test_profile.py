@@ -52,7 +52,7 @@ def test_a_run_writes_its_window_summary_and_trace(tmp_path):
     root = make_tiny_root(tmp_path / "root")
     run = tmp_path / "run"
     cfg = compose_config(root, run, ["callbacks=[ldm,profile]", "callbacks.profile.start=2", "callbacks.profile.steps=3",
-                                     "trainer.max_steps=7", "logger=none"])  # fmt: skip
+                                     "callbacks.profile.python_steps=2", "callbacks.profile.row_limit=300", "trainer.max_steps=7", "logger=none"])  # fmt: skip
     train(cfg)
     summary = json.loads((run / "profile" / "summary.json").read_text())
     assert summary["first_step"] == 2 and summary["steps"] == 3
@@ -63,3 +63,13 @@ def test_a_run_writes_its_window_summary_and_trace(tmp_path):
     with gzip.open(run / "profile" / "trace.json.gz") as f:
         trace = json.load(f)
     assert any(e.get("name", "").startswith("aten::") for e in trace["traceEvents"])
+    # then the host's Python time over the next two steps (5 and 6), in ms a step: the training step is in it, and
+    # inside the loop's own step, which holds it (and the optimizer and callbacks)
+    python = (run / "profile" / "host_python.txt").read_text()
+    assert python.startswith("# steps 5..6\n") and "ms a step over 2 steps" in python
+    rows = {line.split()[-1]: [float(x) for x in line.split()[:3]] for line in python.splitlines()
+            if line and not line.startswith("#") and not line.lstrip().startswith("cumulative")}  # fmt: skip
+    step = next(v for k, v in rows.items() if k.endswith("(training_step)") and "latent_diffusion" in k)
+    loop = next(v for k, v in rows.items() if k.startswith("training_epoch_loop.py") and k.endswith("(advance)"))
+    assert step[2] == 1.0 and loop[2] == 1.0  # once a step
+    assert 0 < step[0] < loop[0] <= summary["step_ms"] * 50

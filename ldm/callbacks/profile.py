@@ -7,7 +7,10 @@ torch.profiler (host and, on a GPU, device activity) and writes what decides a s
   its share of the wall time (a GPU busy 30 % of the time waits on the host the rest), the host's waits for the
   device (synchronising CUDA calls: their count and time) and for the data loader;
 - `profile/summary.txt`: the same, then the ops with the most device time and the most host time;
-- `profile/trace.json.gz`: the timeline, for Perfetto (ui.perfetto.dev) or chrome://tracing.
+- `profile/trace.json.gz`: the timeline, for Perfetto (ui.perfetto.dev) or chrome://tracing;
+- `profile/host_python.txt`: where the host's Python time goes, function by function in milliseconds a step
+  (cProfile, over the `python_steps` steps after the first window, so that neither profiler slows the other's
+  steps): what Lightning's loop, the callbacks, the optimizer and the EMA cost a step that waits on the host.
 
 The window opens after `start` steps (compilation, cuDNN autotuning and the loader's start are over by then) and
 costs those few steps some speed; the rest of the run is not profiled.
@@ -15,8 +18,10 @@ costs those few steps some speed; the rest of the run is not profiled.
 
 from __future__ import annotations
 
+import cProfile
 import gzip
 import json
+import pstats
 import shutil
 import time
 from pathlib import Path
@@ -74,15 +79,36 @@ def summarise(events, steps: int, wall_s: float) -> dict:
     return out
 
 
+def python_table(stats: pstats.Stats, steps: int, row_limit: int) -> str:
+    """cProfile's figures as milliseconds a step: the functions with the most time inclusive of what they call
+    (the loop's structure: which hook or phase costs what), then the most time in their own code."""
+    rows = [(ct, tt, nc, f"{Path(file).name}:{line}({name})" if line else name)
+            for (file, line, name), (_, nc, tt, ct, _) in stats.stats.items()]  # fmt: skip
+
+    def table(title: str, key: int) -> str:
+        head = f"# {title}, ms a step over {steps} steps\n{'cumulative':>11} {'own':>8} {'calls':>7}  function"
+        body = [f"{1e3 * ct / steps:11.3f} {1e3 * tt / steps:8.3f} {nc / steps:7.1f}  {where}"
+                for ct, tt, nc, where in sorted(rows, key=lambda r: -r[key])[:row_limit]]  # fmt: skip
+        return "\n".join([head, *body])
+
+    return table("by time with callees", 0) + "\n\n" + table("by own time", 1) + "\n"
+
+
 class StepProfile(pl.Callback):
     """Profiles training steps `start` .. `start + steps - 1` (global steps) on rank 0 and writes summary.json,
-    summary.txt and trace.json.gz under `out` (default: the run directory's `profile/`)."""
+    summary.txt and trace.json.gz under `out` (default: the run directory's `profile/`); then the host's Python
+    time over the next `python_steps` steps (0: not) to host_python.txt."""
 
-    def __init__(self, start: int = 100, steps: int = 10, out: str | None = None, row_limit: int = 30):
-        if start < 0 or steps < 1:
-            raise ValueError(f"StepProfile: start must be >= 0 and steps >= 1, got start={start}, steps={steps}")
+    def __init__(self, start: int = 100, steps: int = 10, out: str | None = None, row_limit: int = 30,
+                 python_steps: int = 10):  # fmt: skip
+        if start < 0 or steps < 1 or python_steps < 0:
+            raise ValueError(f"StepProfile: start must be >= 0, steps >= 1 and python_steps >= 0, got start={start}, "
+                             f"steps={steps}, python_steps={python_steps}")  # fmt: skip
         self.start, self.steps, self.out, self.row_limit = start, steps, out, row_limit
+        self.python_steps = python_steps
         self._prof: profile | None = None
+        self._python: cProfile.Profile | None = None
+        self._python_first = 0
         self._t0 = 0.0
         self._done = False
 
@@ -101,12 +127,31 @@ class StepProfile(pl.Callback):
             self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._python is not None and trainer.global_step - self._python_first >= self.python_steps:
+            self._finish_python(trainer)
         if self._prof is not None and trainer.global_step - self._first_step >= self.steps:
             self._finish(trainer, pl_module)
+            if self.python_steps:  # from here to this hook in `python_steps` steps: whole steps
+                self._python_first = trainer.global_step
+                self._python = cProfile.Profile()
+                self._python.enable()
 
     def on_train_end(self, trainer, pl_module):
         if self._prof is not None:  # the run ended inside the window: what was recorded
             self._finish(trainer, pl_module)
+        if self._python is not None:
+            self._finish_python(trainer)
+
+    def _finish_python(self, trainer) -> None:
+        profiler, self._python = self._python, None
+        profiler.disable()
+        steps = trainer.global_step - self._python_first
+        if steps < 1:
+            return
+        out = Path(self.out or Path(trainer.default_root_dir) / "profile")
+        out.mkdir(parents=True, exist_ok=True)
+        text = python_table(pstats.Stats(profiler), steps, self.row_limit)
+        (out / "host_python.txt").write_text(f"# steps {self._python_first}..{trainer.global_step - 1}\n" + text)
 
     def _finish(self, trainer, pl_module) -> None:
         if pl_module.device.type == "cuda":

@@ -361,6 +361,7 @@ KEYS = {
     "callbacks.profile.steps": COUNT,
     "callbacks.profile.out": Path(none=True),
     "callbacks.profile.row_limit": COUNT,
+    "callbacks.profile.python_steps": Int(min=0),
 }  # fmt: skip
 
 
