@@ -52,7 +52,8 @@ def test_a_run_writes_its_window_summary_and_trace(tmp_path):
     root = make_tiny_root(tmp_path / "root")
     run = tmp_path / "run"
     cfg = compose_config(root, run, ["callbacks=[ldm,profile]", "callbacks.profile.start=2", "callbacks.profile.steps=3",
-                                     "callbacks.profile.python_steps=2", "callbacks.profile.row_limit=300", "trainer.max_steps=7", "logger=none"])  # fmt: skip
+                                     "callbacks.profile.python_steps=2", "callbacks.profile.row_limit=300",
+                                     "trainer.max_steps=7", "logger=none"])  # fmt: skip
     train(cfg)
     summary = json.loads((run / "profile" / "summary.json").read_text())
     assert summary["first_step"] == 2 and summary["steps"] == 3

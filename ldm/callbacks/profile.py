@@ -142,14 +142,18 @@ class StepProfile(pl.Callback):
         if self._python is not None:
             self._finish_python(trainer)
 
+    def _dir(self, trainer) -> Path:
+        out = Path(self.out or Path(trainer.default_root_dir) / "profile")
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+
     def _finish_python(self, trainer) -> None:
         profiler, self._python = self._python, None
         profiler.disable()
         steps = trainer.global_step - self._python_first
         if steps < 1:
             return
-        out = Path(self.out or Path(trainer.default_root_dir) / "profile")
-        out.mkdir(parents=True, exist_ok=True)
+        out = self._dir(trainer)
         text = python_table(pstats.Stats(profiler), steps, self.row_limit)
         (out / "host_python.txt").write_text(f"# steps {self._python_first}..{trainer.global_step - 1}\n" + text)
 
@@ -160,8 +164,7 @@ class StepProfile(pl.Callback):
         steps = trainer.global_step - self._first_step
         prof, self._prof, self._done = self._prof, None, True
         prof.__exit__(None, None, None)
-        out = Path(self.out or Path(trainer.default_root_dir) / "profile")
-        out.mkdir(parents=True, exist_ok=True)
+        out = self._dir(trainer)
         summary = {"first_step": self._first_step, **summarise(prof.events(), max(steps, 1), wall)}
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         table = prof.key_averages()
