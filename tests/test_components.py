@@ -73,6 +73,14 @@ def test_open_clip_text_tower_trains_and_exports(tiny_root, tmp_path):
                     generator=torch.Generator().manual_seed(1)).images
     ours = module.generate(prompts, seed=1, guidance_scale=3.0, num_inference_steps=3)
     torch.testing.assert_close(ours, expected.float(), atol=2e-4, rtol=0)
+    # an export under another sampler carries its settings ("DPM++ 2M SDE Karras": Karras sigmas, noise per step)
+    export_pipeline(module, tmp_path / "pipe_sde", sampler="dpm++_sde_karras")
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipe_sde")
+    assert pipe.scheduler.config.use_karras_sigmas and pipe.scheduler.config.algorithm_type == "sde-dpmsolver++"
+    expected = pipe(prompts, num_inference_steps=3, guidance_scale=3.0, output_type="pt",
+                    generator=torch.Generator().manual_seed(1)).images
+    ours = module.generate(prompts, seed=1, guidance_scale=3.0, num_inference_steps=3, sampler="dpm++_sde_karras")
+    torch.testing.assert_close(ours, expected.float(), atol=2e-4, rtol=0)
 
 
 def test_finetune_from_a_pipeline_directory(tiny_root, tmp_path):

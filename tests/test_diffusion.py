@@ -238,6 +238,8 @@ def test_make_scheduler_keeps_the_training_schedule(name, train_config):
     assert_close(scheduler.alphas_cumprod, alpha_bar(betas("scaled_linear", **SD)))
     if name in ("dpm++", "dpmsolver++"):
         assert scheduler.config.algorithm_type == "dpmsolver++"
+    # Karras et al.'s noise levels: rho = 7 from the schedule's largest sigma down to its smallest
+    assert scheduler.config.get("use_karras_sigmas", False) == name.endswith("_karras")
 
 
 def test_make_scheduler_overrides_and_unknown_name(train_config):
@@ -337,7 +339,7 @@ def test_every_sampler_runs(name, unet, train_config, text):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name", ["ddpm", "euler_a"])  # stochastic steps: the generator reaches step() too
+@pytest.mark.parametrize("name", ["ddpm", "euler_a", "dpm++_sde_karras"])  # stochastic steps: the generator reaches step() too
 def test_same_seed_same_latents(name, unet, train_config, text):
     cond, uncond = text
     run = lambda seed: sample_latents(  # noqa: E731
@@ -356,7 +358,7 @@ def test_same_seed_same_latents(name, unet, train_config, text):
     assert not torch.allclose(a, b)
 
 
-@pytest.mark.parametrize("name", ["euler_a", "dpm++", "lms"])
+@pytest.mark.parametrize("name", ["euler_a", "dpm++", "lms", "dpm++_karras", "dpm++_sde_karras", "euler_karras"])
 @pytest.mark.parametrize("guidance_scale", [1.0, 5.0])
 def test_same_latents_as_stable_diffusion_pipeline(name, guidance_scale, unet, train_config, text):
     cond, uncond = text

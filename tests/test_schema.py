@@ -255,8 +255,8 @@ def _cli(cwd: Path, *args, env_extra=None) -> tuple[subprocess.CompletedProcess,
 
 
 @pytest.mark.parametrize("args,line", [
-    (["sampling.sampler=heun2"], "error: sampling.sampler='heun2': expected one of ddim, ddpm, dpm++, dpmsolver++, "
-                                 "euler, euler_a, lms, pndm"),
+    (["sampling.sampler=heun2"], "error: sampling.sampler='heun2': expected one of ddim, ddpm, dpm++, dpm++_karras, "
+                                 "dpm++_sde_karras, dpmsolver++, euler, euler_a, euler_karras, lms, pndm"),
     (["data.batch_size=-4"], "error: data.batch_size=-4: expected an integer >= 1"),
     (["data.batchsize=4"], "error: data.batchsize=4: no such config key; did you mean data.batch_size? (add a new key "
                            "with +data.batchsize=4)"),
@@ -355,7 +355,8 @@ OPTIONS = ("--help/-h, --hydra-help, --version, --cfg/-c, --resolve, --package/-
     # a multirun: every job's config checked before any starts; -m anywhere on the line
     (["-m", "data.batch_size=abc"], 1, "error: data.batch_size='abc': expected an integer >= 1"),
     (["sampling.sampler=heun2", "-m"], 1, "error: sampling.sampler='heun2': expected one of ddim, ddpm, dpm++, "
-                                          "dpmsolver++, euler, euler_a, lms, pndm"),
+                                          "dpm++_karras, dpm++_sde_karras, dpmsolver++, euler, euler_a, euler_karras, "
+                                          "lms, pndm"),
 ])  # fmt: skip
 def test_hydra_s_own_mistakes_are_one_line_naming_the_item(tmp_path, args, code, line):
     out, seconds = _cli(tmp_path, *args, f"hydra.sweep.dir={tmp_path / 'sweep'}")

@@ -38,7 +38,12 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     "ddpm": (DDPMScheduler, {}),
     "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
     "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    # Automatic1111's and ComfyUI's "DPM++ 2M Karras" and "DPM++ 2M SDE Karras": the same solvers on Karras et al.
+    # 2022's noise levels (rho = 7 between the schedule's smallest and largest sigma), as diffusers maps those names
+    "dpm++_karras": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "dpm++_sde_karras": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
     "euler": (EulerDiscreteScheduler, {}),
+    "euler_karras": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
     "euler_a": (EulerAncestralDiscreteScheduler, {}),
     "lms": (LMSDiscreteScheduler, {}),  # linear multistep (Karras et al. 2022's "LMS"), order 4
     # PLMS only, as Stable Diffusion ships it: the Runge-Kutta warm-up would cost 3 extra U-Net calls per step.

@@ -35,7 +35,8 @@ from ldm.utils.rules import (
 )
 
 # --- names, as the code that owns them spells them (tests/test_schema.py compares) -----------------------
-SAMPLERS = ("ddim", "ddpm", "dpm++", "dpmsolver++", "euler", "euler_a", "lms", "pndm")  # ldm.diffusion.sampling.SCHEDULERS
+SAMPLERS = ("ddim", "ddpm", "dpm++", "dpm++_karras", "dpm++_sde_karras", "dpmsolver++", "euler", "euler_a",
+            "euler_karras", "lms", "pndm")  # ldm.diffusion.sampling.SCHEDULERS
 NOISE_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # ldm.diffusion.schedules.SCHEDULES
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")  # ldm.diffusion.parameterization.TARGETS
 LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
