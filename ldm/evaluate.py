@@ -21,8 +21,8 @@ import json
 import sys
 from pathlib import Path
 
-from ldm.run.schema import KEYS, SAMPLERS
-from ldm.utils.cli import ArgumentParser, rule_type, run_command, silence_notices
+from ldm.run.schema import GUIDANCE_INTERVAL, KEYS, SAMPLERS
+from ldm.utils.cli import ArgumentParser, check_interval, rule_type, run_command, silence_notices
 
 # torch, the metrics and the model libraries are imported inside the functions that use them: they take 10-40 s to
 # import, and a mistaken argument is said before that.
@@ -96,6 +96,9 @@ def parser() -> ArgumentParser:
     p.add_argument("--wandb", action="store_true", help="also log to W&B (offline when it cannot be reached)")
     p.add_argument("--project", default="ldm")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="default: the run's sampling config")
+    p.add_argument("--guidance-interval", nargs=2, metavar=("LOW", "HIGH"), default=None,
+                   type=rule_type(GUIDANCE_INTERVAL.item),
+                   help="checkpoint: guidance only at noise levels sigma in (LOW, HIGH] (default: the run's sampling config)")
     p.add_argument("--no-autocast", action="store_true", help="checkpoint on a GPU: generate in fp32, not bf16")
     p.add_argument("--no-ema", action="store_true",
                    help="checkpoint: generate with the trained weights, not their EMA (the default when it has one)")
@@ -109,6 +112,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"compare takes two image sets, got {len(args.paths)}")
     if args.no_ema and args.mode != "checkpoint":
         p.error(f"--no-ema: only a checkpoint holds the trained weights beside their EMA, not a {args.mode}")
+    if args.guidance_interval and args.mode != "checkpoint":
+        p.error(f"--guidance-interval: a {args.mode} samples as diffusers does, with guidance at every step")
+    check_interval(p, args.guidance_interval)
     if args.mode != "compare" and not args.shards:
         p.error(f"{args.mode} needs --shards")
     for path in args.paths:
@@ -128,7 +134,8 @@ def main(argv=None) -> dict:
     else:
         options = dict(num_inference_steps=args.steps, sampler=args.sampler,
                        autocast=not args.no_autocast and args.mode == "checkpoint",
-                       **({"use_ema": False} if args.no_ema else {}))
+                       **({"use_ema": False} if args.no_ema else {}),
+                       **({"guidance_interval": args.guidance_interval} if args.guidance_interval else {}))
         make = checkpoint_generator if args.mode == "checkpoint" else pipeline_generator
         generate, resolution = make(args.paths[0], args.device, **options)
         sweep = len(args.guidance_scale or []) > 1  # each scale's figures on stderr as they are computed

@@ -17,8 +17,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ldm.run.schema import KEYS, SAMPLERS, STRENGTH
-from ldm.utils.cli import ArgumentParser, existing_file, rule_type, run_command, silence_notices
+from ldm.run.schema import GUIDANCE_INTERVAL, KEYS, SAMPLERS, STRENGTH
+from ldm.utils.cli import ArgumentParser, check_interval, existing_file, rule_type, run_command, silence_notices
 
 
 def parser() -> ArgumentParser:
@@ -31,6 +31,9 @@ def parser() -> ArgumentParser:
                    help="sampler steps (default: the run's sampling config)")
     p.add_argument("--guidance-scale", type=rule_type(KEYS["sampling.guidance_scale"]), default=None)
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None)
+    p.add_argument("--guidance-interval", nargs=2, metavar=("LOW", "HIGH"), default=None,
+                   type=rule_type(GUIDANCE_INTERVAL.item),
+                   help="guidance only at noise levels sigma in (LOW, HIGH] (default: the run's sampling config)")
     p.add_argument("--negative-prompt", default=None,
                    help="what guidance steers away from (default: the run's sampling.negative_prompt, or none)")
     p.add_argument("--init-image", type=existing_file, default=None,
@@ -44,7 +47,10 @@ def parser() -> ArgumentParser:
 
 
 def parse_args(argv=None):
-    return parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    check_interval(p, args.guidance_interval)
+    return args
 
 
 def main(argv=None) -> Path:
@@ -72,6 +78,7 @@ def main(argv=None) -> Path:
         negative_prompt=args.negative_prompt,
         init_image=init_image,
         strength=args.strength,
+        guidance_interval=args.guidance_interval,
     )  # (B, 3, H, W) in [0, 1]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ldm import evaluate, export, report, sample
-from ldm.run.schema import KEYS, STRENGTH
+from ldm.run.schema import GUIDANCE_INTERVAL, KEYS, STRENGTH
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = {"sample": sample, "export": export, "evaluate": evaluate, "report": report}
@@ -23,6 +23,7 @@ OPTIONS = [
     ("sample", "--steps", KEYS["sampling.num_inference_steps"], ["abc", "-1", "0", "1001", "2.5"], "25"),
     ("sample", "--guidance-scale", KEYS["sampling.guidance_scale"], ["abc", "-3", "nan", "inf"], "7.5"),
     ("sample", "--strength", STRENGTH, ["abc", "-0.1", "1.5"], "0.5"),
+    ("sample", "--guidance-interval", GUIDANCE_INTERVAL.item, ["abc", "-1", "inf"], "0.5"),
     ("evaluate", "--n", KEYS["callbacks.fid.num_images"], ["abc", "-1", "1"], "8"),
     ("evaluate", "--n-reference", KEYS["callbacks.fid.num_reference"], ["abc", "-1", "1"], "8"),
     ("evaluate", "--resolution", KEYS["data.resolution"], ["abc", "-1", "4"], "32"),
@@ -30,13 +31,15 @@ OPTIONS = [
     ("evaluate", "--seed", KEYS["callbacks.fid.seed"], ["abc", "-1", "4294967296"], "3"),
     ("evaluate", "--guidance-scale", KEYS["callbacks.fid.guidance_scale"], ["abc", "-3"], "2"),
     ("evaluate", "--steps", KEYS["callbacks.fid.num_inference_steps"], ["abc", "-1", "0", "1001"], "10"),
+    ("evaluate", "--guidance-interval", GUIDANCE_INTERVAL.item, ["abc", "-1"], "0.5"),
 ]  # fmt: skip
 
 
 def _argv(command: str, path: Path, option: str, value: str) -> list[str]:
     before = {"sample": [str(path), "--prompt", "a red circle"], "evaluate": ["checkpoint", str(path), "--shards",
                                                                             str(path.parent)]}[command]  # fmt: skip
-    return [*before, option, value]
+    after = ["80"] if option == "--guidance-interval" else []  # LOW HIGH: the value tried is LOW
+    return [*before, option, value, *after]
 
 
 def test_every_numeric_option_is_in_the_table():
@@ -66,8 +69,19 @@ def test_a_wrong_numeric_option_is_one_line_naming_it(command, option, rule, bad
         assert rule.describe().split()[1] in ("integer", "number")
     args = module.parse_args(_argv(command, path, option, good))
     value = getattr(args, option.lstrip("-").replace("-", "_"))
-    value = value[0] if isinstance(value, list) else value  # evaluate --guidance-scale takes several (a sweep)
+    value = value[0] if isinstance(value, list) else value  # --guidance-scale (evaluate: a sweep), --guidance-interval
     assert value == float(good) and type(value) is (float if rule.describe().startswith("a number") else int)
+
+
+@pytest.mark.parametrize("command", ["sample", "evaluate"])
+def test_a_guidance_interval_must_rise(command, tmp_path, capsys):
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(b"")
+    with pytest.raises(SystemExit) as stopped:
+        COMMANDS[command].parse_args(_argv(command, path, "--guidance-interval", "90"))  # 90 80
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: python -m ldm.{command}: --guidance-interval 90 80: expected LOW < HIGH (noise levels sigma) (see --help)"]
 
 
 def test_the_option_is_refused_before_anything_heavy_is_imported(tmp_path):

@@ -14,6 +14,7 @@ from torch.testing import assert_close
 
 from ldm.diffusion import (
     SCHEDULERS,
+    timestep_sigma,
     add_noise,
     alpha_bar,
     betas,
@@ -328,6 +329,48 @@ def test_cfg_is_one_batched_forward_equal_to_two_separate_ones(unet, train_confi
     unguided = sample_latents(unet, scheduler, cond, uncond, guidance_scale=1.0, num_inference_steps=STEPS,
                               latent_shape=SHAPE, generator=gen(0))
     assert not torch.allclose(out, unguided, atol=1e-3)
+
+
+def test_timestep_sigma_closed_form():
+    ab = alpha_bar(betas("linear", 1000, 1e-4, 0.02))
+    sigma = lambda i: math.sqrt((1 - float(ab[i])) / float(ab[i]))  # noqa: E731
+    assert timestep_sigma(ab, 0) == pytest.approx(sigma(0), rel=1e-6)
+    assert timestep_sigma(ab, torch.tensor(999)) == pytest.approx(sigma(999), rel=1e-6)
+    assert timestep_sigma(ab, 500.25) == pytest.approx(0.75 * sigma(500) + 0.25 * sigma(501), rel=1e-6)
+
+
+class CountingUNet(torch.nn.Module):
+    """A U-Net that records the batch of each call."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.batches = unet, []
+
+    def forward(self, x, t, **kwargs):
+        self.batches.append(x.shape[0])
+        return self.unet(x, t, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["dpm++", "euler_karras"])
+def test_guidance_interval(name, unet, train_config, text):
+    cond, uncond = text
+    run = lambda model, **kw: sample_latents(  # noqa: E731
+        model, make_scheduler(name, train_config), cond, uncond, num_inference_steps=6, latent_shape=SHAPE,
+        generator=gen(0), **{"guidance_scale": 4.0, **kw})
+    everywhere, nowhere = run(unet), run(unet, guidance_scale=1.0)
+    assert torch.equal(run(unet, guidance_interval=(0.0, 1e9)), everywhere)  # every sigma inside: plain CFG
+    assert torch.equal(run(unet, guidance_interval=(1e8, 1e9)), nowhere)  # none: the conditional prediction alone
+    # a middle interval: guidance (both halves, batch 2B) exactly at the steps whose sigma is inside it
+    scheduler = make_scheduler(name, train_config)
+    scheduler.set_timesteps(6)
+    sigmas = [timestep_sigma(scheduler.alphas_cumprod, t) for t in scheduler.timesteps]
+    low, high = sorted(sigmas)[1], sorted(sigmas)[4]
+    counting = CountingUNet(unet)
+    partial = run(counting, guidance_interval=(low, high))
+    assert counting.batches == [4 if low < s <= high else 2 for s in sigmas] and counting.batches.count(4) == 3
+    assert not torch.allclose(partial, everywhere) and not torch.allclose(partial, nowhere)
+    with pytest.raises(ValueError, match="guidance_interval"):
+        run(unet, guidance_interval=(5.0, 1.0))
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))

@@ -321,5 +321,17 @@ def test_training_logs_fid_to_wandb_and_plots(tmp_path, monkeypatch):
     expected = module.generate(["a red circle"], seed=[7], use_ema=False, num_inference_steps=3)
     assert not torch.equal(expected, module.generate(["a red circle"], seed=[7], num_inference_steps=3))
     torch.testing.assert_close(generate(["a red circle"], [7]), expected, atol=1e-5, rtol=0)
+    # guidance in a limited interval of noise levels (the last of the 3 steps, at sigma 0.70, unguided): the images
+    # of generate(guidance_interval=...), so another FID
+    interval = ["--guidance-interval", "1", "100"]
+    limited = evaluate(["checkpoint", str(run_dir / "checkpoints" / "last.ckpt"), *common, *interval,
+                        "--out", str(tmp_path / "interval.json")])
+    assert limited["val/fid"] != pytest.approx(by_checkpoint["val/fid"], rel=1e-3)
+    generate, _ = checkpoint_generator(str(run_dir / "checkpoints" / "last.ckpt"), guidance_interval=[1.0, 100.0],
+                                       num_inference_steps=3, guidance_scale=3.0)
+    expected = module.generate(["a red circle"], seed=[7], num_inference_steps=3, guidance_scale=3.0,
+                               guidance_interval=(1.0, 100.0))
+    assert not torch.equal(expected, module.generate(["a red circle"], seed=[7], num_inference_steps=3, guidance_scale=3.0))
+    torch.testing.assert_close(generate(["a red circle"], [7]), expected, atol=1e-5, rtol=0)
     with pytest.raises(SystemExit):  # an export holds one set of weights
         evaluate(["pipeline", str(run_dir / "pipeline"), *common, "--no-ema"])

@@ -237,6 +237,9 @@ def test_a_bad_value_is_named_by_the_key_it_was_given_to_not_its_copies():
     ("resume=autoo", r"^resume=autoo: no such file or directory \(expected auto, auto_or_new"),
     ("model/text_encoder=open_clip", r"^model\.text_encoder\.pretrained is required but not set \(\?\?\?\)"),
     ("diffusion.beta_start=0.02", r"^diffusion\.beta_start=0\.02 must be below diffusion\.beta_end=0\.012$"),
+    ("sampling.guidance_interval=[3,1]", r"^sampling\.guidance_interval=\[3, 1\]: expected \[low, high\] noise levels with "
+                                         r"low < high$"),
+    ("sampling.guidance_interval=[3]", r"^sampling\.guidance_interval=\[3\]: expected a list of 2 items"),
 ])  # fmt: skip
 def test_the_mistakes_of_the_issue_are_one_line(override, message):
     with pytest.raises(ConfigError, match=message) as caught:

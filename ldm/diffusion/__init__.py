@@ -11,7 +11,16 @@ May import: ldm.utils. Not ldm.data (a sibling: the math knows no shard format),
 
 from ldm.diffusion.loss import diffusion_loss, loss_mask, min_snr_weight, offset_noise, sample_timesteps
 from ldm.diffusion.parameterization import add_noise, target, velocity
-from ldm.diffusion.sampling import SCHEDULERS, as_condition, guided, make_scheduler, sample_latents, unet_inputs
+from ldm.diffusion.sampling import (
+    SCHEDULERS,
+    as_condition,
+    as_interval,
+    guided,
+    make_scheduler,
+    sample_latents,
+    timestep_sigma,
+    unet_inputs,
+)
 from ldm.diffusion.schedules import (
     alpha_bar,
     betas,
@@ -26,6 +35,7 @@ __all__ = [
     "add_noise",
     "alpha_bar",
     "as_condition",
+    "as_interval",
     "betas",
     "config_alpha_bar",
     "diffusion_loss",
@@ -40,6 +50,7 @@ __all__ = [
     "scheduler_config",
     "snr",
     "target",
+    "timestep_sigma",
     "unet_inputs",
     "velocity",
 ]

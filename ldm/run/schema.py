@@ -72,6 +72,8 @@ BLOCK_TYPES = ListOf(Str(), min_len=1)
 STEPS_OR_OFF = Int(min=0, none=True, note="(0 or null: off)")
 
 # --- command-line options with no config key of their own (the others use their key's rule: ldm.utils.cli.rule_type)
+# noise levels sigma (low, high]: guidance only there (ldm.diffusion.sampling.guides_at); ldm.sample/evaluate too
+GUIDANCE_INTERVAL = ListOf(Float(min=0), min_len=2, max_len=2, none=True)
 STRENGTH = Float(0, 1, note="(img2img: 0 gives the image back, 1 starts from noise)")  # ldm.sample --strength
 
 KEYS = {
@@ -139,6 +141,7 @@ KEYS = {
     "sampling.num_inference_steps": Int(min=1, max=1000),
     "sampling.guidance_scale": Float(min=0),
     "sampling.negative_prompt": Str(none=True),
+    "sampling.guidance_interval": GUIDANCE_INTERVAL,
     # --- conf/optim ---------------------------------------------------------------------------------------
     "optim.lr": Float(min=0),  # 0 trains nothing (e.g. a run that continues a LoRA file unchanged)
     "optim.weight_decay": Float(min=0),

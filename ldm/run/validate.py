@@ -206,6 +206,10 @@ def _check_values(config: dict) -> None:
         if diffusion["beta_start"] >= diffusion["beta_end"]:
             raise ConfigError(f"diffusion.beta_start={diffusion['beta_start']} must be below "
                               f"diffusion.beta_end={diffusion['beta_end']}")  # fmt: skip
+    interval = (config.get("sampling") or {}).get("guidance_interval")
+    if interval is not None and not interval[0] < interval[1]:
+        raise ConfigError(f"sampling.guidance_interval=[{interval[0]}, {interval[1]}]: expected [low, high] noise "
+                          f"levels with low < high")  # fmt: skip
     data = config.get("data") or {}
     if data.get("_target_") == SHARD_DATA_MODULE and data.get("resolution") is None:
         raise ConfigError("data.resolution=null: image shards need a resolution, e.g. data.resolution=512")

@@ -44,6 +44,7 @@ from torch import Tensor
 from ldm.data.transforms import to_model_range
 from ldm.diffusion import (
     add_noise,
+    as_interval,
     config_alpha_bar,
     diffusion_loss,
     loss_mask,
@@ -598,6 +599,7 @@ class LatentDiffusion(Stage):
         negative_prompt: str | Sequence[str] | None = None,
         init_image: Tensor | None = None,
         strength: float = 0.75,
+        guidance_interval: Sequence[float] | None = None,
     ) -> Tensor:
         """Images (B, 3, H, W) in [0, 1] for ``prompts``; the same seed gives the same images. ``size``:
         (height, width) in pixels (a multiple of the VAE's factor), else the U-Net's own square size.
@@ -607,7 +609,9 @@ class LatentDiffusion(Stage):
         ``negative_prompt`` (one for all, or one per prompt; default `sampling.negative_prompt`): what the
         unconditional half of classifier-free guidance encodes instead of the empty caption.
         ``init_image`` (1 or B, 3, H, W) in [-1, 1]: img2img, as StableDiffusionImg2ImgPipeline: the image's
-        latents, noised to the last ``strength`` of the sampler's steps, are denoised from there."""
+        latents, noised to the last ``strength`` of the sampler's steps, are denoised from there.
+        ``guidance_interval`` (low, high) (default `sampling.guidance_interval`): guidance only at the steps whose
+        noise level sigma is in (low, high] (`ldm.diffusion.sampling.guides_at`)."""
         opts = self.sampling
         unet = self.sampling_unet(use_ema)
         was_training = unet.training
@@ -632,6 +636,8 @@ class LatentDiffusion(Stage):
                 generator=generator,
                 init_latents=init_latents,
                 strength=strength,
+                guidance_interval=as_interval(opts.get("guidance_interval") if guidance_interval is None
+                                              else guidance_interval),
             ).float()
         unet.train(was_training)
         return self.decode_latents(latents)

@@ -61,6 +61,12 @@ def rule_type(rule) -> Callable[[str], object]:
     return read
 
 
+def check_interval(parser: argparse.ArgumentParser, interval: list[float] | None) -> None:
+    """`--guidance-interval LOW HIGH`: argparse's one-line error unless LOW < HIGH."""
+    if interval is not None and not interval[0] < interval[1]:
+        parser.error(f"--guidance-interval {interval[0]:g} {interval[1]:g}: expected LOW < HIGH (noise levels sigma)")
+
+
 class CarriedError(BaseException):
     """Carries an error through code that turns every Exception into a warning and goes on (Hydra calls its callbacks
     that way): `run_command` reports the ``error`` inside as if it had been raised itself."""
