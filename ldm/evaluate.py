@@ -143,7 +143,10 @@ def main(argv=None) -> dict:
         result = evaluate_generator(generate, resolution, args.shards, args.n, args.n_reference, args.cache_dir,
                                     args.network, args.clip_model, args.batch_size, args.seed, args.device,
                                     guidance_scales=args.guidance_scale, progress=report)
-    result = {"mode": args.mode, "paths": args.paths, "shards": args.shards, **result}
+    # what the images were sampled with (null: the run's or the pipeline's own sampling config)
+    sampling = {"sampler": args.sampler, "num_inference_steps": args.steps, "guidance_interval": args.guidance_interval,
+                "use_ema": not args.no_ema} if args.mode != "compare" else {}  # fmt: skip
+    result = {"mode": args.mode, "paths": args.paths, "shards": args.shards, **sampling, **result}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

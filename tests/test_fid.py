@@ -327,6 +327,7 @@ def test_training_logs_fid_to_wandb_and_plots(tmp_path, monkeypatch):
     limited = evaluate(["checkpoint", str(run_dir / "checkpoints" / "last.ckpt"), *common, *interval,
                         "--out", str(tmp_path / "interval.json")])
     assert limited["val/fid"] != pytest.approx(by_checkpoint["val/fid"], rel=1e-3)
+    assert (limited["guidance_interval"], limited["num_inference_steps"], trained["use_ema"]) == ([1.0, 100.0], 3, False)
     generate, _ = checkpoint_generator(str(run_dir / "checkpoints" / "last.ckpt"), guidance_interval=[1.0, 100.0],
                                        num_inference_steps=3, guidance_scale=3.0)
     expected = module.generate(["a red circle"], seed=[7], num_inference_steps=3, guidance_scale=3.0,
