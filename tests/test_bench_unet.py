@@ -1,4 +1,5 @@
-"""scripts/bench_unet.py runs each kind of U-Net and step variant it offers (CPU: a few steps of tiny U-Nets)."""
+"""scripts/bench_unet.py runs each kind of U-Net and step variant it offers, and scripts/bench_step_tail.py each part of
+the step's tail (CPU: a few steps of tiny U-Nets)."""
 
 import importlib.util
 from pathlib import Path
@@ -6,11 +7,15 @@ from pathlib import Path
 import pytest
 
 
-def _bench_unet():
-    spec = importlib.util.spec_from_file_location("bench_unet", Path(__file__).parents[1] / "scripts" / "bench_unet.py")
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _bench_unet():
+    return _script("bench_unet")
 
 
 @pytest.mark.parametrize("model", ["sd15", "cifar", "shapes"])
@@ -29,3 +34,9 @@ def test_every_variant_of_each_model_runs(model, capsys):
 def test_an_unknown_variant_part_is_named():
     with pytest.raises(SystemExit, match="unknown variant part 'fast' in 'eager\\+fast'"):
         _bench_unet().parse_variant("eager+fast", 4)
+
+
+def test_the_step_tail_bench_times_each_part(capsys):
+    result = _script("bench_step_tail").main(["--model", "shapes", "--steps", "2"])
+    assert len(result) == 7 and all(ms > 0 for ms in result.values())
+    assert "parameter tensors" in capsys.readouterr().out

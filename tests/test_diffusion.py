@@ -14,7 +14,7 @@ from torch.testing import assert_close
 
 from ldm.diffusion import (
     SCHEDULERS,
-    timestep_sigma,
+    timestep_sigmas,
     add_noise,
     alpha_bar,
     betas,
@@ -334,9 +334,8 @@ def test_cfg_is_one_batched_forward_equal_to_two_separate_ones(unet, train_confi
 def test_timestep_sigma_closed_form():
     ab = alpha_bar(betas("linear", 1000, 1e-4, 0.02))
     sigma = lambda i: math.sqrt((1 - float(ab[i])) / float(ab[i]))  # noqa: E731
-    assert timestep_sigma(ab, 0) == pytest.approx(sigma(0), rel=1e-6)
-    assert timestep_sigma(ab, torch.tensor(999)) == pytest.approx(sigma(999), rel=1e-6)
-    assert timestep_sigma(ab, 500.25) == pytest.approx(0.75 * sigma(500) + 0.25 * sigma(501), rel=1e-6)
+    got = timestep_sigmas(ab, torch.tensor([0, 999, 500.25]))
+    assert got.tolist() == pytest.approx([sigma(0), sigma(999), 0.75 * sigma(500) + 0.25 * sigma(501)], rel=1e-6)
 
 
 class CountingUNet(torch.nn.Module):
@@ -363,7 +362,7 @@ def test_guidance_interval(name, unet, train_config, text):
     # a middle interval: guidance (both halves, batch 2B) exactly at the steps whose sigma is inside it
     scheduler = make_scheduler(name, train_config)
     scheduler.set_timesteps(6)
-    sigmas = [timestep_sigma(scheduler.alphas_cumprod, t) for t in scheduler.timesteps]
+    sigmas = timestep_sigmas(scheduler.alphas_cumprod, scheduler.timesteps).tolist()
     low, high = sorted(sigmas)[1], sorted(sigmas)[4]
     counting = CountingUNet(unet)
     partial = run(counting, guidance_interval=(low, high))

@@ -14,11 +14,10 @@ from ldm.diffusion.parameterization import add_noise, target, velocity
 from ldm.diffusion.sampling import (
     SCHEDULERS,
     as_condition,
-    as_interval,
     guided,
     make_scheduler,
     sample_latents,
-    timestep_sigma,
+    timestep_sigmas,
     unet_inputs,
 )
 from ldm.diffusion.schedules import (
@@ -35,7 +34,6 @@ __all__ = [
     "add_noise",
     "alpha_bar",
     "as_condition",
-    "as_interval",
     "betas",
     "config_alpha_bar",
     "diffusion_loss",
@@ -50,7 +48,7 @@ __all__ = [
     "scheduler_config",
     "snr",
     "target",
-    "timestep_sigma",
+    "timestep_sigmas",
     "unet_inputs",
     "velocity",
 ]

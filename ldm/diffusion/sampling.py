@@ -70,31 +70,23 @@ def guided(eps_uncond: Tensor, eps_cond: Tensor, guidance_scale: float) -> Tenso
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
 
-def timestep_sigma(alphas_cumprod: Tensor, t: Tensor | float) -> float:
-    """The noise level sigma = sqrt((1 - alpha_bar_t) / alpha_bar_t) of timestep ``t`` of the training schedule
-    (``alphas_cumprod`` (T,)), linear in t between integer steps: the Karras and Euler samplers step at fractional
-    timesteps."""
-    table = ((1 - alphas_cumprod.double()) / alphas_cumprod.double()).sqrt()  # (T,)
-    t = min(max(float(t), 0.0), len(table) - 1.0)
-    lo = int(t)
-    hi = min(lo + 1, len(table) - 1)
-    return float(table[lo] + (t - lo) * (table[hi] - table[lo]))
+def timestep_sigmas(alphas_cumprod: Tensor, timesteps: Tensor) -> Tensor:
+    """The noise levels sigma = sqrt((1 - alpha_bar_t) / alpha_bar_t) (N,) float64 of ``timesteps`` (N,) on the
+    training schedule (``alphas_cumprod`` (T,)), linear in t between integer steps: the Karras and Euler samplers step
+    at fractional timesteps."""
+    table = ((1 - alphas_cumprod.double().cpu()) / alphas_cumprod.double().cpu()).sqrt()  # (T,)
+    t = timesteps.detach().double().cpu().clamp(0, len(table) - 1)
+    lo = t.floor().long()
+    hi = (lo + 1).clamp(max=len(table) - 1)
+    return table[lo] + (t - lo) * (table[hi] - table[lo])
 
 
-def guides_at(sigma: float, interval: tuple[float, float] | None) -> bool:
+def guides_at(sigma: float, interval: Sequence[float] | None) -> bool:
     """Whether classifier-free guidance applies at noise level ``sigma``: everywhere without an ``interval``, else
     for sigma in (low, high] (Kynkaanniemi et al. 2024, "Applying Guidance in a Limited Interval Improves Sample and
     Distribution Quality in Diffusion Models": guidance at high noise costs diversity, at low noise it does little;
     the steps outside use the conditional prediction alone, one U-Net pass on half the batch)."""
     return interval is None or interval[0] < sigma <= interval[1]
-
-
-def as_interval(value: Sequence[float] | None) -> tuple[float, float] | None:
-    """A guidance interval from a config or command line value: None, or two noise levels (low, high)."""
-    if value is None:
-        return None
-    low, high = (float(v) for v in value)
-    return low, high
 
 
 def img2img_start(scheduler: SchedulerMixin, num_inference_steps: int, strength: float) -> int:
@@ -153,7 +145,7 @@ def sample_latents(
     eta: float = 0.0,
     init_latents: Tensor | None = None,
     strength: float = 1.0,
-    guidance_interval: tuple[float, float] | None = None,
+    guidance_interval: Sequence[float] | None = None,
 ) -> Tensor:
     """Denoise from noise to latents (B, C, H, W), B = the conditioning's batch, guided by the text.
 
@@ -164,7 +156,7 @@ def sample_latents(
     ``set_timesteps`` is called on it here.
     img2img: ``init_latents`` (B, C, H, W), the scaled latents of the init images, are noised to the first of
     the last ``strength`` of the timesteps (the noise drawn from ``generator``), then denoised from there.
-    ``guidance_interval`` (low, high): guidance only at steps whose noise level sigma (`timestep_sigma`) is in
+    ``guidance_interval`` (low, high): guidance only at steps whose noise level sigma (`timestep_sigmas`) is in
     (low, high]; the others take the conditional prediction alone (`guides_at`). None: every step, as the pipelines.
     """
     cond = as_condition(cond)
@@ -194,10 +186,11 @@ def sample_latents(
     else:
         latents = latents.to(device) * scheduler.init_noise_sigma
     step_kwargs = _step_kwargs(scheduler, generator, eta)
+    guide = [do_cfg] * len(timesteps)  # per step, decided once
+    if do_cfg and guidance_interval is not None:
+        guide = [guides_at(float(s), guidance_interval) for s in timestep_sigmas(scheduler.alphas_cumprod, timesteps)]
 
-    for t in timesteps:
-        cfg = do_cfg and (guidance_interval is None
-                          or guides_at(timestep_sigma(scheduler.alphas_cumprod, t), guidance_interval))
+    for t, cfg in zip(timesteps, guide):
         x_in = torch.cat([latents] * 2) if cfg else latents  # (2B or B, C, H, W)
         x_in = scheduler.scale_model_input(x_in, t)
         out = unet(x_in, t, **(inputs if cfg else cond_inputs)).sample

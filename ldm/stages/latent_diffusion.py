@@ -44,7 +44,6 @@ from torch import Tensor
 from ldm.data.transforms import to_model_range
 from ldm.diffusion import (
     add_noise,
-    as_interval,
     config_alpha_bar,
     diffusion_loss,
     loss_mask,
@@ -636,8 +635,7 @@ class LatentDiffusion(Stage):
                 generator=generator,
                 init_latents=init_latents,
                 strength=strength,
-                guidance_interval=as_interval(opts.get("guidance_interval") if guidance_interval is None
-                                              else guidance_interval),
+                guidance_interval=opts.get("guidance_interval") if guidance_interval is None else guidance_interval,
             ).float()
         unet.train(was_training)
         return self.decode_latents(latents)
