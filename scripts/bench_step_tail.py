@@ -56,6 +56,7 @@ def main(argv=None) -> dict[str, float]:
     flat.grad = torch.randn_like(flat)
     print(f"{args.model} U-Net (tiny widths): {len(params)} parameter tensors, {flat.numel():,} numbers, {args.device}")
     ema = EMA(unet, 0.999, warmup=True)
+    averaged = flat.detach().clone()
     rows = {
         "gradient norm (get_total_norm)": lambda: torch.nn.utils.get_total_norm([q.grad for q in params]),
         "clip_grad_norm_": lambda: torch.nn.utils.clip_grad_norm_(params, 1.0),
@@ -64,6 +65,7 @@ def main(argv=None) -> dict[str, float]:
         "EMA update (ldm.training.ema)": lambda: ema.update(unet),
         "one flat tensor: clip_grad_norm_": lambda: torch.nn.utils.clip_grad_norm_([flat], 1.0),
         "one flat tensor: AdamW fused": torch.optim.AdamW([flat], lr=1e-4, fused=True).step,
+        "one flat tensor: EMA lerp": lambda: averaged.lerp_(flat.detach(), 1e-3),
     }
     result = {name: timed(fn, args.device, args.steps) for name, fn in rows.items()}
     for name, ms in result.items():

@@ -38,5 +38,5 @@ def test_an_unknown_variant_part_is_named():
 
 def test_the_step_tail_bench_times_each_part(capsys):
     result = _script("bench_step_tail").main(["--model", "shapes", "--steps", "2"])
-    assert len(result) == 7 and all(ms > 0 for ms in result.values())
+    assert len(result) == 8 and all(ms > 0 for ms in result.values())
     assert "parameter tensors" in capsys.readouterr().out
