@@ -268,6 +268,7 @@ def _cli(cwd: Path, *args, env_extra=None) -> tuple[subprocess.CompletedProcess,
                              "(it is in model/unet=pretrained); or add it with +model.unet.path=/x"),
     (["ckpt_path=/nonexistent"], "error: ckpt_path=/nonexistent: no such file"),
     (["trainer.max_steps=abc"], "error: trainer.max_steps='abc': expected an integer >= -1 (-1: no limit)"),
+    (["trainer.max_time=12min"], "error: trainer.max_time='12min': expected a string of the form DD:HH:MM:SS or null"),
 ])  # fmt: skip
 def test_the_command_line_says_it_in_one_line_in_seconds(tmp_path, args, line):
     out, seconds = _cli(tmp_path, *args)

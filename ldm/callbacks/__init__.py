@@ -14,6 +14,7 @@
     bucket_warmup  LargestBucketWarmup: one step at the largest bucket first (out of memory at once, not later)
     cpu_threads    CPUThreads: on CPU runs, torch's thread count follows the cores other processes leave free
     val_loss       ValidationLoss: val/loss, the stage's loss on fixed held-out batches, noise and timesteps
+    clock          TrainingClock: trainer.max_time, optionally with in-training evaluations left out
     profile        StepProfile: torch.profiler over a few steps; GPU busy share, host syncs, loader waits
 
 May import: ldm.stages, ldm.metrics and everything below them. Not the run or sweeps; not each other.

@@ -5,7 +5,8 @@
                                 # (DreamBooth: the class images the data lacks are generated first)
 
 Everything is built from the config by `hydra.utils.instantiate`; nothing is added to it here, so the config a
-run saves (`.hydra/config.yaml`) is the one it trained with. Resuming (`resume=auto`) is the one exception: it
+run saves (`.hydra/config.yaml`) is the one it trained with (`trainer.max_time` goes to `callbacks.clock` where a run
+has one: ldm/callbacks/clock.py). Resuming (`resume=auto`) is the one exception: it
 points `paths.output_dir` (and the W&B run id) at the run being continued, and says so in the log.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.loggers import WandbLogger
 
 from ldm.run.adapter_check import check_adapter
@@ -44,7 +46,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ensure_class_images(datamodule, module)  # DreamBooth: class images from the base model, before any step
     callbacks = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c]
     logger = instantiate(cfg.logger, _convert_="all") if cfg.get("logger") else False
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    clock = {"max_time": None} if any(isinstance(c, Timer) for c in callbacks) else {}  # callbacks.clock runs it
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, **clock)
     if logger:
         logger.log_hyperparams(module.run_config)
     try:

@@ -64,6 +64,7 @@ WANDB_LOGGER = "ldm.training.loggers.wandb_logger"
 # --- rules used by several keys ---------------------------------------------------------------------------
 COUNT = Int(min=1)
 SEED = Int(min=0, max=2**32 - 1)
+DURATION = Str(none=True, pattern=r"\d+:\d\d:\d\d:\d\d", note="DD:HH:MM:SS")  # Lightning's Timer
 SHARDS = Str() | ListOf(Str(), min_len=1)  # a folder, brace pattern, glob, list file or url; or a list of them
 TARGET = Str()
 PARTIAL = Bool()
@@ -178,7 +179,7 @@ KEYS = {
     "trainer.plugins": ListOf(Options(), none=True),
     "trainer.val_check_interval": Int(min=1, none=True) | Float(0, 1, open_min=True, note="(a fraction of an epoch)"),
     "trainer.check_val_every_n_epoch": Int(min=1, none=True),
-    "trainer.max_time": Str(none=True, note="(DD:HH:MM:SS)"),
+    "trainer.max_time": DURATION,
     "trainer.benchmark": Bool(none=True),
     "trainer.limit_val_batches": Int(min=0) | Float(0, 1),
     "trainer.strategy._target_": TARGET,
@@ -299,6 +300,9 @@ KEYS = {
     "callbacks.checkpoint.save_top_k": Int(min=-1, note="(-1: all)"),
     "callbacks.checkpoint.monitor": Str(none=True),
     "callbacks.checkpoint.mode": Choice("min", "max"),
+    "callbacks.clock._target_": TARGET,
+    "callbacks.clock.duration": DURATION,
+    "callbacks.clock.exclude_evaluations": Bool(),
     "callbacks.data_health._target_": TARGET,
     "callbacks.data_health.log_every_n_steps": COUNT,
     "callbacks.bucket_counts._target_": TARGET,

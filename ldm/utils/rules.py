@@ -16,6 +16,8 @@ Plain Python (no omegaconf, no torch): it runs before anything heavy is imported
 
 from __future__ import annotations
 
+import re
+
 import difflib
 import math
 import os
@@ -116,13 +118,18 @@ class Bool(Rule):
 
 
 class Str(Rule):
-    def __init__(self, none: bool = False, nonempty: bool = True, note: str = ""):
-        self.none, self.nonempty, self.note = none, nonempty, note
+    """A string; with ``pattern``, one that matches it in full (``note`` says what form, for the message)."""
+
+    def __init__(self, none: bool = False, nonempty: bool = True, note: str = "", pattern: str | None = None):
+        self.none, self.nonempty, self.note, self.pattern = none, nonempty, note, pattern
 
     def ok(self, value) -> bool:
-        return isinstance(value, str) and (bool(value) or not self.nonempty)
+        return (isinstance(value, str) and (bool(value) or not self.nonempty)
+                and (self.pattern is None or re.fullmatch(self.pattern, value.strip()) is not None))  # fmt: skip
 
     def describe(self) -> str:
+        if self.pattern is not None:
+            return f"a string of the form {self.note or self.pattern}"
         return " ".join(filter(None, ["a non-empty string" if self.nonempty else "a string", self.note]))
 
 
