@@ -77,7 +77,7 @@ $(DATA)/models/clip-cifar10/text_encoder/config.json: | .venv/.installed
 # session 19). Its compiler gets half the cores; if it fails, stage 2 compiles itself as before.
 CIFAR10_WARMUP := experiment=cifar10 model/vae=cifar10 +model.vae.frozen=true trainer.max_steps=3 \
 	trainer.max_time=null logger=none callbacks.fid=null callbacks.val_loss=null callbacks.sample_grid=null \
-	callbacks.export=null callbacks.checkpoint=null hydra.run.dir=runs/cifar10_warmup
+	callbacks.export=null callbacks.checkpoint=null +trainer.enable_checkpointing=false hydra.run.dir=runs/cifar10_warmup
 $(DATA)/models/vae-cifar10/config.json: $(DATA)/cifar10/train/manifest.json $(DATA)/cifar10/test/manifest.json \
 		$(DATA)/models/clip-cifar10/text_encoder/config.json
 	mkdir -p runs && (TORCHINDUCTOR_COMPILE_THREADS=$$(( ($$(nproc) + 1) / 2 )) $(PY) -m ldm.train $(CIFAR10_WARMUP) \

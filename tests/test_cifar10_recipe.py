@@ -12,6 +12,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from tiny import CONF
 
 from ldm.callbacks.metrics_log import read_metrics
@@ -45,6 +46,31 @@ def text_tower_from_makefile(out_dir) -> None:
     exec(code, {})  # noqa: S102 - the Makefile's own line
 
 
+def warm_up_overrides() -> list[str]:
+    """The overrides of stage 2's compile warm-up, as the Makefile gives them (`make -n cifar10-vae`)."""
+    recipe = subprocess.run(["make", "-n", "-B", "cifar10-vae", "DATA=DATA", "UV=uv"], cwd=CONF.parent, check=True,
+                            capture_output=True, text=True).stdout.replace("\\\n", " ")  # fmt: skip
+    line = next(line for line in recipe.splitlines() if "experiment=cifar10 " in line)
+    words = line.split("-m ldm.train ", 1)[1].split(">", 1)[0].split()
+    return [w for w in words if not w.startswith("hydra.")]
+
+
+def test_the_warm_up_compiles_what_stage_2_compiles(tmp_path):
+    """Inductor's cache serves stage 2 only if the warm-up builds the same graphs: the same U-Net, batch, precision,
+    compile options and latent shapes; its VAE is stage 1's architecture, untrained; it writes no checkpoint."""
+    warm = compose("cifar10", tmp_path, tmp_path / "warm", warm_up_overrides()[1:])
+    real = compose("cifar10", tmp_path, tmp_path / "real")
+    stage1 = compose("cifar10_vae", tmp_path, tmp_path / "vae")
+    for key in ("model.unet", "model.compile", "model.channels_last", "model.vae_bf16", "data.batch_size",
+                "data.resolution", "trainer.precision", "trainer.accelerator", "model.text_encoder", "diffusion"):
+        assert OmegaConf.select(warm, key) == OmegaConf.select(real, key), key
+    vae = OmegaConf.to_container(warm.model.vae)
+    assert vae.pop("frozen") is True and vae.pop("_partial_") is True
+    assert vae == OmegaConf.to_container(stage1.model.vae)
+    assert warm.trainer.max_steps == 3 and warm.trainer.max_time is None and warm.trainer.enable_checkpointing is False
+    assert not any(warm.callbacks[name] for name in ("fid", "export", "checkpoint", "sample_grid", "val_loss"))
+
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("cifar")
@@ -76,10 +102,17 @@ def test_the_recipe_trains_both_stages_on_class_captions(root, tmp_path):
     distance = torch.cdist(hidden, hidden)
     assert distance[~torch.eye(11, dtype=torch.bool)].min() > 0.1 * hidden.norm(dim=1).mean()
 
+    # stage 2's warm-up (the Makefile's overrides; toy widths): trains on an untrained VAE of stage 1's shapes
+    toy_unet = ["model.unet.block_out_channels=[16,32,32]", "model.unet.norm_num_groups=8", "model.unet.attention_head_dim=2"]
+    warm = tmp_path / "warm"
+    cpu = [o for o in CPU if not o.startswith("callbacks.val_loss")]  # the warm-up has no val_loss
+    train(compose("cifar10", root, warm, [*warm_up_overrides()[1:], *cpu, "model.compile=false", *toy_unet,
+                                          "model.vae.block_out_channels=[8,16]", "model.vae.norm_num_groups=4"]))  # fmt: skip
+    assert [r["step"] for r in read_metrics(warm / "metrics.jsonl")][-1] == 2 and not list(warm.rglob("*.ckpt"))
+
     # stage 2: the U-Net (toy width) on the VAE's 16x16 latents, FID on the test captions, pipeline export
     run = tmp_path / "ldm"
-    cfg = compose("cifar10", root, run, [*CPU, "model.compile=false", "model.unet.block_out_channels=[16,32,32]",
-                                         "model.unet.norm_num_groups=8", "model.unet.attention_head_dim=2",
+    cfg = compose("cifar10", root, run, [*CPU, "model.compile=false", *toy_unet,
                                          "callbacks.fid.cpu_num_images=10", "callbacks.fid.batch_size=10",
                                          "callbacks.fid.every_n_images=10", "sampling.num_inference_steps=2"])  # fmt: skip
     assert cfg.model.unet.sample_size * 2 == cfg.data.resolution == 32
