@@ -1,6 +1,7 @@
 """The run's clock (ldm/callbacks/clock.py) in a real Lightning Trainer on a fake monotonic clock: it stops where
 Lightning's own `Timer` does, or, leaving evaluations out, after the same training time however much evaluating
-happened, also across a resume; and a real tiny `ldm.train` run keeps one clock that leaves the FID's time out."""
+happened, also across a resume; and real tiny `ldm.train` runs of stages 1 and 2 keep one clock that leaves their
+rFID / FID evaluations out."""
 
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ from torch.utils.data import DataLoader, TensorDataset
 import pytorch_lightning.callbacks.timer as timer_module
 from ldm.callbacks.clock import TrainingClock
 
+VAE_TINY = ["data.resolution=16", "data.batch_size=8", "data.shuffle_buffer=8", "data.num_workers=0",
+            "model.vae.block_out_channels=[8,16]", "model.vae.norm_num_groups=4", "model.vae.sample_size=16",
+            "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "optim.warmup_steps=1",
+            "callbacks.export=null", "callbacks.reconstructions.num_images=8", "callbacks.reconstructions.batch_size=4",
+            "callbacks.reconstructions.grid_images=4"]  # fmt: skip
 NOW = [0.0]  # the fake clock: a training step takes 1 s, an evaluation 3 s
 
 
@@ -85,18 +91,23 @@ def test_resume_continues_the_clock_without_counting_evaluations_twice(tmp_path)
     assert resumed.global_step == 10 and clock.time_elapsed() == 10.0
 
 
-def test_a_training_run_has_one_clock_and_leaves_the_fid_out(tmp_path):
-    """trainer.max_time goes to callbacks.clock (Lightning builds no second Timer); with exclude_evaluations its
-    elapsed time is the wall time less the FID callback's evaluations."""
+@pytest.mark.parametrize("experiment,evaluator,overrides", [
+    ("shapes", "ldm.callbacks.fid.FIDCallback", ["callbacks.fid.every_n_steps=1", "callbacks.export=null"]),
+    ("shapes_vae", "ldm.callbacks.reconstruction.ReconstructionQuality",
+     ["callbacks.reconstructions.every_n_steps=1", *VAE_TINY]),
+])  # fmt: skip
+def test_a_training_run_has_one_clock_and_leaves_its_evaluations_out(tmp_path, experiment, evaluator, overrides):
+    """In stage 2 (FID) and stage 1 (rFID): trainer.max_time goes to callbacks.clock (Lightning builds no second
+    Timer); with exclude_evaluations its elapsed time is the wall time less the evaluating callback's seconds."""
+    from hydra.utils import get_class
     from tiny import compose_config, make_tiny_root
 
     import ldm.run.fit as fit_module
-    from ldm.callbacks.fid import FIDCallback
 
     root, run_dir = make_tiny_root(tmp_path / "root"), tmp_path / "run"
     cfg = compose_config(root, run_dir, ["logger=none", "trainer.max_steps=3", "trainer.max_time=00:01:00:00",
-                                         "callbacks.clock.exclude_evaluations=true", "callbacks.fid.every_n_steps=1",
-                                         "callbacks.export=null", "callbacks.checkpoint=null"])  # fmt: skip
+                                         "callbacks.clock.exclude_evaluations=true", "callbacks.checkpoint=null",
+                                         *overrides], experiment=experiment, tiny=experiment == "shapes")  # fmt: skip
     assert cfg.callbacks.clock.duration == "00:01:00:00"
     seen = {}
     real_fit = pl.Trainer.fit
@@ -106,16 +117,14 @@ def test_a_training_run_has_one_clock_and_leaves_the_fid_out(tmp_path):
         return real_fit(trainer, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as m:
-        m.undo()  # the real clock: this run's times are real
-        m.setattr(timer_module, "time", __import__("time"))
+        m.setattr(timer_module, "time", __import__("time"))  # this run's times are real
         m.setattr(pl.Trainer, "fit", spy)
         fit_module.train(cfg)
     trainer = seen["trainer"]
     timers = [cb for cb in trainer.callbacks if isinstance(cb, timer_module.Timer)]
     assert len(timers) == 1 and isinstance(timers[0], TrainingClock) and timers[0]._duration == 3600
-    fid = next(cb for cb in trainer.callbacks if isinstance(cb, FIDCallback))
-    clock = timers[0]
-    assert len(fid.history) == 3 and clock.evaluation_seconds() == pytest.approx(fid.eval_seconds)
+    clock, evaluating = timers[0], next(cb for cb in trainer.callbacks if isinstance(cb, get_class(evaluator)))
+    assert evaluating.eval_seconds > 0 and clock.evaluation_seconds() == pytest.approx(evaluating.eval_seconds)
     wall = clock.end_time() - clock.start_time()
-    assert clock.time_elapsed() == pytest.approx(wall - fid.eval_seconds)
+    assert clock.time_elapsed() == pytest.approx(wall - evaluating.eval_seconds)
     assert 0 < clock.time_elapsed() < wall

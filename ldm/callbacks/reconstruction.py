@@ -6,10 +6,13 @@ rFID is the standard FID (ldm.metrics.fid, the TF Inception) between the first `
 and their reconstructions (posterior mode, decoded), as in Rombach et al. 2022, table 8; the real side is the
 same cached reference statistics the diffusion stage's FID uses. Logs `val/rfid`, `val/rec_psnr` and a grid of
 originals above reconstructions (`reconstructions/step_*.png`, W&B `val/reconstructions`). Rank 0 only.
+`eval_seconds` adds up the time spent (reference statistics included), which `callbacks.clock` can leave out of
+`trainer.max_time` (ldm/callbacks/clock.py).
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -37,6 +40,7 @@ class ReconstructionQuality(pl.Callback):
         self.dirname = dirname
         self.fid = None
         self._last_step = -1
+        self.eval_seconds = 0.0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
@@ -50,6 +54,13 @@ class ReconstructionQuality(pl.Callback):
     @rank_zero_only
     @torch.no_grad()
     def evaluate(self, trainer, pl_module) -> dict:
+        start = time.perf_counter()
+        try:
+            return self._evaluate(trainer, pl_module)
+        finally:
+            self.eval_seconds += time.perf_counter() - start
+
+    def _evaluate(self, trainer, pl_module) -> dict:
         self._last_step = trainer.global_step
         shards = self.shards or trainer.datamodule.val_shards
         if shards is None:
