@@ -71,7 +71,7 @@ $(DATA)/models/clip-cifar10/text_encoder/config.json: | .venv/.installed
 	$(PY) -c "from ldm.models.text_encoders import save_random_hf_clip as s; \
 		s('$(DATA)/models/clip-cifar10', hidden_size=256, num_layers=2, num_heads=4, max_length=16)"
 
-# Stage 1 runs beside stage 2's compile warm-up: experiment=cifar10 for 3 steps on an untrained VAE of stage 1's shapes
+# Stage 1 (extra overrides in VAE_ARGS, e.g. VAE_ARGS=logger=csv) runs beside stage 2's compile warm-up: experiment=cifar10 for 3 steps on an untrained VAE of stage 1's shapes
 # (model/vae=cifar10), writing nothing but its log (runs/cifar10_warmup.log) and Inductor's compile cache
 # (/tmp/torchinductor_$USER), from which stage 2 then compiles in seconds instead of ~2 minutes (docs/benchmarks.md,
 # session 19). Its compiler gets half the cores; if it fails, stage 2 compiles itself as before.
@@ -82,7 +82,7 @@ $(DATA)/models/vae-cifar10/config.json: $(DATA)/cifar10/train/manifest.json $(DA
 		$(DATA)/models/clip-cifar10/text_encoder/config.json
 	mkdir -p runs && (TORCHINDUCTOR_COMPILE_THREADS=$$(( ($$(nproc) + 1) / 2 )) $(PY) -m ldm.train $(CIFAR10_WARMUP) \
 		> runs/cifar10_warmup.log 2>&1 || echo "stage 2's compile warm-up failed (runs/cifar10_warmup.log)") & \
-	$(PY) -m ldm.train experiment=cifar10_vae; rc=$$?; wait; exit $$rc
+	$(PY) -m ldm.train experiment=cifar10_vae $(VAE_ARGS); rc=$$?; wait; exit $$rc
 
 cifar10-text: $(DATA)/models/clip-cifar10/text_encoder/config.json
 cifar10-vae: $(DATA)/models/vae-cifar10/config.json
