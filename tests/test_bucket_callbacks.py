@@ -71,7 +71,7 @@ def test_warmup_at_the_largest_bucket_leaves_training_unchanged_and_counts_reach
         if w >= bucket[0] and h >= bucket[1]:
             counts[bucket] += 1
     (run_file,) = run_files(tmp_path / "b")
-    rows = history(run_file, wait_for="data/carried")
+    rows = history(run_file)
     logged = {k: v for row in rows for k, v in row.items() if k.startswith("data/bucket_images/")}
     assert logged == {f"data/bucket_images/{w}x{h}": float(counts[(w, h)]) for w, h in BUCKETS}
     assert any(row.get("data/too_small") == 4.0 for row in rows)  # the four 10x10 images

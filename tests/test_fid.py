@@ -258,6 +258,9 @@ def test_evaluations_are_put_off_to_keep_within_the_time_budget(tmp_path):
     rows = json.loads((run_dir / "fid" / "history.json").read_text())
     assert [row["step"] for row in rows] == [1, 4]  # steps 2 and 3 were put off
     assert rows[0]["val/fid_time_fraction"] > 0.1 and rows[1]["val/fid_time_fraction"] > 0.1  # first, final: uncapped
+    # wall time = training time + the evaluations before the row's
+    assert rows[0]["wall_seconds"] == rows[0]["train_seconds"]
+    assert rows[1]["wall_seconds"] == pytest.approx(rows[1]["train_seconds"] + rows[0]["val/fid_seconds"])
 
 
 def test_training_logs_fid_to_wandb_and_plots(tmp_path, monkeypatch):

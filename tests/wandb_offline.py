@@ -61,12 +61,19 @@ def _payloads(data: bytes):
             parts = []
 
 
-def records(path: str | Path):
-    """Every `Record` in the file, in order."""
-    for payload in _payloads(Path(path).read_bytes()):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(payload)
-        yield record
+def records(path: str | Path, timeout: float = 30.0) -> list:
+    """Every `Record` in the file, in order, once the run's `exit` record is there: W&B's service process may still
+    be writing the file when `finish()` has returned, so it is read again until the run has ended (or ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = []
+        for payload in _payloads(Path(path).read_bytes()):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(payload)
+            out.append(record)
+        if any(r.WhichOneof("record_type") == "exit" for r in out) or time.monotonic() > deadline:
+            return out
+        time.sleep(0.2)
 
 
 def _items(items) -> dict:
@@ -77,15 +84,9 @@ def _items(items) -> dict:
     return out
 
 
-def history(path: str | Path, wait_for: str | None = None, timeout: float = 30.0) -> list[dict]:
-    """Every `wandb.log` row, in order. `wait_for`: a key some row must hold; the file is read again until one
-    does (W&B's service process may still be writing the file when `finish()` has returned)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = [_items(r.history.item) for r in records(path) if r.WhichOneof("record_type") == "history"]
-        if wait_for is None or any(wait_for in row for row in rows) or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.2)
+def history(path: str | Path) -> list[dict]:
+    """Every `wandb.log` row, in order (of an ended run: `records`)."""
+    return [_items(r.history.item) for r in records(path) if r.WhichOneof("record_type") == "history"]
 
 
 def config(path: str | Path) -> dict:

@@ -8,8 +8,8 @@ many ranks: rank r makes images r, r + W, ...), with the EMA weights when EMA is
 reference statistics of the validation images (computed once, cached on disk, held by rank 0 only, so the
 states torchmetrics sums over ranks count every real image once). Logs `val/fid` (W&B summary: its minimum),
 `val/clip_score` when a CLIP is given (``clip_model``: an open_clip or HF CLIP directory), `val/images_seen`, `val/fid_seconds` and a sample grid; at the end of
-training writes `fid_curve.png` (FID and CLIP score against images seen and against training time, evaluations
-excluded) and `fid/history.json`.
+training writes `fid_curve.png` (FID and CLIP score against images seen, training time with evaluations excluded,
+and wall time with them included) and `fid/history.json` (the same per row: `train_seconds`, `wall_seconds`).
 
 Cost cap: with ``max_time_fraction`` (default 0.1), an evaluation that falls due is put off to a later due
 point while running it would lift the time spent evaluating above that fraction of the time spent training
@@ -181,6 +181,7 @@ class FIDCallback(pl.Callback):
         first = update_generated(self._generate(pl_module), captions, seeds, self.fid, self.clip,
                                  self.batch_size, keep=self.grid_images if trainer.is_global_zero else 0)
         row = {"step": trainer.global_step, "images_seen": pl_module.images_seen, "train_seconds": self.train_seconds,
+               "wall_seconds": self.train_seconds + self.eval_seconds,  # when this evaluation began
                "val/fid": float(self.fid.compute())}  # compute() syncs the sum states of all ranks
         if self.clip is not None:
             row["val/clip_score"] = float(self.clip.compute())

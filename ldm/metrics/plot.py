@@ -1,4 +1,5 @@
-"""A PNG of quality curves: FID (and CLIP score) against images seen and, where rows have it, training time.
+"""A PNG of quality curves: FID (and CLIP score) against images seen and, where rows have them, training time and
+wall time (training and the evaluations before the row's).
 
     plot_curves([{"images_seen": 6400, "train_seconds": 61.2, "val/fid": 80.1, "val/clip_score": 21.0}, ...],
                 "run/fid_curve.png")
@@ -20,6 +21,8 @@ def plot_curves(history: Sequence[dict], out: str | Path) -> Path:
     xs = [("images_seen", "images seen")]
     if all("train_seconds" in row for row in history):
         xs.append(("train_seconds", "training time (s, evaluations excluded)"))
+    if all("wall_seconds" in row for row in history):
+        xs.append(("wall_seconds", "wall time (s, evaluations included)"))
     fig, axes = plt.subplots(len(keys), len(xs), figsize=(6 * len(xs), 3 * len(keys)), sharex="col", squeeze=False)
     for column, (x, label) in enumerate(xs):
         for ax, key in zip(axes[:, column], keys):
