@@ -5,8 +5,10 @@
 With `exclude_evaluations`, the elapsed training time leaves out the seconds that callbacks spend evaluating the
 model in the middle of training (in-training FID: ~30-60 s for 10,000 images on one H200), so a time budget buys the
 same training whether a run measures itself on the way or not, and a denser FID curve does not shorten the run it
-draws. An evaluating callback says what it spent as `eval_seconds`, a running total kept in its checkpoint state
-(`FIDCallback` does). Compilation, data loading, checkpoints and the logging callbacks stay on the clock.
+draws. An evaluating callback says what it spent as `eval_seconds`, a running total (`FIDCallback`,
+`ReconstructionQuality`); the clock counts what it grew by since training (re)started in this process, so a total
+restored from a checkpoint is not left out twice. Under DDP rank 0's clock decides for all ranks, as Lightning's
+does. Compilation, data loading, checkpoints and the logging callbacks stay on the clock.
 
 As a `Timer`, the clock keeps its elapsed time in checkpoints, and resuming continues it; Lightning builds no second
 timer from `trainer.max_time` when one is in the callbacks.
@@ -19,7 +21,7 @@ from pytorch_lightning.trainer.states import RunningStage
 
 
 class TrainingClock(Timer):
-    """Lightning's step-interval `Timer`; with `exclude_evaluations`, training time less other callbacks' `eval_seconds`."""
+    """Lightning's step-interval `Timer`; with `exclude_evaluations`, training time less callbacks' `eval_seconds`."""
 
     def __init__(self, duration=None, exclude_evaluations: bool = False, verbose: bool = True):
         super().__init__(duration=duration, interval="step", verbose=verbose)
