@@ -13,7 +13,6 @@ Shapes are batch,heads,tokens,head_dim; the defaults are SD-1.5's self-attention
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from ldm.utils.cli import ArgumentParser, run_command
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import peak_tflops  # noqa: E402
+from bench_train import peak_tflops, timed  # noqa: E402
 
 SHAPES = {"sd15 64x64": (16, 8, 4096, 40), "sd15 32x32": (16, 8, 1024, 80),
           "sdxl 64x64": (4, 10, 4096, 64), "sdxl 32x32": (4, 20, 1024, 64)}  # fmt: skip
@@ -42,18 +41,9 @@ def time_backend(shape: tuple[int, ...], backend, device: str, steps: int, warmu
 
     try:
         with sdpa_kernel(backend) if backend is not None else torch.enable_grad():
-            for _ in range(warmup):
-                step()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                step()
-            if device == "cuda":
-                torch.cuda.synchronize()
+            return timed(step, device, steps, warmup)
     except RuntimeError:  # no kernel of this backend for the shape / dtype / device
         return None
-    return (time.perf_counter() - t0) / steps
 
 
 def main(argv=None) -> None:

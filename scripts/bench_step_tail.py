@@ -11,7 +11,6 @@ work of Python and the dispatcher.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -19,21 +18,7 @@ import torch
 from ldm.utils.cli import ArgumentParser, run_command
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import unet_config  # noqa: E402
-
-
-def timed(fn, device: str, steps: int, warmup: int = 20) -> float:
-    """Milliseconds per call (synchronised at the window's two ends on a GPU)."""
-    for _ in range(warmup):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps * 1e3
+from bench_train import timed, unet_config  # noqa: E402
 
 
 def main(argv=None) -> dict[str, float]:
@@ -67,7 +52,7 @@ def main(argv=None) -> dict[str, float]:
         "one flat tensor: AdamW fused": torch.optim.AdamW([flat], lr=1e-4, fused=True).step,
         "one flat tensor: EMA lerp": lambda: averaged.lerp_(flat.detach(), 1e-3),
     }
-    result = {name: timed(fn, args.device, args.steps) for name, fn in rows.items()}
+    result = {name: timed(fn, args.device, args.steps, warmup=20) * 1e3 for name, fn in rows.items()}  # ms
     for name, ms in result.items():
         print(f"{name:36s} {ms:7.3f} ms")
     return result

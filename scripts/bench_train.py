@@ -478,6 +478,20 @@ def baseline(work: Path, model: str, resolution: int, batch: int, steps: int, wa
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if device == "cuda" else None}  # fmt: skip
 
 
+def timed(fn, device: str, steps: int, warmup: int) -> float:
+    """Seconds per call of ``fn`` after ``warmup`` calls (synchronised at the window's two ends on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
 def peak_tflops() -> float | None:
     if not torch.cuda.is_available():
         return None
