@@ -97,11 +97,8 @@ def make_latent_raw(root: Path):
         yield {k: load_npy(v) for k, v in sample.items() if k.endswith(".npy")}
 
 
-def test_training_on_latents_never_builds_the_frozen_encoders(root, tmp_path):
-    cfg = compose_config(root, tmp_path / "run", [
-        "data=latents", f"data.train_shards={root / 'latents'}", "data.batch_size=4", "logger=csv",
-        "~callbacks.fid", "~callbacks.sample_grid", "~callbacks.export",
-    ])  # fmt: skip
+def train_noting_frozen_builds(cfg) -> tuple[dict, list[str]]:
+    """`train(cfg)`'s metrics and the frozen parts (vae, text_encoder) the stage built from their factories."""
     built = []
     original = LatentDiffusion.__getattr__
 
@@ -112,11 +109,49 @@ def test_training_on_latents_never_builds_the_frozen_encoders(root, tmp_path):
 
     LatentDiffusion.__getattr__ = spy
     try:
-        metrics = train(cfg)
+        return train(cfg), built
     finally:
         LatentDiffusion.__getattr__ = original
+
+
+def test_training_on_latents_never_builds_the_frozen_encoders(root, tmp_path):
+    cfg = compose_config(root, tmp_path / "run", [
+        "data=latents", f"data.train_shards={root / 'latents'}", "data.batch_size=4", "logger=csv",
+        "~callbacks.fid", "~callbacks.sample_grid", "~callbacks.export",
+    ])  # fmt: skip
+    metrics, built = train_noting_frozen_builds(cfg)
     assert np.isfinite(metrics["train/loss"]) and metrics["train/images_seen"] == 8
     assert built == []
+
+
+def test_latents_without_text_states_train_on_the_stages_own_encodings(root, tmp_path):
+    """data.text_states=false: batches carry no text states, the stage encodes (and memoises) the captions, and the
+    loss is the cached states' loss within fp16 tolerance; a real run builds the text encoder, not the VAE, and may
+    use another text encoder than the latents were written with (here shapes' own, 77 tokens against 16): the
+    unconditional input then comes from that encoder too, not from the shards."""
+    batches = [next(iter(LatentShardDataModule(str(root / "latents"), None, batch_size=8, num_workers=0,
+                                               text_states=states).train_dataloader()))
+               for states in (True, False)]  # fmt: skip
+    with_states, without = batches
+    assert "text_hidden" not in without and without["key"] == with_states["key"]
+    assert torch.equal(without["latent_mean"], with_states["latent_mean"])
+    vae, text_encoder = frozen_parts(root)
+    unet = instantiate(compose_config(root, root / "unused").model.unet)
+    module = LatentDiffusion(unet, vae, text_encoder, diffusion={"cfg_dropout": 0.5}, text_cache_size=16)
+    losses = []
+    for batch in batches:
+        torch.manual_seed(0)
+        losses.append(module.training_step(batch, 0).item())
+    assert losses[1] == pytest.approx(losses[0], rel=2e-3)
+    assert set(module._text_cache) == set(without["caption"])
+
+    cfg = compose_config(root, tmp_path / "run", [
+        "data=latents", f"data.train_shards={root / 'latents'}", "data.batch_size=4", "data.text_states=false",
+        "model.text_cache_size=16", "logger=csv", "~callbacks.fid", "~callbacks.sample_grid", "~callbacks.export",
+    ])  # fmt: skip
+    metrics, built = train_noting_frozen_builds(cfg)
+    assert np.isfinite(metrics["train/loss"]) and metrics["train/images_seen"] == 8
+    assert set(built) == {"text_encoder"}
 
 
 def test_latents_at_another_resolution_are_refused(root):

@@ -296,12 +296,14 @@ class ToLatentSample:
     "crop_top_left", "target_size"} (+ "mask" (1, h, w) float16 when written with one); raises SampleError naming
     shard and key. Flip and caption choice from an RNG seeded by (seed, pass, shard, key), as ToTrainingSample
     does for images (exact resume). With tag `captions` the caption changes per visit: the sample then carries no
-    cached "text_hidden" (the stage encodes it). Shards written before the geometry was recorded give the target
-    size (latent size x `factor`) as the original size and (0, 0) as the crop (what SDXL assumes at inference)."""
+    cached "text_hidden" (the stage encodes it); with ``text_states`` false no sample does (the cached states are not
+    even decoded). Shards written before the geometry was recorded give the target size (latent size x `factor`) as
+    the original size and (0, 0) as the crop (what SDXL assumes at inference)."""
 
     def __init__(self, random_flip: bool = True, seed: int = 0, captions: CaptionProcessor | None = None,
-                 factor: int = 8):  # fmt: skip
+                 factor: int = 8, text_states: bool = True):  # fmt: skip
         self.random_flip, self.seed, self.captions, self.factor = random_flip, seed, captions, factor
+        self.text_states = text_states
 
     def rng(self, sample: dict) -> random.Random:
         return random.Random(f"latents-{self.seed}-{sample.get('__pass__', 0)}-{sample.get('__url__')}-"
@@ -315,8 +317,8 @@ class ToLatentSample:
             record = decode_texts(sample)["json"]  # {"caption": [...], geometry} (a bare caption list: older shards)
             record = {"caption": record} if isinstance(record, list) else record
             captions = record["caption"]
-            text = load_npy(sample["text.npy"])  # (K, L, D)
-            if text.shape[0] != len(captions):
+            text = load_npy(sample["text.npy"]) if self.text_states else None  # (K, L, D)
+            if text is not None and text.shape[0] != len(captions):
                 raise ValueError(f"{len(captions)} captions but {text.shape[0]} encodings")
             i = rng.randrange(len(captions))
             mean = torch.from_numpy(load_npy(sample[prefix + "mean.npy"]))  # (C, h, w) fp16
@@ -324,20 +326,21 @@ class ToLatentSample:
             out = {
                 "latent_mean": mean,
                 "latent_std": torch.from_numpy(load_npy(sample[prefix + "std.npy"])),
-                "text_hidden": torch.from_numpy(np.ascontiguousarray(text[i])),  # (L, D) fp16
                 "caption": captions[i],
                 "key": key,
                 "original_size": torch.tensor(record.get("original_size", target)),
                 "crop_top_left": torch.tensor(record.get("crop_top_left", [0, 0])),
                 "target_size": torch.tensor(record.get("target_size", target)),
             }
-            if "pooled.npy" in sample:  # SDXL
-                out["text_pooled"] = torch.from_numpy(np.ascontiguousarray(load_npy(sample["pooled.npy"])[i]))
+            if text is not None:  # else the stage encodes the caption (memoised by model.text_cache_size)
+                out["text_hidden"] = torch.from_numpy(np.ascontiguousarray(text[i]))  # (L, D) fp16
+                if "pooled.npy" in sample:  # SDXL
+                    out["text_pooled"] = torch.from_numpy(np.ascontiguousarray(load_npy(sample["pooled.npy"])[i]))
             if prefix + "mask.npy" in sample:
                 out["mask"] = torch.from_numpy(load_npy(sample[prefix + "mask.npy"]))  # (1, h, w) fp16 in [0, 1]
             if self.captions is not None:  # tags shuffled or dropped per visit: no cached encoding fits
                 out["caption"] = self.captions(captions[i], rng)
-                del out["text_hidden"]
+                out.pop("text_hidden", None)
                 out.pop("text_pooled", None)
             return out
         except Exception as error:
@@ -379,13 +382,17 @@ class LatentShardDataModule(ShardDataModule):
     (+ "text_pooled" (B, P) for SDXL) from latent shards; `empty_condition` is the cached unconditional input
     ({"encoder_hidden_states": (1, L, D)} + SDXL's "text_embeds" (1, P)). `val_shards` are image
     shards (FID reference images and captions), as with `ShardDataModule`. Latents written with buckets
-    (latents.json "buckets") are read as planned batches, one bucket each, as image buckets are."""
+    (latents.json "buckets") are read as planned batches, one bucket each, as image buckets are. `text_states`
+    false: batches carry no text states and the stage encodes the captions itself, memoised by
+    `model.text_cache_size` (sets of few distinct captions: a sample's states, 118 KB at CLIP-L's shape, cost the
+    loader more than looking ten captions up)."""
 
     def __init__(self, train_shards: str, val_shards: str | None, batch_size: int, num_workers: int | None = 2,
                  random_flip: bool = True, shuffle_buffer: int = 1000, seed: int = 0,
                  samples_per_epoch: int | None = None, max_bad_fraction: float = 0.0,
-                 resolution: int | None = None, captions: dict | None = None):  # fmt: skip
+                 resolution: int | None = None, captions: dict | None = None, text_states: bool = True):  # fmt: skip
         self.meta = read_meta(train_shards)
+        self.text_states = text_states
         if resolution is not None and resolution != self.meta["resolution"]:
             raise ValueError(f"data.resolution={resolution} but the latent shards {train_shards} were encoded at "
                              f"{self.meta['resolution']}: precompute them again or drop the override")  # fmt: skip
@@ -399,12 +406,18 @@ class LatentShardDataModule(ShardDataModule):
             self.empty_condition["text_embeds"] = torch.from_numpy(np.load(folder / EMPTY_POOLED, allow_pickle=False))
         self.factor = self.meta.get("factor") or self.meta["resolution"] // self.meta["latent_shape"][-1]
 
+    @property
+    def carries_text_states(self) -> bool:
+        """Whether batches hold the cached text states: not with `text_states` off, nor with tag captions that change
+        per visit (the stage encodes those captions, and its unconditional input with the same encoder)."""
+        return self.text_states and self.captions is None
+
     collate = staticmethod(collate_latents)
     cached_encodings = True  # batches hold VAE latents (and text encodings): the frozen encoders are not needed
     read_select = staticmethod(is_latent_file)
 
     def sample_converter(self) -> ToLatentSample:
-        return ToLatentSample(self.random_flip, self.seed, self.captions, self.factor)
+        return ToLatentSample(self.random_flip, self.seed, self.captions, self.factor, self.text_states)
 
     def train_dataset(self, urls: list[str], resampled: bool, rank: int, world_size: int):
         return make_latent_dataset(urls, self.random_flip, self.shuffle_buffer, self.seed, resampled,

@@ -332,8 +332,9 @@ class LatentDiffusion(Stage):
         return self._empty
 
     def on_fit_start(self) -> None:
-        cached = getattr(self.trainer.datamodule, "empty_condition", None)  # LatentShardDataModule
-        if cached is not None:
+        datamodule = self.trainer.datamodule
+        cached = getattr(datamodule, "empty_condition", None)  # LatentShardDataModule
+        if cached is not None and datamodule.carries_text_states:  # else the encoder's own, as its captions' are
             self._check_text_width(cached["encoder_hidden_states"].shape[-1], "the cached text encodings' width")
             self._empty = {k: v.float().to(self.device) for k, v in cached.items()}
 
