@@ -72,6 +72,6 @@ def test_text_cache_gives_the_encoder_output(module_factory):
     plain = module_factory()
     cached = module_factory("model.text_cache_size=2")
     captions = ["a large red circle in the center", "a small blue square at the top left", "a red square"]
-    for batch in (captions, captions[::-1], captions[:1] * 3):
+    for batch in (captions, captions[::-1], captions[:1] * 3, [captions[i] for i in (0, 2, 0, 1, 2, 2)]):
         torch.testing.assert_close(cached.encode_text(batch), plain.encode_text(batch))
     assert len(cached._text_cache) == 2  # bounded

@@ -309,17 +309,29 @@ class LatentDiffusion(Stage):
         if not self.text_cache_size:
             return self.text_encoder.condition(list(captions))
         cache = self._text_cache
-        missing = list(dict.fromkeys(c for c in captions if c not in cache))
+        unique = list(dict.fromkeys(captions))
+        missing = [c for c in unique if c not in cache]
         if missing:
             encoded = self.text_encoder.condition(missing)
             for i, caption in enumerate(missing):
                 cache[caption] = {k: v[i] for k, v in encoded.items()}
-        out = {k: torch.stack([cache[c][k] for c in captions]).to(self.device) for k in cache[captions[0]]}
-        for caption in captions:
+        out = {k: torch.stack([cache[c][k] for c in unique]).to(self.device) for k in cache[unique[0]]}
+        if len(unique) < len(captions):  # repeats (class captions): one row each, gathered on the device
+            row = {c: i for i, c in enumerate(unique)}
+            out = {k: v.index_select(0, self._host_index([row[c] for c in captions])) for k, v in out.items()}
+        for caption in unique:
             cache.move_to_end(caption)
         while len(cache) > self.text_cache_size:
             cache.popitem(last=False)
         return out
+
+    def _host_index(self, rows: list[int]) -> Tensor:
+        """Row numbers made on the host, on the module's device without waiting for it (a pinned, non-blocking copy:
+        a copy from pageable memory would wait for every queued kernel)."""
+        index = torch.tensor(rows, dtype=torch.long)
+        if self.device.type == "cuda":
+            return index.pin_memory().to(self.device, non_blocking=True)
+        return index.to(self.device)
 
     def empty_condition(self) -> dict[str, Tensor]:
         """The unconditional text inputs (batch 1), what dropped captions train with and guidance samples with: the
