@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ldm.callbacks.profile import busy_time, is_sync, summarise
+from ldm.callbacks.profile import busy_time, call_site, is_sync, summarise
 from ldm.run.fit import train
 
 
@@ -46,6 +46,48 @@ def test_the_busy_time_counts_kernels_not_annotations():
     assert out["step_ms"] == 10 and out["kernels_per_step"] == 1.5
     assert out["gpu_busy_ms"] == 1.25 and out["gpu_busy_fraction"] == 0.125  # (2,000 + 500) us over 2 steps
     assert out["host_syncs_per_step"] == 0.5 and out["host_sync_ms"] == 0.05 and out["loader_wait_ms"] == 0.2
+
+
+def _read_back(x: torch.Tensor) -> float:
+    return x.sum().item()
+
+
+def _step() -> float:
+    return _read_back(torch.randn(8) * 2)
+
+
+def test_a_read_back_is_traced_to_its_python_caller():
+    """Recorded with stacks, a host read-back (`.item()`, on a GPU a synchronising copy) names the function that
+    made it and its callers, not torch's own frames."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_stack=True) as prof:
+        _step()
+    event = next(e for e in prof.events() if e.name == "aten::_local_scalar_dense")
+    site = call_site(event)
+    assert site is not None
+    frames = site.split(" <- ")
+    assert frames[0].startswith("test_profile.py:") and frames[0].endswith(" _read_back"), site
+    assert frames[1].endswith(" _step") and len(frames) == 3
+
+
+def test_host_syncs_are_counted_by_call_site():
+    cpu = torch.autograd.DeviceType.CPU
+
+    def frame(name, parent=None):
+        return SimpleNamespace(name=name, cpu_parent=parent)
+
+    caller = frame("/x/ldm/stages/latent_diffusion.py(430): training_step", frame("/x/lightning/loop.py(9): run"))
+    inner = frame("/x/site-packages/torch/_tensor.py(77): item", frame("/x/ldm/callbacks/nonfinite.py(58): check", caller))
+
+    def sync(parent):
+        return SimpleNamespace(name="cudaStreamSynchronize", time_range=SimpleNamespace(start=0, end=1),
+                               device_type=cpu, is_user_annotation=False, cpu_time_total=1, cpu_parent=parent)  # fmt: skip
+
+    out = summarise([sync(inner), sync(inner), sync(caller), sync(None)], steps=2, wall_s=0.01)
+    assert out["host_syncs_per_step"] == 2
+    assert out["host_syncs_where"] == {
+        "nonfinite.py:58 check <- latent_diffusion.py:430 training_step <- loop.py:9 run": 2,  # torch's frame skipped
+        "latent_diffusion.py:430 training_step <- loop.py:9 run": 1,
+    }  # and the sync without Python frames above it (recorded without stacks) has no site
 
 
 def test_a_run_writes_its_window_summary_and_trace(tmp_path):

@@ -7,6 +7,8 @@ torch.profiler (host and, on a GPU, device activity) and writes what decides a s
   its share of the wall time (a GPU busy 30 % of the time waits on the host the rest), the host's waits for the
   device (synchronising CUDA calls: their count and time) and for the data loader;
 - `profile/summary.txt`: the same, then the ops with the most device time and the most host time;
+- with `stacks=true` (Python stacks recorded: slower steps in the window, so not the default), `host_syncs_where`:
+  each synchronising call's Python call site (the first frame outside torch and the two that called it), counted;
 - `profile/trace.json.gz`: the timeline, for Perfetto (ui.perfetto.dev) or chrome://tracing;
 - `profile/host_python.txt`: where the host's Python time goes, function by function in milliseconds a step
   (cProfile, over the `python_steps` steps after the first window, so that neither profiler slows the other's
@@ -22,8 +24,10 @@ import cProfile
 import gzip
 import json
 import pstats
+import re
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -32,6 +36,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch.profiler import ProfilerActivity, profile
 
 LOADER_NEXT = "enumerate(DataLoader)"  # torch's DataLoader records each __next__ under this name
+FRAME = re.compile(r"^(?P<file>.+\.py)\((?P<line>\d+)\): (?P<func>.+)$")  # a Python frame's event (with_stack)
 
 
 def busy_time(intervals: list[tuple[float, float]]) -> float:
@@ -57,6 +62,18 @@ def is_kernel(event) -> bool:
     return event.device_type == torch.autograd.DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
 
 
+def call_site(event, frames: int = 3) -> str | None:
+    """Where an event was called from, by the Python frames above it (a profile recorded with stacks): the first
+    frame outside torch's own package and the ones that called it, "file:line function <- ...", or None."""
+    found, parent = [], getattr(event, "cpu_parent", None)
+    while parent is not None and len(found) < frames:
+        frame = FRAME.match(parent.name)
+        if frame and (found or "/torch/" not in frame["file"]):
+            found.append(f"{Path(frame['file']).name}:{frame['line']} {frame['func']}")
+        parent = parent.cpu_parent
+    return " <- ".join(found) or None
+
+
 def summarise(events, steps: int, wall_s: float) -> dict:
     """Per-step figures from a profiler's events (`profile.events()`) over `steps` steps lasting `wall_s`."""
     kernels = [(e.time_range.start, e.time_range.end) for e in events if is_kernel(e)]
@@ -76,6 +93,9 @@ def summarise(events, steps: int, wall_s: float) -> dict:
     if kernels:
         busy_ms = busy_time(kernels) / 1000 / steps
         out.update(gpu_busy_ms=busy_ms, gpu_busy_fraction=busy_ms / step_ms, kernels_per_step=len(kernels) / steps)
+    sites = Counter(site for site in map(call_site, syncs) if site)
+    if sites:
+        out["host_syncs_where"] = dict(sites.most_common(10))
     return out
 
 
@@ -100,12 +120,12 @@ class StepProfile(pl.Callback):
     time over the next `python_steps` steps (0: not) to host_python.txt."""
 
     def __init__(self, start: int = 100, steps: int = 10, out: str | None = None, row_limit: int = 30,
-                 python_steps: int = 10):  # fmt: skip
+                 python_steps: int = 10, stacks: bool = False):  # fmt: skip
         if start < 0 or steps < 1 or python_steps < 0:
             raise ValueError(f"StepProfile: start must be >= 0, steps >= 1 and python_steps >= 0, got start={start}, "
                              f"steps={steps}, python_steps={python_steps}")  # fmt: skip
         self.start, self.steps, self.out, self.row_limit = start, steps, out, row_limit
-        self.python_steps = python_steps
+        self.python_steps, self.stacks = python_steps, stacks
         self._prof: profile | None = None
         self._python: cProfile.Profile | None = None
         self._python_first = 0
@@ -121,7 +141,7 @@ class StepProfile(pl.Callback):
             if pl_module.device.type == "cuda":
                 activities.append(ProfilerActivity.CUDA)
                 torch.cuda.synchronize(pl_module.device)
-            self._prof = profile(activities=activities)
+            self._prof = profile(activities=activities, with_stack=self.stacks)
             self._prof.__enter__()
             self._first_step = trainer.global_step
             self._t0 = time.perf_counter()
@@ -169,8 +189,14 @@ class StepProfile(pl.Callback):
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         table = prof.key_averages()
         device_sort = "self_device_time_total" if pl_module.device.type == "cuda" else "self_cpu_time_total"
-        lines = [f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in summary.items()]
-        text = "\n".join(lines) + "\n\n# by device time\n" + table.table(sort_by=device_sort, row_limit=self.row_limit)
+        sites = summary.get("host_syncs_where", {})
+        lines = [f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in summary.items()
+                 if k != "host_syncs_where"]  # fmt: skip
+        text = "\n".join(lines)
+        if sites:
+            text += "\n\n# host syncs by call site (count in the window)\n"
+            text += "\n".join(f"{count:6d}  {site}" for site, count in sites.items())
+        text += "\n\n# by device time\n" + table.table(sort_by=device_sort, row_limit=self.row_limit)
         text += "\n\n# by host time\n" + table.table(sort_by="self_cpu_time_total", row_limit=self.row_limit)
         (out / "summary.txt").write_text(text)
         raw = out / "trace.json"

@@ -371,6 +371,7 @@ KEYS = {
     "callbacks.profile.out": Path(none=True),
     "callbacks.profile.row_limit": COUNT,
     "callbacks.profile.python_steps": Int(min=0),
+    "callbacks.profile.stacks": Bool(),
 }  # fmt: skip
 
 
