@@ -200,11 +200,14 @@ class LatentDiffusion(Stage):
     def configure_model(self) -> None:
         """Frozen parts and speed options (Lightning calls this before the strategy moves and wraps the module and
         before the optimizer): in a fit, the frozen encoders are built now unless the data module delivers cached
-        encodings (a text encoder that trains adapters is always built)."""
+        encodings (a text encoder that trains adapters is always built; with cached latents but no cached text
+        states, the text encoder alone)."""
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if self._trainer is not None and (not getattr(datamodule, "cached_encodings", False)
                                           or self.text_encoder_trains):  # fmt: skip
             self.build_frozen()
+        elif self._trainer is not None and not getattr(datamodule, "carries_text_states", True):
+            self.text_encoder  # cached latents, captions encoded here: built now, before the strategy wraps the module
         if self.adapter is not None and not getattr(self, "_adapter_ready", False):
             self._setup_adapter()
         if self.channels_last:
