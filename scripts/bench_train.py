@@ -461,29 +461,21 @@ def baseline(work: Path, model: str, resolution: int, batch: int, steps: int, wa
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    sync()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    elapsed = time.perf_counter() - t0
-    return {"images_per_sec": batch * steps / elapsed, "step_seconds": elapsed / steps, "steps": steps,
+    step_seconds = timed(step, device, steps, warmup)
+    return {"images_per_sec": batch / step_seconds, "step_seconds": step_seconds, "steps": steps,
             "batch_size": batch, "world_size": 1,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if device == "cuda" else None}  # fmt: skip
 
 
 def timed(fn, device: str, steps: int, warmup: int) -> float:
-    """Seconds per call of ``fn`` after ``warmup`` calls (synchronised at the window's two ends on a GPU)."""
+    """Seconds per call of ``fn`` after ``warmup`` calls (synchronised at the window's two ends on a GPU, where the
+    memory peaks are reset as the window opens)."""
     for _ in range(warmup):
         fn()
     if device == "cuda":
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(steps):
         fn()

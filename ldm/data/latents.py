@@ -295,9 +295,9 @@ class ToLatentSample:
     """Raw latent-shard sample -> {"latent_mean", "latent_std", "text_hidden", "caption", "key", "original_size",
     "crop_top_left", "target_size"} (+ "mask" (1, h, w) float16 when written with one); raises SampleError naming
     shard and key. Flip and caption choice from an RNG seeded by (seed, pass, shard, key), as ToTrainingSample
-    does for images (exact resume). With tag `captions` the caption changes per visit: the sample then carries no
-    cached "text_hidden" (the stage encodes it); with ``text_states`` false no sample does (the cached states are not
-    even decoded). Shards written before the geometry was recorded give the target size (latent size x `factor`) as
+    does for images (exact resume). With tag `captions` the caption changes per visit, and with ``text_states`` false
+    the cached states are unwanted: the sample then carries no "text_hidden" (the stage encodes the caption), and
+    the cached states are not even decoded. Shards written before the geometry was recorded give the target size (latent size x `factor`) as
     the original size and (0, 0) as the crop (what SDXL assumes at inference)."""
 
     def __init__(self, random_flip: bool = True, seed: int = 0, captions: CaptionProcessor | None = None,
@@ -317,7 +317,8 @@ class ToLatentSample:
             record = decode_texts(sample)["json"]  # {"caption": [...], geometry} (a bare caption list: older shards)
             record = {"caption": record} if isinstance(record, list) else record
             captions = record["caption"]
-            text = load_npy(sample["text.npy"]) if self.text_states else None  # (K, L, D)
+            keep_text = self.text_states and self.captions is None  # tag captions change per visit: encoded later
+            text = load_npy(sample["text.npy"]) if keep_text else None  # (K, L, D)
             if text is not None and text.shape[0] != len(captions):
                 raise ValueError(f"{len(captions)} captions but {text.shape[0]} encodings")
             i = rng.randrange(len(captions))
@@ -340,8 +341,6 @@ class ToLatentSample:
                 out["mask"] = torch.from_numpy(load_npy(sample[prefix + "mask.npy"]))  # (1, h, w) fp16 in [0, 1]
             if self.captions is not None:  # tags shuffled or dropped per visit: no cached encoding fits
                 out["caption"] = self.captions(captions[i], rng)
-                out.pop("text_hidden", None)
-                out.pop("text_pooled", None)
             return out
         except Exception as error:
             raise SampleError(url, key, repr(error)) from error

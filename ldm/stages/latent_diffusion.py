@@ -321,7 +321,8 @@ class LatentDiffusion(Stage):
         out = {k: torch.stack([cache[c][k] for c in unique]).to(self.device) for k in cache[unique[0]]}
         if len(unique) < len(captions):  # repeats (class captions): one row each, gathered on the device
             row = {c: i for i, c in enumerate(unique)}
-            out = {k: v.index_select(0, self._host_index([row[c] for c in captions])) for k, v in out.items()}
+            index = self._host_index([row[c] for c in captions])
+            out = {k: v.index_select(0, index) for k, v in out.items()}
         for caption in unique:
             cache.move_to_end(caption)
         while len(cache) > self.text_cache_size:

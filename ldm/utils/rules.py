@@ -16,11 +16,10 @@ Plain Python (no omegaconf, no torch): it runs before anything heavy is imported
 
 from __future__ import annotations
 
-import re
-
 import difflib
 import math
 import os
+import re
 from collections.abc import Mapping
 from typing import Any as AnyValue
 
