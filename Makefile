@@ -23,11 +23,13 @@ $(DATA)/shapes/train/manifest.json: | .venv/.installed
 	$(PY) -m ldm.data.shapes --out $(DATA)/shapes
 
 # open_clip_config.json is written after the weights: its presence means the export is complete
+# CLIP_ARGS / VAE_ARGS add overrides to stages 0 / 1 as ARGS does to stage 2 (`make train ARGS=logger=csv
+# CLIP_ARGS=logger=csv VAE_ARGS=logger=csv`: no W&B anywhere)
 $(DATA)/models/clip-shapes/open_clip_config.json: $(DATA)/shapes/train/manifest.json
-	$(PY) -m ldm.train experiment=shapes_clip
+	$(PY) -m ldm.train experiment=shapes_clip $(CLIP_ARGS)
 
 $(DATA)/models/vae-shapes/config.json: $(DATA)/shapes/train/manifest.json
-	$(PY) -m ldm.train experiment=shapes_vae
+	$(PY) -m ldm.train experiment=shapes_vae $(VAE_ARGS)
 
 # a random frozen HF CLIP text encoder (model/text_encoder=hf_clip without a pretrained one); not in `train`
 $(DATA)/models/clip-tiny/text_encoder/config.json: | .venv/.installed
