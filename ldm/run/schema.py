@@ -212,6 +212,7 @@ KEYS = {
     "model.compile": Bool() | Options(),
     "model.compile.mode": Choice("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "model.compile.dynamic": Bool(none=True),
+    "model.compile.backend": Choice("inductor", "cudagraphs", "aot_eager", "eager"),  # ldm/training/compile.py
     "model.gradient_checkpointing": Bool(),
     "model.vae_bf16": Bool(),
     "model.kl_weight": Float(min=0),  # vae_stage

@@ -13,7 +13,7 @@ reconstruction term at the decoder's last layer (Esser et al. 2021, eq. 7).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from torch.func import functional_call
 
 from ldm.data.transforms import to_model_range
 from ldm.stages.base import Stage
+from ldm.training.compile import compile_options
 from ldm.training.optim import configure_optimizers
 
 RECONSTRUCTION_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"l1": F.l1_loss, "l2": F.mse_loss}
@@ -87,7 +88,10 @@ class AutoencoderModule(Stage):
         discriminator: nn.Module | None = None,
         disc_start: int = 0,
         disc_weight: float = 0.5,
+        compile: bool | Mapping[str, Any] = False,
     ):
+        """compile: torch.compile of the encoder and decoder (true, or torch.compile's options; see
+        `ldm.training.compile`), in `configure_model`."""
         super().__init__()
         if reconstruction_loss not in RECONSTRUCTION_LOSSES:
             raise ValueError(
@@ -101,6 +105,11 @@ class AutoencoderModule(Stage):
         self.disc_weight = disc_weight
         self.optimizer_factory = optimizer or torch.optim.AdamW
         self.lr_scheduler_factory = lr_scheduler
+        self.compile_options = compile_options(compile)
+
+    def configure_model(self) -> None:
+        # the posterior's sample and the losses stay outside the compiled parts
+        self.compile_parts([self.vae.encoder, self.vae.decoder], self.compile_options)
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Any]:
         posterior = self.vae.encode(x).latent_dist

@@ -34,6 +34,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
+from ldm.training.compile import compile_in_place
 from ldm.training.optim import is_fused
 
 
@@ -54,6 +55,15 @@ class Stage(pl.LightningModule):
     @property
     def progress_bar(self) -> bool:
         return self._trainer is not None and self.trainer.progress_bar_callback is not None
+
+    def compile_parts(self, modules: list[torch.nn.Module], options: dict | None) -> None:
+        """torch.compile `modules` in place with `model.compile`'s options (`ldm.training.compile`), once, for the
+        device the trainer runs on; called from `configure_model`, before the strategy wraps the module."""
+        if options is None or getattr(self, "_compiled", False):
+            return
+        device = self.trainer.strategy.root_device.type if self._trainer is not None else "cpu"
+        compile_in_place(modules, options, device)
+        self._compiled = True
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.images_seen += batch_size(batch) * self.trainer.world_size

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from ldm.data.transforms import to_model_range
 from ldm.models.clip import save_open_clip_dir
 from ldm.stages.base import Stage
 from ldm.stages.hard_negatives import CaptionSwaps
+from ldm.training.compile import compile_options
 from ldm.training.optim import configure_optimizers
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clips the temperature so logits are scaled by at most 100
@@ -56,11 +57,14 @@ class CLIPModule(Stage):
         caption_groups: dict[str, list[str]] | None = None,
         hard_negative_weight: float = 0.0,
         swap_max_images: int = 250,
+        compile: bool | Mapping[str, Any] = False,
     ):
         """clip: (open_clip model, its model config), what `ldm.models.clip.build_open_clip` returns.
         caption_groups: groups of interchangeable caption phrases (see the module docstring), or None.
         hard_negative_weight: weight of the swapped-caption loss (0: the groups only measure).
-        swap_max_images: the held-out images `val/swap_top1/*` ranks (each costs one caption per phrase)."""
+        swap_max_images: the held-out images `val/swap_top1/*` ranks (each costs one caption per phrase).
+        compile: torch.compile of the two towers' transformers (true, or torch.compile's options; see
+        `ldm.training.compile`), in `configure_model`."""
         super().__init__()
         import open_clip
 
@@ -84,6 +88,13 @@ class CLIPModule(Stage):
         self.hard_negative_weight = hard_negative_weight
         self.swap_max_images = swap_max_images
         self._val: list[tuple[Tensor, Tensor, list[str]]] = []
+        self.compile_options = compile_options(compile)
+
+    def configure_model(self) -> None:
+        # the image tower whole; of the text tower its transformer (open_clip's CLIP keeps the text parts on the
+        # model itself, CustomTextCLIP in `.text`); tokenising, pooling and the losses stay outside
+        text = self.model.text if hasattr(self.model, "text") else self.model.transformer
+        self.compile_parts([self.model.visual, text], self.compile_options)
 
     # --- the towers ------------------------------------------------------------------------
     def normalize(self, pixel_values: Tensor) -> Tensor:

@@ -64,7 +64,7 @@ from ldm.models.sdxl import time_ids
 from ldm.models.unet import base_model_version, to_channels_last
 from ldm.models.vae import downsample_factor
 from ldm.stages.base import Stage
-from ldm.training.compile import allow_recompiles
+from ldm.training.compile import allow_recompiles, compile_options
 from ldm.training.ema import EMA
 from ldm.training.fsdp import FSDP, full_params
 from ldm.training.optim import configure_optimizers
@@ -119,7 +119,7 @@ class LatentDiffusion(Stage):
                 self._frozen_factories[name] = part
         self.channels_last = channels_last
         self.vae_bf16 = vae_bf16
-        self.compile_options = ({} if compile is True else dict(compile)) if compile else None
+        self.compile_options = compile_options(compile)
         if gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         diffusion = dict(diffusion or {})
@@ -216,10 +216,9 @@ class LatentDiffusion(Stage):
             buckets = len(getattr(datamodule, "bucket_sizes", None) or ())
             if buckets > 1:  # a graph per bucket (and per batch size of a short batch) may be kept, none runs eagerly
                 allow_recompiles(2 * buckets)
-            self.unet.compile(**self.compile_options)  # in place: parameter names (and checkpoints) unchanged
-            if "vae" in self._modules:  # encoding on the fly (cached latents leave the VAE unbuilt)
-                self.vae.encoder.compile(**self.compile_options)
-            self._compiled = True
+            # the VAE encoder too when encoding on the fly (cached latents leave the VAE unbuilt)
+            encoder = [self.vae.encoder] if "vae" in self._modules else []
+            self.compile_parts([self.unet, *encoder], self.compile_options)
         if "vae" in self._modules and self._vae_in_bf16():
             self.vae.to(torch.bfloat16)
 

@@ -1,0 +1,84 @@
+"""`model.compile` in every stage (ldm/training/compile.py): the CLIP, VAE and latent-diffusion stages compile their
+parts in place and train as they do eagerly (real Trainer, real shards). On the CPU the compiled runs use AOTAutograd's
+`aot_eager` backend: the same tracing as the `cudagraphs` backend, whose graphs a GPU then replays; the cudagraphs
+backend itself leaves a CPU run eager, and says so."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from tiny import TINY_OPEN_CLIP, compose_config, make_tiny_root
+
+from ldm.models.clip import build_open_clip
+from ldm.models.vae import build_vae
+from ldm.run.fit import train
+from ldm.stages.autoencoder import AutoencoderModule
+from ldm.stages.clip import CLIPModule
+from ldm.training.compile import compile_in_place, compile_options
+
+VAE_TINY = ["data.resolution=16", "data.batch_size=4", "data.shuffle_buffer=8", "model.vae.block_out_channels=[8,16]",
+            "model.vae.norm_num_groups=4", "model.vae.sample_size=16", "callbacks.reconstructions=null"]
+CLIP_TINY = ["data.resolution=16", "data.batch_size=8", "data.shuffle_buffer=8", "model.clip.embed_dim=16",
+             "model.clip.vision_cfg.patch_size=8", "model.clip.vision_cfg.width=32", "model.clip.vision_cfg.layers=1",
+             "model.clip.text_cfg.width=32", "model.clip.text_cfg.heads=2", "model.clip.text_cfg.layers=2"]
+COMMON = ["logger=none", "trainer.accelerator=cpu", "trainer.max_steps=3", "trainer.enable_progress_bar=false",
+          "trainer.enable_model_summary=false", "optim.warmup_steps=1", "callbacks.val_loss=null", "seed=3"]
+STAGES = {  # experiment, overrides, the config key its export goes to
+    "clip": ("shapes_clip", CLIP_TINY, "paths.clip_dir"),
+    "vae": ("shapes_vae", VAE_TINY, "paths.vae_dir"),
+    "ldm": ("shapes", ["callbacks.fid=null", "callbacks.export=null", "model.ema_decay=null"], None),
+}
+
+
+def compiled(module: torch.nn.Module) -> bool:
+    return module._compiled_call_impl is not None  # what nn.Module.compile sets
+
+
+def test_compile_options_follow_model_compile():
+    assert compile_options(False) is None and compile_options(None) is None
+    assert compile_options(True) == {}
+    assert compile_options({"backend": "cudagraphs", "dynamic": False}) == {"backend": "cudagraphs", "dynamic": False}
+
+
+def test_the_cudagraphs_backend_leaves_a_cpu_run_eager(caplog):
+    parts = [torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)]
+    with caplog.at_level("INFO"):
+        assert compile_in_place(parts, {"backend": "cudagraphs"}, "cpu") is False
+    assert not any(compiled(p) for p in parts)
+    assert "the cudagraphs backend needs a CUDA device" in caplog.text
+    assert compile_in_place(parts, {"backend": "aot_eager"}, "cpu") is True
+    assert all(compiled(p) for p in parts)
+    assert compile_in_place(parts[:1], None, "cuda") is False
+
+
+def test_each_stage_compiles_its_parts_once():
+    vae = AutoencoderModule(build_vae(block_out_channels=[8, 16], norm_num_groups=4, sample_size=16),
+                            compile={"backend": "aot_eager"})  # fmt: skip
+    vae.configure_model()
+    assert compiled(vae.vae.encoder) and compiled(vae.vae.decoder) and not compiled(vae.vae)
+    clip = CLIPModule(build_open_clip(**TINY_OPEN_CLIP), compile=True)
+    clip.configure_model()
+    assert compiled(clip.model.visual) and compiled(clip.model.transformer)
+    inner = clip.model.visual._compiled_call_impl
+    clip.configure_model()  # Lightning may call it again (a resumed fit): nothing is compiled twice
+    assert clip.model.visual._compiled_call_impl is inner
+    eager = CLIPModule(build_open_clip(**TINY_OPEN_CLIP))
+    eager.configure_model()
+    assert not compiled(eager.model.visual)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_a_compiled_stage_trains_as_the_eager_one(stage, tmp_path):
+    root = make_tiny_root(tmp_path / "root")
+    experiment, overrides, export_key = STAGES[stage]
+    losses, graphs = {}, {}
+    for name, compile_ in (("eager", "false"), ("compiled", "{backend:aot_eager}")):
+        extra = [f"{export_key}={tmp_path / name / 'export'}"] if export_key else []
+        cfg = compose_config(root, tmp_path / name, [*COMMON, *overrides, *extra, f"model.compile={compile_}"],
+                             experiment=experiment, tiny=stage == "ldm")  # fmt: skip
+        counters.clear()
+        losses[name] = train(cfg)["train/loss"]
+        graphs[name] = counters["stats"]["unique_graphs"]  # graphs dynamo traced in this run
+    assert graphs["eager"] == 0 and graphs["compiled"] >= 2  # every compiled part traced
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
