@@ -240,6 +240,8 @@ def test_a_bad_value_is_named_by_the_key_it_was_given_to_not_its_copies():
     ("sampling.guidance_interval=[3,1]", r"^sampling\.guidance_interval=\[3, 1\]: expected \[low, high\] noise levels with "
                                          r"low < high$"),
     ("sampling.guidance_interval=[3]", r"^sampling\.guidance_interval=\[3\]: expected a list of 2 items"),
+    ("model.compile={backend:cudagraph}", r"^model\.compile\.backend='cudagraph': expected one of inductor, cudagraphs, "
+                                          r"aot_eager, eager$"),
 ])  # fmt: skip
 def test_the_mistakes_of_the_issue_are_one_line(override, message):
     with pytest.raises(ConfigError, match=message) as caught:

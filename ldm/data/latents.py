@@ -297,8 +297,8 @@ class ToLatentSample:
     shard and key. Flip and caption choice from an RNG seeded by (seed, pass, shard, key), as ToTrainingSample
     does for images (exact resume). With tag `captions` the caption changes per visit, and with ``text_states`` false
     the cached states are unwanted: the sample then carries no "text_hidden" (the stage encodes the caption), and
-    the cached states are not even decoded. Shards written before the geometry was recorded give the target size (latent size x `factor`) as
-    the original size and (0, 0) as the crop (what SDXL assumes at inference)."""
+    the cached states are not even decoded. Shards written before the geometry was recorded give the target size
+    (latent size x `factor`) as the original size and (0, 0) as the crop (what SDXL assumes at inference)."""
 
     def __init__(self, random_flip: bool = True, seed: int = 0, captions: CaptionProcessor | None = None,
                  factor: int = 8, text_states: bool = True):  # fmt: skip
