@@ -39,6 +39,27 @@ def test_compile_options_follow_model_compile():
     assert compile_options(False) is None and compile_options(None) is None
     assert compile_options(True) == {}
     assert compile_options({"backend": "cudagraphs", "dynamic": False}) == {"backend": "cudagraphs", "dynamic": False}
+    assert compile_options({"backend": "inductor"}) == {"backend": "inductor"}
+
+
+def test_the_cudagraphs_backend_compiles_each_shape_statically():
+    """CUDA graphs replay fixed shapes: `{backend: cudagraphs}` gets dynamic=False (one static graph per batch size; a
+    graph made dynamic at the second shape failed at a third on an H200), and an explicit `dynamic` is kept."""
+    options = compile_options({"backend": "cudagraphs"})
+    assert options == {"backend": "cudagraphs", "dynamic": False}
+    assert compile_options({"backend": "cudagraphs", "dynamic": True})["dynamic"] is True
+    from torch._dynamo.testing import CompileCounter
+
+    graphs = {}
+    for dynamic in (options["dynamic"], None):  # what the option gives, against torch.compile's default
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        module = torch.compile(torch.nn.Linear(3, 2), backend=counter, dynamic=dynamic)
+        for batch in (8, 5, 3, 8):
+            module(torch.randn(batch, 3))
+        graphs[dynamic] = counter.frame_count
+    torch._dynamo.reset()
+    assert graphs == {False: 3, None: 2}  # static: a graph per batch size; default: the second shape goes dynamic
 
 
 def test_the_cudagraphs_backend_leaves_a_cpu_run_eager(caplog):

@@ -7,7 +7,8 @@
 `model.compile={backend: cudagraphs}` traces each module with AOTAutograd and replays its eager kernels as CUDA
 graphs: the launch overhead of a small model goes, as with Inductor's `mode: reduce-overhead`, without Inductor's
 code generation (seconds of tracing instead of minutes of compiling; no fused kernels). It has nothing to capture
-off a CUDA device, so there `compile_in_place` leaves the modules eager and says so.
+off a CUDA device, so there `compile_in_place` leaves the modules eager and says so. Its graphs are static: one per
+shape (`dynamic: false` is its default here).
 
 By default torch.compile (dynamic=None) compiles the first shape statically and, at the first other shape,
 recompiles with those dimensions dynamic: a bucketed run compiles two or three graphs, then none (measured on the
@@ -29,10 +30,16 @@ from torch import nn
 
 
 def compile_options(value: bool | Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """`model.compile` as torch.compile's keyword arguments: None (not compiled) for false, {} for true."""
+    """`model.compile` as torch.compile's keyword arguments: None (not compiled) for false, {} for true. The cudagraphs
+    backend gets `dynamic: false` unless set: it replays graphs captured at fixed shapes, and a graph made dynamic
+    after a second shape fails at the next one (session 22, one H200: the CLIP stage's short last validation batch,
+    "size of tensor a (128) must match the size of tensor b (104)")."""
     if not value:
         return None
-    return {} if value is True else dict(value)
+    options = {} if value is True else dict(value)
+    if options.get("backend") == "cudagraphs":
+        options.setdefault("dynamic", False)
+    return options
 
 
 def compile_in_place(modules: Iterable[nn.Module], options: Mapping[str, Any] | None, device_type: str) -> bool:
