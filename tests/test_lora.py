@@ -355,7 +355,7 @@ BAD = {  # name: (overrides of lora_config, or of the tiny default after "PLAIN"
     "a missing file": (["model.adapter.init_from=/nonexistent/lora.safetensors"], None, r"no such file or directory"),
     "an open_clip text encoder": (["PLAIN", "model/adapter=lora", "model.adapter.text_encoder=true"], None,
                                   r"^model\.adapter\.text_encoder=true needs a transformers CLIP"),
-    "FSDP": (["+trainer/strategy=fsdp"], None, r"^model/adapter=lora with \+trainer/strategy=fsdp"),
+    "FSDP": (["+trainer/strategy=fsdp", "model.compile=false"], None, r"^model/adapter=lora with \+trainer/strategy=fsdp"),
     "a bf16 base without autocast": (["model.adapter.base_dtype=bfloat16"], None,
                                      r"^model\.adapter\.base_dtype=bfloat16 with trainer\.precision=32-true"),
     "unknown keys": ([], lambda p, u: lora_file(p, u, extra={"lora_unet_down_blocks_7_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 16),
