@@ -103,3 +103,24 @@ def test_a_compiled_stage_trains_as_the_eager_one(stage, tmp_path):
         graphs[name] = counters["stats"]["unique_graphs"]  # graphs dynamo traced in this run
     assert graphs["eager"] == 0 and graphs["compiled"] >= 2  # every compiled part traced
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
+
+
+@pytest.mark.parametrize("stage", ["clip", "vae"])
+def test_a_compiled_stage_validates_eagerly(stage, tmp_path):
+    """Validation runs a few batches of new shapes without gradients: a compiled stage runs them eagerly (no graph
+    traced for them; ldm.training.compile.eager_stance) and trains compiled again after, the stance back to default."""
+    root = make_tiny_root(tmp_path / "root")
+    experiment, overrides, export_key = STAGES[stage]
+    graphs = {}
+    for name, validate in (("no_validation", ["++trainer.limit_val_batches=0"]),
+                           ("validation", ["++trainer.val_check_interval=2", "++trainer.limit_val_batches=2"])):  # fmt: skip
+        cfg = compose_config(root, tmp_path / name, [*COMMON, *overrides, f"{export_key}={tmp_path / name / 'export'}",
+                                                     "model.compile={backend:aot_eager}", "trainer.max_steps=4",
+                                                     "++trainer.check_val_every_n_epoch=null", *validate],
+                             experiment=experiment, tiny=False)  # fmt: skip
+        torch._dynamo.reset()  # each run compiles afresh (code compiled in one run serves the next)
+        counters.clear()
+        train(cfg)
+        graphs[name] = counters["stats"]["unique_graphs"]
+        assert torch._dynamo.eval_frame._stance.stance == "default"
+    assert graphs["validation"] == graphs["no_validation"] >= 2

@@ -159,8 +159,8 @@ def test_what_fsdp_cannot_do_is_refused_in_one_line(tmp_path, overrides, message
     from ldm.run.validate import ConfigError, validate_config
 
     # model.compile=false: the shapes experiments compile (CUDA graphs on a GPU), which FSDP refuses first
-    cfg = compose_config(tmp_path, tmp_path / "run", ["+trainer/strategy=fsdp", "trainer.devices=2", "model.compile=false",
-                                                      *overrides])  # fmt: skip
+    fsdp = ["+trainer/strategy=fsdp", "trainer.devices=2", "model.compile=false"]
+    cfg = compose_config(tmp_path, tmp_path / "run", [*fsdp, *overrides])
     with pytest.raises(ConfigError, match=message):
         validate_config(cfg)
 

@@ -23,6 +23,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from ldm.metrics.fid import make_fid, set_real_states
 from ldm.metrics.reconstruction import reconstruction_quality
 from ldm.metrics.reference import reference_states
+from ldm.training.compile import eager_stance
 from ldm.utils.images import captioned_grid
 
 
@@ -70,8 +71,9 @@ class ReconstructionQuality(pl.Callback):
             self.fid = make_fid(self.network).to(pl_module.device)  # the Inception where the VAE runs, as FIDCallback's
             set_real_states(self.fid, reference_states(self.fid, shards, resolution, self.num_images, self.cache_dir,
                                                        self.network, self.batch_size))
-        row, originals, reconstructions = reconstruction_quality(vae, self.fid, shards, resolution, self.num_images,
-                                                                 self.batch_size, self.grid_images, pl_module.device)  # fmt: skip
+        with eager_stance():  # a compiled VAE: no graphs compiled and captured for a few evaluation batches
+            row, originals, reconstructions = reconstruction_quality(
+                vae, self.fid, shards, resolution, self.num_images, self.batch_size, self.grid_images, pl_module.device)
         n = int(self.fid.fake_features_num_samples)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in row.items()})
         for logger in trainer.loggers:

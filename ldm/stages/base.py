@@ -34,7 +34,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
-from ldm.training.compile import compile_in_place
+from ldm.training.compile import compile_in_place, eager_stance
 from ldm.training.optim import is_fused
 
 
@@ -64,6 +64,28 @@ class Stage(pl.LightningModule):
         device = self.trainer.strategy.root_device.type if self._trainer is not None else "cpu"
         compile_in_place(modules, options, device)
         self._compiled = True
+
+    # A compiled stage validates eagerly (a few batches of new shapes, no gradients: compiling and capturing graphs
+    # for them costs more than it saves; ldm.training.compile.eager_stance). Lightning calls these two around every
+    # validation run; teardown restores the stance after a run that stopped inside one.
+    def on_validation_model_eval(self) -> None:
+        super().on_validation_model_eval()
+        if getattr(self, "_compiled", False):
+            eager_stance()
+            self._eager_validation = True
+
+    def on_validation_model_train(self) -> None:
+        self._default_stance()
+        super().on_validation_model_train()
+
+    def teardown(self, stage: str) -> None:
+        self._default_stance()
+        super().teardown(stage)
+
+    def _default_stance(self) -> None:
+        if getattr(self, "_eager_validation", False):
+            torch.compiler.set_stance("default")
+            self._eager_validation = False
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.images_seen += batch_size(batch) * self.trainer.world_size
