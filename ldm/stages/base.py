@@ -62,7 +62,7 @@ class Stage(pl.LightningModule):
         if options is None or getattr(self, "_compiled", False):
             return
         device = self.trainer.strategy.root_device.type if self._trainer is not None else "cpu"
-        compile_in_place(modules, options, device)
+        self._traced = compile_in_place(modules, options, device)  # False: left eager (cudagraphs off CUDA)
         self._compiled = True
 
     # A compiled stage validates eagerly (a few batches of new shapes, no gradients: compiling and capturing graphs
@@ -70,7 +70,7 @@ class Stage(pl.LightningModule):
     # validation run; teardown restores the stance after a run that stopped inside one.
     def on_validation_model_eval(self) -> None:
         super().on_validation_model_eval()
-        if getattr(self, "_compiled", False):
+        if getattr(self, "_traced", False):
             eager_stance()
             self._eager_validation = True
 
