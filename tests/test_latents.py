@@ -117,11 +117,32 @@ def train_noting_frozen_builds(cfg) -> tuple[dict, list[str]]:
 def test_training_on_latents_never_builds_the_frozen_encoders(root, tmp_path):
     cfg = compose_config(root, tmp_path / "run", [
         "data=latents", f"data.train_shards={root / 'latents'}", "data.batch_size=4", "logger=csv",
-        "~callbacks.fid", "~callbacks.sample_grid", "~callbacks.export",
+        "data.text_states=true", "~callbacks.fid", "~callbacks.sample_grid", "~callbacks.export",
     ])  # fmt: skip
     metrics, built = train_noting_frozen_builds(cfg)
     assert np.isfinite(metrics["train/loss"]) and metrics["train/images_seen"] == 8
     assert built == []
+
+
+@pytest.mark.parametrize("cache_size", [0, "fits", "one short"])
+def test_text_states_auto_reads_them_unless_every_caption_fits_the_stages_memo(root, tmp_path, cache_size):
+    """`data.text_states: auto` (the default): latents.json counts the distinct captions written; a fit reads the
+    cached states unless they and the empty caption all fit `model.text_cache_size` (then the stage encodes each
+    once, and builds the text encoder for it); outside a trainer, auto reads them."""
+    distinct = {s["caption"] for s in latent_samples(root / "latents")}  # one caption a sample here
+    assert read_meta(str(root / "latents"))["distinct_captions"] == len(distinct) > 1
+    size = {0: 0, "fits": len(distinct) + 1, "one short": len(distinct)}[cache_size]
+    cfg = compose_config(root, tmp_path / "run", [
+        "data=latents", f"data.train_shards={root / 'latents'}", "data.batch_size=4", "logger=csv",
+        f"model.text_cache_size={size}", "~callbacks.fid", "~callbacks.sample_grid", "~callbacks.export",
+    ])  # fmt: skip
+    assert cfg.data.text_states == "auto"
+    metrics, built = train_noting_frozen_builds(cfg)
+    assert np.isfinite(metrics["train/loss"])
+    assert built == (["text_encoder"] if cache_size == "fits" else [])
+    module = LatentShardDataModule(str(root / "latents"), None, batch_size=4, num_workers=0)
+    assert module.text_states == "auto" and module.carries_text_states
+    assert "text_hidden" in next(iter(module.train_dataloader()))
 
 
 def test_latents_without_text_states_train_on_the_stages_own_encodings(root, tmp_path):

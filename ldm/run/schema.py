@@ -103,7 +103,7 @@ KEYS = {
     "data.batch_size": COUNT,
     "data.num_workers": Int(min=0, none=True, note="(null: none on a CPU, half the cores up to 8 with a GPU)"),
     "data.random_flip": Bool(),
-    "data.text_states": Bool(),
+    "data.text_states": Bool() | Choice("auto"),
     "data.shuffle_buffer": Int(min=0),
     "data.seed": SEED,
     "data.samples_per_epoch": Int(min=1, none=True),
