@@ -108,13 +108,17 @@ def test_a_compiled_stage_trains_as_the_eager_one(stage, tmp_path):
 @pytest.mark.parametrize("stage", ["clip", "vae"])
 def test_a_compiled_stage_validates_eagerly(stage, tmp_path):
     """Validation runs a few batches of new shapes without gradients: a compiled stage runs them eagerly (no graph
-    traced for them; ldm.training.compile.eager_stance) and trains compiled again after, the stance back to default."""
+    traced for them; ldm.training.compile.eager_stance) and trains compiled again after, the stance back to default.
+    The VAE's rFID evaluation (at step 2 and at the end) runs eagerly too."""
     root = make_tiny_root(tmp_path / "root")
     experiment, overrides, export_key = STAGES[stage]
+    rfid = ["callbacks.reconstructions.num_images=8", "callbacks.reconstructions.batch_size=4",
+            "callbacks.reconstructions.grid_images=4", "callbacks.reconstructions.every_n_steps=2"]
+    evaluated = [o for o in overrides if o != "callbacks.reconstructions=null"] + (rfid if stage == "vae" else [])
     graphs = {}
-    for name, validate in (("no_validation", ["++trainer.limit_val_batches=0"]),
-                           ("validation", ["++trainer.val_check_interval=2", "++trainer.limit_val_batches=2"])):  # fmt: skip
-        cfg = compose_config(root, tmp_path / name, [*COMMON, *overrides, f"{export_key}={tmp_path / name / 'export'}",
+    for name, validate in (("no_validation", [*overrides, "++trainer.limit_val_batches=0"]),
+                           ("validation", [*evaluated, "++trainer.val_check_interval=2", "++trainer.limit_val_batches=2"])):  # fmt: skip
+        cfg = compose_config(root, tmp_path / name, [*COMMON, f"{export_key}={tmp_path / name / 'export'}",
                                                      "model.compile={backend:aot_eager}", "trainer.max_steps=4",
                                                      "++trainer.check_val_every_n_epoch=null", *validate],
                              experiment=experiment, tiny=False)  # fmt: skip

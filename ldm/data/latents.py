@@ -421,9 +421,10 @@ class LatentShardDataModule(ShardDataModule):
         super().setup(stage)
         if self.text_states == "auto":
             module = self.trainer.lightning_module if self.trainer is not None else None
-            self.text_states = self.states_needed(getattr(module, "text_cache_size", 0))
+            cache_size = getattr(module, "text_cache_size", 0)
+            self.text_states = self.states_needed(cache_size)
             rank_zero_info(f"data.text_states=auto: {self.text_states} ({self.meta.get('distinct_captions')} distinct "
-                           f"captions in the shards, model.text_cache_size={getattr(module, 'text_cache_size', 0)})")
+                           f"captions in the shards, model.text_cache_size={cache_size})")
 
     def states_needed(self, text_cache_size: int) -> bool:
         """`text_states: auto`'s choice: read the cached states unless every distinct caption of the shards and the

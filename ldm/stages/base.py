@@ -72,7 +72,6 @@ class Stage(pl.LightningModule):
         super().on_validation_model_eval()
         if getattr(self, "_traced", False):
             eager_stance()
-            self._eager_validation = True
 
     def on_validation_model_train(self) -> None:
         self._default_stance()
@@ -83,9 +82,8 @@ class Stage(pl.LightningModule):
         super().teardown(stage)
 
     def _default_stance(self) -> None:
-        if getattr(self, "_eager_validation", False):
+        if getattr(self, "_traced", False):
             torch.compiler.set_stance("default")
-            self._eager_validation = False
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.images_seen += batch_size(batch) * self.trainer.world_size
