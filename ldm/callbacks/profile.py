@@ -12,7 +12,8 @@ torch.profiler (host and, on a GPU, device activity) and writes what decides a s
 - `profile/trace.json.gz`: the timeline, for Perfetto (ui.perfetto.dev) or chrome://tracing;
 - `profile/host_python.txt`: where the host's Python time goes, function by function in milliseconds a step
   (cProfile, over the `python_steps` steps after the first window, so that neither profiler slows the other's
-  steps): what Lightning's loop, the callbacks, the optimizer and the EMA cost a step that waits on the host.
+  steps): what Lightning's loop, the callbacks, the optimizer and the EMA cost a step that waits on the host;
+  `profile/host_python.pstats`, cProfile's own file of the same steps (who calls what: `python -m pstats FILE`).
 
 The window opens after `start` steps (compilation, cuDNN autotuning and the loader's start are over by then) and
 costs those few steps some speed; the rest of the run is not profiled.
@@ -176,6 +177,7 @@ class StepProfile(pl.Callback):
         out = self._dir(trainer)
         text = python_table(pstats.Stats(profiler), steps, self.row_limit)
         (out / "host_python.txt").write_text(f"# steps {self._python_first}..{trainer.global_step - 1}\n" + text)
+        profiler.dump_stats(out / "host_python.pstats")  # callers and callees: pstats.Stats(path).print_callers()
 
     def _finish(self, trainer, pl_module) -> None:
         if pl_module.device.type == "cuda":
