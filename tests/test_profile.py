@@ -116,3 +116,10 @@ def test_a_run_writes_its_window_summary_and_trace(tmp_path):
     loop = next(v for k, v in rows.items() if k.startswith("training_epoch_loop.py") and k.endswith("(advance)"))
     assert step[2] == 1.0 and loop[2] == 1.0  # once a step
     assert 0 < step[0] < loop[0] <= summary["step_ms"] * 50
+    # cProfile's own file of the same steps: who called the training step (Lightning's strategy, once a step)
+    import pstats
+
+    stats = pstats.Stats(str(run / "profile" / "host_python.pstats"))
+    (key,) = [k for k in stats.stats if k[2] == "training_step" and "latent_diffusion" in k[0]]
+    callers = stats.stats[key][4]
+    assert [c[2] for c in callers] == ["training_step"] and sum(v[0] for v in callers.values()) == 2
