@@ -370,6 +370,40 @@ def test_write_shapes_dataset_is_readable(shapes_root):
     assert np.array_equal(to_uint8(first["pixel_values"]), np.asarray(image))
 
 
+def shard_contents(folder: Path) -> dict[str, list[tuple[str, bytes]]]:
+    """Each shard's members, name and bytes, in order (tar headers aside: they carry the writing time)."""
+    out = {}
+    for path in sorted(folder.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            out[path.name] = [(m.name, tar.extractfile(m).read()) for m in tar]
+    return out
+
+
+def test_shards_written_by_workers_hold_what_one_process_writes(tmp_path):
+    """write_shards(workers=2): the same shards, manifest counts and sizes.json as in one process (the built-in data
+    set as `python -m ldm.data.shapes` writes it, 4 shards, one short); a corrupt image skipped in a worker is counted."""
+    write_shapes_dataset(tmp_path / "one", n_train=14, n_val=3, size=16, samples_per_shard=4)
+    write_shapes_dataset(tmp_path / "two", n_train=14, n_val=3, size=16, samples_per_shard=4, workers=2)
+    for split in ("train", "val"):
+        one, two = tmp_path / "one" / split, tmp_path / "two" / split
+        assert shard_contents(two) == shard_contents(one) and len(shard_contents(one)) == (4 if split == "train" else 1)
+        manifests = [json.loads((d / "manifest.json").read_text()) for d in (one, two)]
+        assert [[(r["name"], r["count"]) for r in m["shards"]] for m in manifests][0] == \
+            [[(r["name"], r["count"]) for r in m["shards"]] for m in manifests][1]  # fmt: skip
+        assert json.loads((two / "sizes.json").read_text()) == json.loads((one / "sizes.json").read_text())
+
+    good = Image.new("RGB", (8, 8), GREEN)
+    samples = [(f"{i:03d}", b"not an image" if i == 4 else good, f"c{i}") for i in range(7)]
+    with pytest.warns(UserWarning, match="skipping sample 004"):
+        paths = write_shards(samples, tmp_path / "skip", samples_per_shard=3, image_format="png", progress=False,
+                             workers=2)  # fmt: skip
+    manifest = json.loads((tmp_path / "skip" / "manifest.json").read_text())
+    assert [p.name for p in paths] == ["000000.tar", "000001.tar", "000002.tar"]
+    assert [r["count"] for r in manifest["shards"]] == [3, 2, 1] and manifest["skipped"] == 1
+    with pytest.raises(ValueError, match="workers > 1"):
+        write_shards(samples, tmp_path / "bytes", max_shard_bytes=10_000, workers=2, progress=False)
+
+
 def test_shapes_cli_skips_existing_output(tmp_path, capsys):
     args = ["--out", str(tmp_path), "--n-train", "6", "--n-val", "2", "--size", "16", "--samples-per-shard", "4"]
     shapes_main(args)

@@ -15,6 +15,7 @@ left"), so a text-conditioned model has to read all four to get the image right.
 import argparse
 import json
 import math
+import os
 import random
 from pathlib import Path
 
@@ -135,14 +136,17 @@ def write_shapes_dataset(
     size: int = 32,
     seed: int = 0,
     samples_per_shard: int = 2000,
+    workers: int = 1,
 ) -> dict[str, list[Path]]:
-    """Write out_dir/train/NNNNNN.tar and out_dir/val/NNNNNN.tar (PNG); return their paths."""
+    """Write out_dir/train/NNNNNN.tar and out_dir/val/NNNNNN.tar (PNG); return their paths. `workers` processes
+    encode and write shards at once (the images are drawn here, in order: the same data for any count)."""
     out_dir = Path(out_dir)
     paths = {}
     # val first: train/manifest.json (what `make` checks) then appears only once both are complete
     for split, n in (("val", n_val), ("train", n_train)):
         rng = random.Random(f"shapes-{seed}-{split}")  # independent, reproducible streams
-        paths[split] = write_shards(_samples(n, size, rng), out_dir / split, samples_per_shard, image_format="png")
+        paths[split] = write_shards(_samples(n, size, rng), out_dir / split, samples_per_shard, image_format="png",
+                                    workers=workers)
     params = {"n_train": n_train, "n_val": n_val, "size": size, "seed": seed}
     (out_dir / "shapes.json").write_text(json.dumps(params, indent=1))
     return paths
@@ -155,6 +159,8 @@ def main(argv=None) -> None:
     parser.add_argument("--n-val", type=int, default=1000)
     parser.add_argument("--size", type=int, default=32, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="processes encoding and writing shards at once (default: the cores, up to 8)")
     parser.add_argument("--samples-per-shard", type=int, default=2000)
     args = parser.parse_args(argv)
 
@@ -167,7 +173,7 @@ def main(argv=None) -> None:
             print(f"{out}: shapes dataset already exists ({existing}); skipping")
             return
         raise SystemExit(f"{out}: holds a shapes dataset made with {existing}, not {wanted}; delete it or pick another --out")
-    write_shapes_dataset(out, args.n_train, args.n_val, args.size, args.seed, args.samples_per_shard)
+    write_shapes_dataset(out, args.n_train, args.n_val, args.size, args.seed, args.samples_per_shard, args.workers)
     print(f"{out}: wrote {args.n_train} train and {args.n_val} val images of {args.size}px")
 
 

@@ -237,14 +237,14 @@ class ShardSink:
     with each sample go to `sizes[name]` (the sizes.json entry). As a context manager it finishes the last shard,
     or aborts it when an exception (a crash, Ctrl-C) ends the block."""
 
-    def __init__(self, out_dir: Path, records: list[dict], sizes: dict | None = None):
-        self.out_dir, self.records, self.sizes = out_dir, records, sizes
+    def __init__(self, out_dir: Path, records: list[dict], sizes: dict | None = None, first_index: int = 0):
+        self.out_dir, self.records, self.sizes, self.first_index = out_dir, records, sizes, first_index
         self.writer, self.tmp_path, self.count = None, None, 0
         self._sizes: dict[str, list[int] | None] = {}
 
     def write(self, sample: dict, size: tuple[int, int] | None = None) -> None:
         if self.writer is None:
-            self.tmp_path = self.out_dir / f"{len(self.records):06d}.tar.tmp"
+            self.tmp_path = self.out_dir / f"{self.first_index + len(self.records):06d}.tar.tmp"
             # a whole-second mtime: webdataset's default (time.time(), a float) makes tarfile add a PAX header to
             # every member, which readers then parse in Python (~0.1 ms a member, about half of reading a latent)
             self.writer = wds.TarWriter(str(self.tmp_path), encoder=False, mtime=int(time.time()))
@@ -297,6 +297,40 @@ def encode_mask(mask: ImageLike) -> bytes:
     return buffer.getvalue()
 
 
+def _encode_sample(image, caption, mask, image_format: str, quality: int, max_size: int | None):
+    """A sample's tar members ({extension: bytes}) and its image's (width, height); OSError, ValueError or
+    DecompressionBombError for an image (or mask) that cannot be read or encoded."""
+    extension, data = encode_image(image, image_format, quality, max_size)
+    members = {extension: data, **dict([_caption_member(caption)])}
+    if mask and mask[0] is not None:
+        members["mask.png"] = encode_mask(mask[0])
+    return members, image_size(data)
+
+
+_SKIPPABLE = (OSError, ValueError, Image.DecompressionBombError)
+
+
+def _write_one_shard(out_dir: Path, index: int, samples: list[tuple], image_format: str, quality: int,
+                     max_size: int | None) -> tuple[dict | None, dict | None, list[str]]:  # fmt: skip
+    """A worker's part of `write_shards(..., workers=N)`: `samples` as shard number `index` (written as `.tar.tmp`,
+    renamed when complete); returns its manifest record and sizes.json entry (None when every sample was skipped)
+    and a message for each skipped sample (the writing process warns with them)."""
+    records: list[dict] = []
+    sizes: dict = {}
+    skipped: list[str] = []
+    with ShardSink(out_dir, records, sizes, first_index=index) as sink:
+        for key, image, caption, *mask in samples:
+            try:
+                members, dimensions = _encode_sample(image, caption, mask, image_format, quality, max_size)
+            except _SKIPPABLE as error:
+                skipped.append(f"{out_dir}: skipping sample {key} ({error!r})")
+                continue
+            sink.write({"__key__": key, **members}, size=dimensions)
+    if not records:
+        return None, None, skipped
+    return records[0], sizes[records[0]["name"]], skipped
+
+
 def refuse_duplicates(samples) -> None:
     """ValueError naming the first key two samples share (nothing is written then): a key names one sample."""
     first: dict[str, object] = {}
@@ -319,6 +353,7 @@ def write_shards(
     max_size: int | None = None,
     resume: bool = False,
     total: int | None = None,
+    workers: int = 1,
 ) -> list[Path]:
     """Write (key, image, caption) or (key, image, caption, mask) samples as tar shards + manifest.json +
     sizes.json; return shard paths. A caption is a string (`<key>.txt`) or a list of them (`<key>.json`).
@@ -329,7 +364,18 @@ def write_shards(
     counted as "skipped" in the manifest. With `resume=True`, complete shards already in
     `out_dir` are kept and samples whose key they hold are not written again. Two samples with
     one key are refused before anything is written (for a list; a stream stops at the second).
+
+    `workers` > 1 encodes and writes that many shards at once, in worker processes (the samples are read here, in
+    order, and sent to them: images as paths, bytes or PIL images). Each shard then takes the next
+    `samples_per_shard` samples of the stream, so a skipped sample leaves its shard one short instead of moving the
+    next sample in; without skips the shards hold what one process writes. It needs shards closed by count (no
+    `max_shard_bytes`) and a fresh folder (no `resume`).
     """
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    if workers > 1 and (max_shard_bytes is not None or resume):
+        raise ValueError("write_shards: workers > 1 closes shards by count in a fresh folder: it cannot be combined "
+                         "with max_shard_bytes or resume")  # fmt: skip
     if samples_per_shard <= 0:
         raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
     if max_shard_bytes is not None and max_shard_bytes <= 0:
@@ -358,35 +404,26 @@ def write_shards(
         refuse_duplicates(samples)
 
     seen: set[str] = set()
-    skipped = 0
-    size = 0
-    with ShardSink(out_dir, shards, sizes) as sink, tqdm(samples, total=total, desc=f"writing {out_dir}", unit="img",
-                                                          disable=not progress) as bar:  # fmt: skip
-        for key, image, caption, *mask in bar:
+
+    def checked(stream):  # each sample's key: unique and usable as a tar member's stem
+        for sample in stream:
+            key = sample[0]
             if key in seen:
                 raise ValueError(f"two samples have the key {key!r}; keys must be unique: stopped, the shard being "
                                  f"written was removed and no manifest written")  # fmt: skip
             if not key or "." in key or key.startswith("_"):
                 raise ValueError(f"bad sample key {key!r}: must be non-empty, hold no '.', not start with '_'")
             seen.add(key)
-            if key in done_keys:
-                continue
-            try:
-                extension, data = encode_image(image, image_format, quality, max_size)
-                members = {extension: data, **dict([_caption_member(caption)])}
-                if mask and mask[0] is not None:
-                    members["mask.png"] = encode_mask(mask[0])
-                dimensions = image_size(data)
-            except (OSError, ValueError, Image.DecompressionBombError) as error:
-                warnings.warn(f"{out_dir}: skipping sample {key} ({error!r})", stacklevel=2)
-                skipped += 1
-                continue
-            sink.write({"__key__": key, **members}, size=dimensions)
-            size += sum(_tar_bytes(len(member)) for member in members.values())
-            if sink.count >= samples_per_shard or (max_shard_bytes is not None and size >= max_shard_bytes):
-                sink.finish()
-                size = 0
-            bar.set_postfix(shards=len(shards), skipped=skipped, refresh=False)
+            yield sample
+
+    bar = tqdm(total=total, desc=f"writing {out_dir}", unit="img", disable=not progress)
+    with bar:
+        if workers > 1:
+            skipped = _write_in_workers(checked(samples), out_dir, samples_per_shard, image_format, quality, max_size,
+                                        workers, shards, sizes, bar)  # fmt: skip
+        else:
+            skipped = _write_here(checked(samples), out_dir, samples_per_shard, image_format, quality, max_size,
+                                  max_shard_bytes, done_keys, shards, sizes, bar)  # fmt: skip
     if not shards:
         raise ValueError(f"{out_dir}: no samples to write")
 
@@ -400,3 +437,71 @@ def write_shards(
     if stale:
         warnings.warn(f"{out_dir}: holds shards not written now (stale?): {', '.join(stale[:5])}")
     return [out_dir / shard["name"] for shard in shards]
+
+
+def _write_here(samples, out_dir: Path, samples_per_shard: int, image_format: str, quality: int,
+                max_size: int | None, max_shard_bytes: int | None, done_keys: set[str], shards: list[dict],
+                sizes: dict, bar) -> int:  # fmt: skip
+    """`write_shards` in this process: appends to `shards` and `sizes`; returns the count of skipped samples."""
+    skipped = 0
+    size = 0
+    with ShardSink(out_dir, shards, sizes) as sink:
+        for key, image, caption, *mask in samples:
+            bar.update(1)
+            if key in done_keys:
+                continue
+            try:
+                members, dimensions = _encode_sample(image, caption, mask, image_format, quality, max_size)
+            except _SKIPPABLE as error:
+                warnings.warn(f"{out_dir}: skipping sample {key} ({error!r})", stacklevel=2)
+                skipped += 1
+                continue
+            sink.write({"__key__": key, **members}, size=dimensions)
+            size += sum(_tar_bytes(len(member)) for member in members.values())
+            if sink.count >= samples_per_shard or (max_shard_bytes is not None and size >= max_shard_bytes):
+                sink.finish()
+                size = 0
+            bar.set_postfix(shards=len(shards), skipped=skipped, refresh=False)
+    return skipped
+
+
+def _write_in_workers(samples, out_dir: Path, samples_per_shard: int, image_format: str, quality: int,
+                      max_size: int | None, workers: int, shards: list[dict], sizes: dict, bar) -> int:  # fmt: skip
+    """`write_shards` with `workers` processes, a shard each at a time (at most two waiting per worker, so a long
+    stream is not held in memory): appends to `shards` and `sizes` in shard order; returns the skipped count."""
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+    from itertools import count, islice
+
+    skipped = 0
+
+    def collect(future) -> None:
+        nonlocal skipped
+        record, entry, messages = future.result()
+        for message in messages:
+            warnings.warn(message, stacklevel=4)
+        skipped += len(messages)
+        if record is not None:
+            shards.append(record)
+            sizes[record["name"]] = entry
+        bar.set_postfix(shards=len(shards), skipped=skipped, refresh=False)
+
+    samples = iter(samples)
+    pending: deque = deque()
+    with ProcessPoolExecutor(workers) as pool:
+        try:
+            for index in count():  # shard 0, 1, 2, ... while samples last
+                chunk = list(islice(samples, samples_per_shard))
+                if not chunk:
+                    break
+                bar.update(len(chunk))
+                pending.append(pool.submit(_write_one_shard, out_dir, index, chunk, image_format, quality, max_size))
+                while len(pending) > 2 * workers:
+                    collect(pending.popleft())
+            while pending:
+                collect(pending.popleft())
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+    return skipped
