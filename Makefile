@@ -41,9 +41,9 @@ vae: $(DATA)/models/vae-shapes/config.json
 text-encoder: $(DATA)/models/clip-tiny/text_encoder/config.json
 
 # Stages 0 and 1 need only the data: on a machine with an NVIDIA GPU they train side by side (each is bound by its
-# own process's Python, the GPU is busy 15 % of a step: docs/benchmarks.md, session 23), each one's output shown when
-# it ends (and as it goes in its run directory's train.log); on a CPU one after the other (they would share its
-# cores). STAGE_JOBS=1 or 2 chooses.
+# own process's Python, the GPU is busy at most 15 % of a step: docs/benchmarks.md, session 23), each one's output
+# shown when it ends (and as it goes in its run directory's train.log); on a CPU one after the other (they would
+# share its cores). STAGE_JOBS=1 or 2 chooses.
 STAGE_JOBS ?= $(if $(shell nvidia-smi -L 2>/dev/null | grep GPU),2,1)
 
 train: shapes

@@ -133,8 +133,11 @@ def test_a_compiled_stage_validates_eagerly(stage, tmp_path):
 def test_the_static_parameter_backend_runs_where_torch_skips_graphs():
     """On the CPU torch's cudagraphs backend captures nothing (it skips graphs for CPU tensors); the static-parameter
     variant then gives eager results too: its hooks into torch's internals exist in this torch version."""
+    from torch._inductor import cudagraph_trees
+
     from ldm.training.compile import cudagraphs_static_parameters
 
+    stock = cudagraph_trees.cudagraphify_impl
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 2))
     x = torch.randn(3, 4)
@@ -143,6 +146,7 @@ def test_the_static_parameter_backend_runs_where_torch_skips_graphs():
     torch.testing.assert_close(compiled_model(x), expected)
     compiled_model(x).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+    assert cudagraph_trees.cudagraphify_impl is stock  # torch's own function again once the graph is compiled
 
 
 def _dtod_copies(step) -> int:

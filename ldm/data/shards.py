@@ -310,6 +310,10 @@ def _encode_sample(image, caption, mask, image_format: str, quality: int, max_si
 _SKIPPABLE = (OSError, ValueError, Image.DecompressionBombError)
 
 
+def _skip_message(out_dir: Path, key: str, error: Exception) -> str:
+    return f"{out_dir}: skipping sample {key} ({error!r})"
+
+
 def _write_one_shard(out_dir: Path, index: int, samples: list[tuple], image_format: str, quality: int,
                      max_size: int | None) -> tuple[dict | None, dict | None, list[str]]:  # fmt: skip
     """A worker's part of `write_shards(..., workers=N)`: `samples` as shard number `index` (written as `.tar.tmp`,
@@ -323,7 +327,7 @@ def _write_one_shard(out_dir: Path, index: int, samples: list[tuple], image_form
             try:
                 members, dimensions = _encode_sample(image, caption, mask, image_format, quality, max_size)
             except _SKIPPABLE as error:
-                skipped.append(f"{out_dir}: skipping sample {key} ({error!r})")
+                skipped.append(_skip_message(out_dir, key, error))
                 continue
             sink.write({"__key__": key, **members}, size=dimensions)
     if not records:
@@ -453,7 +457,7 @@ def _write_here(samples, out_dir: Path, samples_per_shard: int, image_format: st
             try:
                 members, dimensions = _encode_sample(image, caption, mask, image_format, quality, max_size)
             except _SKIPPABLE as error:
-                warnings.warn(f"{out_dir}: skipping sample {key} ({error!r})", stacklevel=2)
+                warnings.warn(_skip_message(out_dir, key, error), stacklevel=2)
                 skipped += 1
                 continue
             sink.write({"__key__": key, **members}, size=dimensions)
