@@ -67,8 +67,8 @@ def cudagraphs_static_parameters(graph: torch.fx.GraphModule, example_inputs: li
     graph's own memory: ~300 copies a step for the default's U-Net (one H200, session 23: its stage-2 step took
     30.4 ms with the stock backend, 29.2 ms with this one). Here the forward graphs take the static inputs that
     AOTAutograd records for Inductor's own CUDA graphs (`fw_metadata.static_input_indices`, what
-    `mode="reduce-overhead"` uses): parameters are read where they are, and a graph is recorded again should one move. The backward graphs are the stock backend's (all but
-    their gradient inputs static already)."""
+    `mode="reduce-overhead"` uses): parameters are read where they are, and a graph is recorded again should one move.
+    The backward graphs are the stock backend's (all but their gradient inputs static already)."""
     from torch._dynamo.backends.cudagraphs import cudagraphs
     from torch._guards import TracingContext
     from torch._inductor import cudagraph_trees
