@@ -7,6 +7,10 @@ overflowing steps itself, only the loss is checked. Under DDP all ranks skip tog
 any rank skips the step everywhere. Skips are counted in `train/nonfinite_steps`; the checkpoints written
 before stay valid, since skipped steps leave the weights as they were.
 
+A stage that runs its whole step as one CUDA graph (`model.step_graph`) judges each step inside it, with the same
+arithmetic (`ldm.training.optim.nonfinite_kind`, skipped by the fused optimizer's `found_inf`), when this guard is
+on (`skip_nonfinite`, set here); the guard counts the verdicts it leaves (`step_verdict`) as below.
+
 Two ways to skip, chosen per step from the optimizer:
 - a fused optimizer (`fused=True`, the GPU default here): without waiting for the GPU. The verdict stays a
   device tensor handed to the optimizer as `found_inf` (torch's own protocol: the attribute through which its
@@ -27,7 +31,7 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_warn
 
-from ldm.training.optim import is_fused
+from ldm.training.optim import is_fused, nonfinite_kind
 
 
 class NonFiniteLossError(RuntimeError):
@@ -48,11 +52,19 @@ class NonFiniteLoss(pl.Callback):
         self._dev: dict[str, torch.Tensor] | None = None  # device-side counters of the fused path
         self._optimizer: torch.optim.Optimizer | None = None
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if hasattr(pl_module, "skip_nonfinite"):  # a graphed step judges itself, if asked to
+            pl_module.skip_nonfinite = True
+
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        if getattr(pl_module, "graphs_steps", False):  # judged inside the step's graph
+            return
         bad = ~torch.isfinite(loss.detach()).all()  # any micro-batch
         self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if getattr(pl_module, "graphs_steps", False):
+            return
         loss_bad, self._loss_bad = self._loss_bad, None
         scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -68,23 +80,36 @@ class NonFiniteLoss(pl.Callback):
             return
         what = "loss" if bool(loss_bad) else "gradient"
         bad = trainer.strategy.reduce_boolean_decision(bool(loss_bad | grad_bad), all=False)  # one rank bad: all skip
-        if not bad:
+        if bad:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+        self._count_on_host(trainer.global_step + 1, what if bad else None)
+
+    def _count_on_host(self, step: int, what: str | None) -> None:
+        """Count optimizer step ``step``, skipped for a non-finite ``what`` ("loss", "gradient") or not (None)."""
+        if what is None:
             self.in_a_row = 0
             return
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = None
         self.skipped += 1
         self.in_a_row += 1
-        self._stop_if_too_many(trainer.global_step + 1, what, self.in_a_row)
-        rank_zero_warn(f"non-finite {what} at step {trainer.global_step + 1}: step skipped ({self.in_a_row} in a "
-                       f"row, {self.skipped} in all)")  # fmt: skip
+        self._stop_if_too_many(step, what, self.in_a_row)
+        rank_zero_warn(f"non-finite {what} at step {step}: step skipped ({self.in_a_row} in a row, {self.skipped} in "
+                       "all)")  # fmt: skip
 
     # --- the fused path: verdicts and counters stay on the device ----------------------------------------
     def _skip_on_device(self, trainer, pl_module, optimizer, loss_bad: torch.Tensor, grad_bad: torch.Tensor) -> None:
-        kind = torch.where(loss_bad, 1, torch.where(grad_bad, 2, 0)).float()  # 1 loss, 2 gradient
+        kind = nonfinite_kind(loss_bad, grad_bad)  # 1 loss, 2 gradient
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(kind, op=dist.ReduceOp.MAX)  # asynchronous to the host on NCCL
+        bad = self._count_on_device(trainer.global_step + 1, kind)
+        optimizer.found_inf = bad  # read by torch's fused kernel: it skips the step on the device
+        pl_module.step_skipped = bad  # read by the module's EMA update
+        self._optimizer = optimizer
+
+    def _count_on_device(self, step: int, kind: torch.Tensor) -> torch.Tensor:
+        """Count optimizer step ``step``'s verdict (0 finite, 1 loss, 2 gradient) in the device counters; returns its
+        0/1 float skip flag."""
         bad = (kind > 0).float()
         if self._dev is None or self._dev["skipped"].device != bad.device:
             zero = torch.zeros((), device=bad.device)
@@ -95,13 +120,16 @@ class NonFiniteLoss(pl.Callback):
         d["new"] += bad
         d["run"] = (d["run"] + 1) * bad
         hit = (d["run"] >= self.max_in_a_row) & (d["stop_step"] < 0)
-        d["stop_step"] = torch.where(hit, float(trainer.global_step + 1), d["stop_step"])
+        d["stop_step"] = torch.where(hit, float(step), d["stop_step"])
         d["stop_kind"] = torch.where(hit, kind, d["stop_kind"])
-        optimizer.found_inf = bad  # read by torch's fused kernel: it skips the step on the device
-        pl_module.step_skipped = bad  # read by the module's EMA update
-        self._optimizer = optimizer
+        return bad
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        verdict = getattr(pl_module, "step_verdict", None) if getattr(pl_module, "graphs_steps", False) else None
+        if verdict is not None and is_fused(trainer.optimizers[0]):  # judged and skipped inside the step: counted here
+            self._count_on_device(trainer.global_step, verdict)  # (the step is counted in global_step already)
+        elif verdict is not None:  # the step read its verdict on the host (no fused optimizer): so does the count
+            self._count_on_host(trainer.global_step, {0: None, 1: "loss", 2: "gradient"}[int(verdict.item())])
         if self._optimizer is not None and hasattr(self._optimizer, "found_inf"):
             del self._optimizer.found_inf  # this step's verdict, as GradScaler leaves it
         pl_module.step_skipped = None

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
 from ldm.data.transforms import to_model_range
@@ -64,10 +65,11 @@ from ldm.models.sdxl import time_ids
 from ldm.models.unet import base_model_version, to_channels_last
 from ldm.models.vae import downsample_factor
 from ldm.stages.base import Stage
-from ldm.training.compile import allow_recompiles, compile_options
+from ldm.training.compile import allow_recompiles, compile_options, makes_cuda_graphs
 from ldm.training.ema import EMA
 from ldm.training.fsdp import FSDP, full_params
-from ldm.training.optim import configure_optimizers
+from ldm.training.optim import configure_optimizers, is_fused, nonfinite_kind
+from ldm.training.step_graph import StepGraph, capturing, detached, fill_lr, lr_tensors
 
 FROZEN_PREFIXES = ("vae.", "text_encoder.")
 
@@ -99,6 +101,7 @@ class LatentDiffusion(Stage):
         gradient_checkpointing: bool = False,
         vae_bf16: bool = True,
         adapter: LoRA | None = None,
+        step_graph: bool = False,
     ):
         super().__init__()
         self.unet = unet
@@ -132,6 +135,11 @@ class LatentDiffusion(Stage):
         self.optimizer_factory = optimizer or torch.optim.AdamW
         self.lr_scheduler_factory = lr_scheduler
         self.checkpoint_frozen = checkpoint_frozen
+        self.step_graph = step_graph
+        self._step_graph: StepGraph | None = None  # made when training starts (`_start_step_graph`)
+        self._captured_lrs: list[Tensor] = []
+        self.step_verdict: Tensor | None = None  # the graphed step's non-finite verdict (0 finite, 1 loss, 2 gradient)
+        self.skip_nonfinite = False  # set by the non-finite guard (ldm.callbacks.nonfinite), which counts the verdicts
         self.register_buffer("alpha_bar", config_alpha_bar(self.scheduler_config), persistent=False)  # (T,)
 
         # EMA of the U-Net weights (torch's AveragedModel layout, updated without host syncs); sampling uses it.
@@ -218,7 +226,12 @@ class LatentDiffusion(Stage):
                 allow_recompiles(2 * buckets)
             # the VAE encoder too when encoding on the fly (cached latents leave the VAE unbuilt)
             encoder = [self.vae.encoder] if "vae" in self._modules else []
-            self.compile_parts([self.unet, *encoder], self.compile_options)
+            options = self.compile_options
+            if self.step_graph and self.trainer.strategy.root_device.type == "cuda" and makes_cuda_graphs(options):
+                rank_zero_info("model.step_graph: the whole step is one CUDA graph; model.compile's CUDA graphs would "
+                               "nest in it, so the U-Net and the VAE encoder run their eager kernels in it")  # fmt: skip
+                options = None
+            self.compile_parts([self.unet, *encoder], options)
         if "vae" in self._modules and self._vae_in_bf16():
             self.vae.to(torch.bfloat16)
 
@@ -402,12 +415,13 @@ class LatentDiffusion(Stage):
         mask = loss_mask(mask, latents.shape[-2:]) if mask is not None else None
         return diffusion_loss(model_output, target(self.prediction_type, latents, noise, ab), weight, mask)
 
-    def training_condition(self, captions: Sequence[str], cached: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    def training_condition(self, captions: Sequence[str] | None, cached: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Conditioning for training: each caption is replaced by the unconditional input with probability
         `diffusion.cfg_dropout` (classifier-free guidance training, Ho & Salimans 2022; SDXL's zeros, as its
         paper's embedders drop). The one place where caption dropout happens. ``cached``: the captions' encodings
-        when cached with the latents."""
-        drop = drop_mask(len(captions), self.cfg_dropout, self.device)
+        (from the caption cache, or cached with the latents; then ``captions`` may be None)."""
+        b = len(captions) if captions is not None else cached["encoder_hidden_states"].shape[0]
+        drop = drop_mask(b, self.cfg_dropout, self.device)
         if self.text_encoder_trains and self.is_sdxl:  # adapted text encoders, with gradients; dropped: SDXL's zeros
             return self._where(drop, self.empty_condition(), self.text_encoder.condition(list(captions)))
         if self.text_encoder_trains:  # adapted text encoder: encoded with gradients, dropped captions as ""
@@ -417,29 +431,48 @@ class LatentDiffusion(Stage):
         return self._where(drop, self.empty_condition(), dict(cached))
 
     @staticmethod
-    def cached_latents(batch: dict) -> Tensor:
+    def cached_latents(batch: Mapping[str, Tensor]) -> Tensor:
         """A draw from the cached (already scaled) posterior: mean + std * eps, (B, C, h, w) float32."""
         mean, std = batch["latent_mean"].float(), batch["latent_std"].float()
         return mean + std * torch.randn_like(mean)
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        if "latent_mean" in batch:  # cached latents and text encodings: no frozen encoder runs
-            latents = self.cached_latents(batch)  # (B, C, h, w): any bucket's h, w
-            if latents.shape[1] != self.latent_shape[0]:
-                raise ValueError(f"cached latents have {latents.shape[1]} channels but the U-Net takes "
-                                 f"{self.latent_shape[0]}: precompute them with this model's VAE")  # fmt: skip
-            cached = None  # absent when captions change per visit (tag shuffling): encoded here
-            if "text_hidden" in batch:
-                cached = {"encoder_hidden_states": batch["text_hidden"].float()}
-                if "text_pooled" in batch:  # SDXL
-                    cached["text_embeds"] = batch["text_pooled"].float()
-            cond = self.training_condition(batch["caption"], cached)
+    BATCH_TENSORS = ("pixel_values", "latent_mean", "latent_std", "mask", "loss_weight", "original_size",
+                     "crop_top_left", "target_size")  # fmt: skip
+
+    def training_inputs(self, batch: dict) -> dict[str, Any]:
+        """The host's part of a training step, no random draw: the batch's tensors, and its captions' encodings
+        (cached with the latents, or from the frozen text encoder and its cache) as `encoder_hidden_states` (+ SDXL's
+        `text_embeds`); the captions themselves only when the text encoder trains (encoded with gradients)."""
+        inputs = {k: batch[k] for k in self.BATCH_TENSORS if k in batch}
+        if "latent_mean" in batch and batch["latent_mean"].shape[1] != self.latent_shape[0]:
+            raise ValueError(f"cached latents have {batch['latent_mean'].shape[1]} channels but the U-Net takes "
+                             f"{self.latent_shape[0]}: precompute them with this model's VAE")  # fmt: skip
+        if self.text_encoder_trains:
+            inputs["caption"] = list(batch["caption"])
+        elif "text_hidden" in batch:  # absent when captions change per visit (tag shuffling): encoded here
+            inputs["encoder_hidden_states"] = batch["text_hidden"].float()
+            if "text_pooled" in batch:  # SDXL
+                inputs["text_embeds"] = batch["text_pooled"].float()
         else:
-            latents = self.encode_images(batch["pixel_values"])  # (B, C, h, w)
-            cond = self.training_condition(batch["caption"])  # (B, L, D) hidden states (+ SDXL's pooled)
-        cond = {**cond, **self.added_conditions(batch, latents)}
-        loss = self.diffusion_step(latents, cond, mask=batch.get("mask"), sample_weight=batch.get("loss_weight"))
-        self.log("train/loss", loss, prog_bar=self.progress_bar, batch_size=latents.shape[0])
+            inputs.update(self.encode_text(batch["caption"]))
+        return inputs
+
+    def training_loss(self, inputs: Mapping[str, Any]) -> Tensor:
+        """The device's part of a training step (`training_inputs` made its inputs): the latents (a posterior draw),
+        caption dropout, noise, timesteps, the U-Net and the loss."""
+        if "latent_mean" in inputs:  # cached latents: no frozen encoder runs
+            latents = self.cached_latents(inputs)  # (B, C, h, w): any bucket's h, w
+        else:
+            latents = self.encode_images(inputs["pixel_values"])  # (B, C, h, w)
+        text = {k: inputs[k] for k in ("encoder_hidden_states", "text_embeds") if k in inputs}
+        cond = self.training_condition(inputs.get("caption"), text or None)  # (+ SDXL's pooled)
+        cond = {**cond, **self.added_conditions(inputs, latents)}
+        return self.diffusion_step(latents, cond, mask=inputs.get("mask"), sample_weight=inputs.get("loss_weight"))
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        inputs = self.training_inputs(batch)
+        loss = self._graphed_step(inputs) if self._step_graph is not None else self.training_loss(inputs)
+        self.log("train/loss", loss, prog_bar=self.progress_bar, batch_size=len(batch["caption"]))
         return loss
 
     @torch.no_grad()
@@ -453,7 +486,113 @@ class LatentDiffusion(Stage):
         cond = {**self.condition(batch["caption"]), **self.added_conditions(batch, latents)}
         return self.diffusion_step(latents, cond, noise=noise, t=t)
 
+    # --- the whole step as one CUDA graph (`step_graph`) ---------------------------------------------------
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.step_graph:
+            self._start_step_graph()
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        graph = self._step_graph
+        if graph is not None and self.device.type == "cuda":
+            rank_zero_info(f"model.step_graph: {graph.replays} of this run's steps replayed its captured CUDA graph"
+                           + ("" if graph.replays else " (none: too few steps, or no two batches alike)"))  # fmt: skip
+
+    def _start_step_graph(self) -> None:
+        """Check that this run's step can be captured (one line naming what cannot), and make its `StepGraph`."""
+        trainer = self.trainer
+        problem = None
+        if trainer.world_size > 1 or isinstance(self.unet, FSDP):
+            problem = f"{trainer.world_size} processes (one device only: gradients would be reduced inside the graph)"
+        elif trainer.accumulate_grad_batches != 1:
+            problem = f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}"
+        elif str(trainer.precision) == "16-mixed":
+            problem = "trainer.precision=16-mixed (its loss scaler reads the GPU on the host)"
+        elif len(trainer.optimizers) != 1:
+            problem = f"{len(trainer.optimizers)} optimizers"
+        elif self.text_encoder_trains:
+            problem = "model.adapter.text_encoder=true (captions are encoded with gradients on the host)"
+        if problem is not None:
+            raise ValueError(f"model.step_graph=true cannot capture this run's step: {problem}; set model.step_graph=false")
+        optimizer = trainer.optimizers[0]
+        if self.device.type == "cuda":
+            if not is_fused(optimizer):
+                raise ValueError("model.step_graph=true needs a fused optimizer on the GPU (optim.optimizer.fused: null "
+                                 "or true): it skips non-finite steps and clips on the device")  # fmt: skip
+            self._captured_lrs = lr_tensors(optimizer)
+        self._step_graph = StepGraph(self._whole_step, self.trainable_parameters(),
+                                     capture_context=lambda: capturing(optimizer, self._captured_lrs))  # fmt: skip
+
+    @property
+    def graphs_steps(self) -> bool:
+        """Whether training steps run whole as one function (`step_graph`; a CUDA graph on a GPU)."""
+        return self._step_graph is not None
+
+    def _graphed_step(self, inputs: dict[str, Tensor]) -> Tensor:
+        """Forward, backward, clipping, optimizer and EMA of one step (`_whole_step`), replayed as a CUDA graph on a
+        GPU; the loss to log, its verdict left in `step_verdict` for the non-finite guard."""
+        if self._captured_lrs:
+            fill_lr(self.trainer.optimizers[0], self._captured_lrs)  # the LR scheduler's value for this step
+        loss, verdict = detached(self._step_graph(inputs))
+        self.step_verdict = verdict
+        return loss
+
+    def _whole_step(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """All the device work of one optimization step, what the automatic path spreads over Lightning's closure,
+        `NonFiniteLoss`, `configure_gradient_clipping` and `optimizer_step`, with the same arithmetic: the loss's
+        backward, the global gradient norm, the non-finite verdict (with the guard), clipping (by the fused optimizer's
+        `grad_scale`), the optimizer (skipping a non-finite step by its `found_inf`), the EMA. No host syncs with a
+        fused optimizer (captured as a CUDA graph); with another (CPU) the verdict is read on the host."""
+        trainer, optimizer = self.trainer, self.trainer.optimizers[0]
+        params = self._step_graph.params
+        for p in params:
+            p.grad = None
+        loss = self.training_loss(inputs)
+        loss.backward()
+        grads = [p.grad for p in params if p.grad is not None]
+        clip, by_value = trainer.gradient_clip_val, trainer.gradient_clip_algorithm == "value"
+        norm = torch.nn.utils.get_total_norm(grads) if self.skip_nonfinite or (clip and not by_value) else None
+        verdict = None  # 0 finite, 1 loss, 2 gradient
+        if self.skip_nonfinite:
+            verdict = nonfinite_kind(~torch.isfinite(loss.detach()), ~torch.isfinite(norm))
+        keep = None if verdict is None else (verdict == 0).float()
+        fused = is_fused(optimizer)
+        if clip and by_value:
+            torch.nn.utils.clip_grad_value_(params, clip)
+        elif clip and fused:
+            optimizer.grad_scale = 1.0 / torch.clamp(clip / (norm.float() + 1e-6), max=1.0)
+        elif clip:
+            torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+        if keep is not None and fused:
+            optimizer.found_inf = 1 - keep
+        stepped = keep is None or fused or bool(keep)  # (the host reads the verdict only without a fused optimizer)
+        if stepped:
+            optimizer.step()
+        for name in ("grad_scale", "found_inf"):
+            optimizer.__dict__.pop(name, None)
+        if self.ema is not None and self.ema_every_n_steps == 1 and stepped:
+            self.ema.update(self.unet, keep=keep)
+        return loss.detach(), verdict
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        if self._step_graph is None:  # (the graphed step sets its gradients to None itself, before its backward)
+            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
+
+    def backward(self, loss: Tensor, *args, **kwargs) -> None:
+        if self._step_graph is None:  # (the graphed step ran its backward already)
+            super().backward(loss, *args, **kwargs)
+
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        if self._step_graph is not None:
+            # The closure runs training_step, which runs the whole update (`_graphed_step`); stepping the optimizer
+            # here (LightningOptimizer.step) would step it again. Lightning counts the step around this hook.
+            optimizer_closure()
+            every = self.ema_every_n_steps
+            if self.ema is not None and every > 1 and self.trainer.global_step % every == 0:  # as below
+                keep = None if self.step_verdict is None else (self.step_verdict == 0).float()
+                self.ema.update(self.unet, keep=keep)
+            return
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         # EMA right after the update: a checkpoint saved at this step's end (callbacks run before the
         # module's on_train_batch_end) then holds the EMA of this step too, so resumed runs match. A step

@@ -44,6 +44,16 @@ def compile_options(value: bool | Mapping[str, Any] | None) -> dict[str, Any] | 
     return options
 
 
+def makes_cuda_graphs(options: Mapping[str, Any] | None) -> bool:
+    """Whether torch.compile with these options captures CUDA graphs (the cudagraphs backend, Inductor's
+    reduce-overhead modes): such a module cannot run inside another capture."""
+    if options is None:
+        return False
+    inductor = options.get("options") or {}
+    return (options.get("backend") == "cudagraphs" or "reduce-overhead" in str(options.get("mode") or "")
+            or bool(inductor.get("triton.cudagraphs")))  # fmt: skip
+
+
 def compile_in_place(modules: Iterable[nn.Module], options: Mapping[str, Any] | None, device_type: str) -> bool:
     """`module.compile(**options)` for each module (in place: parameter names, and so checkpoints, unchanged);
     returns whether anything was compiled. The cudagraphs backend is skipped off a CUDA device (nothing to capture)."""

@@ -45,3 +45,10 @@ def is_fused(optimizer: torch.optim.Optimizer) -> bool:
     """Whether every parameter group runs a fused kernel, which honours `found_inf` and `grad_scale` on the device
     (torch's protocol with its GradScaler: attributes of the optimizer that its fused step reads)."""
     return bool(optimizer.param_groups) and all(g.get("fused") for g in optimizer.param_groups)
+
+
+
+def nonfinite_kind(loss_bad: torch.Tensor, grad_bad: torch.Tensor) -> torch.Tensor:
+    """The non-finite guard's verdict on a step, from two 0-dim bools on the device: 0.0 finite, 1.0 a non-finite
+    loss, 2.0 a finite loss with a non-finite gradient."""
+    return torch.where(loss_bad, 1, torch.where(grad_bad, 2, 0)).float()
