@@ -69,6 +69,8 @@ def test_the_whole_step_keeps_an_ema_every_k_steps(tiny_root, tmp_path):
 def test_a_run_it_cannot_capture_is_refused_in_one_line(tiny_root, tmp_path):
     with pytest.raises(ValueError, match=r"^model.step_graph=true cannot capture .*accumulate_grad_batches=2"):
         _fit(tiny_root, tmp_path, ["model.step_graph=true", "+trainer.accumulate_grad_batches=2"])
+    # auto (the default's): Lightning's own step where it cannot capture, and on a CPU
+    _fit(tiny_root, tmp_path / "auto", ["model.step_graph=auto", "+trainer.accumulate_grad_batches=2"])
 
 
 def test_a_capture_sees_tensor_learning_rates_and_the_run_its_own():

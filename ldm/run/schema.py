@@ -215,7 +215,7 @@ KEYS = {
     "model.compile.backend": Choice("inductor", "cudagraphs", "aot_eager", "eager"),  # ldm/training/compile.py
     "model.gradient_checkpointing": Bool(),
     "model.vae_bf16": Bool(),
-    "model.step_graph": Bool(),
+    "model.step_graph": Bool() | Choice("auto"),
     "model.kl_weight": Float(min=0),  # vae_stage
     "model.reconstruction_loss": Choice("l1", "l2"),
     "model.disc_start": Int(min=0),

@@ -101,7 +101,7 @@ class LatentDiffusion(Stage):
         gradient_checkpointing: bool = False,
         vae_bf16: bool = True,
         adapter: LoRA | None = None,
-        step_graph: bool = False,
+        step_graph: bool | str = False,
     ):
         super().__init__()
         self.unet = unet
@@ -136,6 +136,8 @@ class LatentDiffusion(Stage):
         self.lr_scheduler_factory = lr_scheduler
         self.checkpoint_frozen = checkpoint_frozen
         self.step_graph = step_graph
+        if step_graph not in (True, False, "auto"):
+            raise ValueError(f"model.step_graph must be true, false or auto, got {step_graph!r}")
         self._step_graph: StepGraph | None = None  # made when training starts (`_start_step_graph`)
         self._captured_lrs: list[Tensor] = []
         self.step_verdict: Tensor | None = None  # the graphed step's non-finite verdict (0 finite, 1 loss, 2 gradient)
@@ -227,7 +229,8 @@ class LatentDiffusion(Stage):
             # the VAE encoder too when encoding on the fly (cached latents leave the VAE unbuilt)
             encoder = [self.vae.encoder] if "vae" in self._modules else []
             options = self.compile_options
-            if self.step_graph and self.trainer.strategy.root_device.type == "cuda" and makes_cuda_graphs(options):
+            on_gpu = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+            if self.step_graph and on_gpu and makes_cuda_graphs(options):
                 rank_zero_info("model.step_graph: the whole step is one CUDA graph; model.compile's CUDA graphs would "
                                "nest in it, so the U-Net and the VAE encoder run their eager kernels in it")  # fmt: skip
                 options = None
@@ -489,7 +492,7 @@ class LatentDiffusion(Stage):
     # --- the whole step as one CUDA graph (`step_graph`) ---------------------------------------------------
     def on_train_start(self) -> None:
         super().on_train_start()
-        if self.step_graph:
+        if self.step_graph is True or (self.step_graph == "auto" and self.device.type == "cuda"):
             self._start_step_graph()
 
     def on_train_end(self) -> None:
@@ -513,13 +516,15 @@ class LatentDiffusion(Stage):
             problem = f"{len(trainer.optimizers)} optimizers"
         elif self.text_encoder_trains:
             problem = "model.adapter.text_encoder=true (captions are encoded with gradients on the host)"
+        optimizer = trainer.optimizers[0]
+        if problem is None and self.device.type == "cuda" and not is_fused(optimizer):
+            problem = "optim.optimizer.fused=false (the step skips non-finite steps and clips on the device)"
+        if problem is not None and self.step_graph == "auto":  # Lightning's own step then, as with step_graph=false
+            rank_zero_info(f"model.step_graph=auto: the step is not captured ({problem})")
+            return
         if problem is not None:
             raise ValueError(f"model.step_graph=true cannot capture this run's step: {problem}; set model.step_graph=false")
-        optimizer = trainer.optimizers[0]
         if self.device.type == "cuda":
-            if not is_fused(optimizer):
-                raise ValueError("model.step_graph=true needs a fused optimizer on the GPU (optim.optimizer.fused: null "
-                                 "or true): it skips non-finite steps and clips on the device")  # fmt: skip
             self._captured_lrs = lr_tensors(optimizer)
         self._step_graph = StepGraph(self._whole_step, self.trainable_parameters(),
                                      capture_context=lambda: capturing(optimizer, self._captured_lrs))  # fmt: skip
