@@ -230,9 +230,10 @@ class LatentDiffusion(Stage):
             encoder = [self.vae.encoder] if "vae" in self._modules else []
             options = self.compile_options
             on_gpu = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-            if self.step_graph and on_gpu and makes_cuda_graphs(options):
+            if self.step_graph and on_gpu and makes_cuda_graphs(options) and self._capture_problem() is None:
                 rank_zero_info("model.step_graph: the whole step is one CUDA graph; model.compile's CUDA graphs would "
                                "nest in it, so the U-Net and the VAE encoder run their eager kernels in it")  # fmt: skip
+                # (a run it cannot capture, `auto` under DDP say, keeps model.compile: its step stays Lightning's)
                 options = None
             self.compile_parts([self.unet, *encoder], options)
         if "vae" in self._modules and self._vae_in_bf16():
@@ -502,28 +503,33 @@ class LatentDiffusion(Stage):
             rank_zero_info(f"model.step_graph: {graph.replays} of this run's steps replayed its captured CUDA graph"
                            + ("" if graph.replays else " (none: too few steps, or no two batches alike)"))  # fmt: skip
 
+    def _capture_problem(self) -> str | None:
+        """What keeps this run's step from being captured (one phrase naming the option), or None."""
+        trainer = self.trainer
+        if trainer.world_size > 1 or isinstance(self.unet, FSDP):
+            return f"{trainer.world_size} processes (one device only: gradients would be reduced inside the graph)"
+        if trainer.accumulate_grad_batches != 1:
+            return f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}"
+        if str(trainer.precision) == "16-mixed":
+            return "trainer.precision=16-mixed (its loss scaler reads the GPU on the host)"
+        if self.text_encoder_trains:
+            return "model.adapter.text_encoder=true (captions are encoded with gradients on the host)"
+        optimizers = trainer.optimizers  # (none yet in configure_model)
+        if len(optimizers) > 1:
+            return f"{len(optimizers)} optimizers"
+        if optimizers and self.device.type == "cuda" and not is_fused(optimizers[0]):
+            return "optim.optimizer.fused=false (the step skips non-finite steps and clips on the device)"
+        return None
+
     def _start_step_graph(self) -> None:
         """Check that this run's step can be captured (one line naming what cannot), and make its `StepGraph`."""
-        trainer = self.trainer
-        problem = None
-        if trainer.world_size > 1 or isinstance(self.unet, FSDP):
-            problem = f"{trainer.world_size} processes (one device only: gradients would be reduced inside the graph)"
-        elif trainer.accumulate_grad_batches != 1:
-            problem = f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}"
-        elif str(trainer.precision) == "16-mixed":
-            problem = "trainer.precision=16-mixed (its loss scaler reads the GPU on the host)"
-        elif len(trainer.optimizers) != 1:
-            problem = f"{len(trainer.optimizers)} optimizers"
-        elif self.text_encoder_trains:
-            problem = "model.adapter.text_encoder=true (captions are encoded with gradients on the host)"
-        optimizer = trainer.optimizers[0]
-        if problem is None and self.device.type == "cuda" and not is_fused(optimizer):
-            problem = "optim.optimizer.fused=false (the step skips non-finite steps and clips on the device)"
+        problem = self._capture_problem()
         if problem is not None and self.step_graph == "auto":  # Lightning's own step then, as with step_graph=false
             rank_zero_info(f"model.step_graph=auto: the step is not captured ({problem})")
             return
         if problem is not None:
             raise ValueError(f"model.step_graph=true cannot capture this run's step: {problem}; set model.step_graph=false")
+        optimizer = self.trainer.optimizers[0]
         if self.device.type == "cuda":
             self._captured_lrs = lr_tensors(optimizer)
         self._step_graph = StepGraph(self._whole_step, self.trainable_parameters(),
