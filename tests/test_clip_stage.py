@@ -185,7 +185,9 @@ def test_loss_over_two_gloo_ranks_equals_one_process_on_the_whole_batch(tmp_path
 
 
 # --- CLIP score with an open_clip directory -------------------------------------------------------
-def test_clip_score_of_an_open_clip_directory_matches_open_clip(tmp_path):
+@pytest.mark.parametrize("size", [24, TINY_OPEN_CLIP["vision_cfg"]["image_size"]])
+def test_clip_score_of_an_open_clip_directory_matches_open_clip(tmp_path, size):
+    """Images of another size than the CLIP's take open_clip's PIL path; at its size, one batched transform."""
     import random
 
     import numpy as np
@@ -198,7 +200,7 @@ def test_clip_score_of_an_open_clip_directory_matches_open_clip(tmp_path):
 
     save_open_clip_dir(*build_open_clip(**TINY_OPEN_CLIP), tmp_path / "clip")
     rng = random.Random(0)
-    rendered = [render(rng, size=24) for _ in range(4)]  # another size than the CLIP's: preprocessing resizes
+    rendered = [render(rng, size=size) for _ in range(4)]
     images = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im, _, _ in rendered])
     captions = [c for _, c, _ in rendered]
     metric = make_clip_score(tmp_path / "clip")

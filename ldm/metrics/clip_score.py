@@ -59,16 +59,27 @@ class OpenCLIPFeatures(nn.Module):
 
 
 class OpenCLIPProcessor:
-    """open_clip's preprocessing transform and tokenizer behind the `CLIPProcessor` call torchmetrics makes."""
+    """open_clip's preprocessing transform and tokenizer behind the `CLIPProcessor` call torchmetrics makes.
 
-    def __init__(self, preprocess, tokenizer):
+    Images already at the model's input size (``image_size``, (H, W)), the common case of in-training scores, go
+    through the transform as one batch on ``model``'s device: its resize and crop leave them as they are, as they
+    do the per-image PIL path, so the pixels are the same (10,000 PIL conversions took ~2 s a FID-10k evaluation
+    on the H200 machine). Other sizes take open_clip's PIL path, image by image."""
+
+    def __init__(self, preprocess, tokenizer, image_size: tuple[int, int] | None = None, model: nn.Module | None = None):
         self.preprocess = preprocess
         self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.model = model
 
     def __call__(self, images=None, text=None, return_tensors="pt", padding=True) -> dict[str, Tensor]:
         from torchvision.transforms.functional import to_pil_image
 
         if images is not None:
+            if self.image_size is not None and all(tuple(im.shape[-2:]) == self.image_size for im in images):
+                device = next(self.model.parameters()).device if self.model is not None else None
+                batch = torch.stack(list(images)).to(device)  # (N, 3, H, W) uint8
+                return {"pixel_values": self.preprocess(batch.float().div(255))}  # what ToTensor makes of each
             return {"pixel_values": torch.stack([self.preprocess(to_pil_image(image)) for image in images])}
         ids = self.tokenizer(list(text))
         return {"input_ids": ids, "attention_mask": (ids != 0).long()}
@@ -80,7 +91,10 @@ def make_clip_score(model_name_or_path: str | Path) -> CLIPScore:
     if is_open_clip_dir(path):
         def load():
             model, preprocess, tokenizer = load_open_clip_dir(path)
-            return OpenCLIPFeatures(model.requires_grad_(False)), OpenCLIPProcessor(preprocess, tokenizer)
+            size = model.visual.image_size
+            size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+            return (OpenCLIPFeatures(model.requires_grad_(False)),
+                    OpenCLIPProcessor(preprocess, tokenizer, image_size=size, model=model))
     else:  # a HF CLIP directory, or a hub id where the network allows
         def load():
             from transformers import CLIPModel, CLIPProcessor

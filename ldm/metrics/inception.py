@@ -159,13 +159,16 @@ def load_network(path: str | Path | None = None) -> nn.Module:
 class FIDInception(nn.Module):
     """uint8 images (N, 3, H, W) -> standard FID features (N, 2048) float64, for torchmetrics' FID `feature=`.
 
-    `num_features` tells torchmetrics the feature size (it would otherwise run a dummy image)."""
+    `num_features` tells torchmetrics the feature size (it would otherwise run a dummy image). The network sees at
+    most ``chunk`` images at a time (about 5 GB of activations at 500): callers can generate in larger batches
+    without the Inception's 299 px activations growing with them."""
 
     num_features = NUM_FEATURES
 
-    def __init__(self, network: str | Path | None = None):
+    def __init__(self, network: str | Path | None = None, chunk: int = 500):
         super().__init__()
         self.network = load_network(network)
+        self.chunk = chunk
 
     def train(self, mode: bool = True) -> FIDInception:
         return super().train(False)  # always in eval: batch norm uses the TF graph's statistics
@@ -174,6 +177,9 @@ class FIDInception(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise TypeError(f"expected uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-        x = resize_bilinear_tf1(images.float())  # (N, 3, 299, 299) in [0, 255]
+        return torch.cat([self._features(part) for part in images.split(self.chunk)])
+
+    def _features(self, images: Tensor) -> Tensor:
+        x = resize_bilinear_tf1(images.float())  # (n, 3, 299, 299) in [0, 255]
         x = (x - 128) / 128  # TF Inception input range [-1, 0.9921875]
-        return self.network(x).double()  # (N, 2048)
+        return self.network(x).double()  # (n, 2048)
