@@ -68,3 +68,28 @@ def test_worker_loaders_holds_loaders_weakly(n):
     loaders = WorkerLoaders()
     kept = [loaders.add(torch.utils.data.DataLoader(range(4))) for _ in range(n)]
     assert loaders.stop() == 0 and len(kept) == n
+
+
+class Large(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        while True:
+            yield torch.ones(2**20)  # 4 MB: handed to the main process as a shared-memory file descriptor
+
+
+@pytest.mark.gpu
+def test_stopping_workers_does_not_cut_a_pinned_batch_in_half():
+    # with pin_memory, a thread receives the workers' batches; a worker terminated while the thread takes its
+    # batch's descriptor used to leave a ConnectionResetError traceback from that thread (session 25, stage 1)
+    errors, hook = [], threading.excepthook
+    threading.excepthook = lambda args: errors.append(args.exc_value)
+    try:
+        for _ in range(10):
+            loader = torch.utils.data.DataLoader(Large(), batch_size=None, num_workers=4, persistent_workers=True,
+                                                 pin_memory=True)  # fmt: skip
+            it = iter(loader)
+            assert next(it).is_pinned()
+            time.sleep(0.1)  # the workers fill their prefetch queue meanwhile
+            assert stop_workers(loader) == 4
+    finally:
+        threading.excepthook = hook
+    assert errors == []

@@ -9,8 +9,8 @@ before terminating it: a worker that does not exit at once costs 5 s, one after 
 `ldm.train` process outlived its last step by 45-82 s, its main thread joining loader workers
 (`_MultiProcessingDataLoaderIter._shutdown_workers`; docs/benchmarks.md, session 12): 8-16 workers x 5 s. A worker
 at the end of a fit holds nothing to keep (it only reads), so here it is terminated (SIGTERM, what torch does after
-its timeout) and then joined, and the iterator's own shutdown finds them gone: the pin-memory thread is stopped
-and the queues closed as usual.
+its timeout) and then joined, after the pin-memory thread (GPU runs) is stopped as torch's shutdown stops it first;
+the iterator's own shutdown then finds them gone and closes the queues as usual.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def stop_workers(loader) -> int:
     if getattr(it, "_worker_pids_set", False):  # as torch's own shutdown does before it terminates a worker: else its
         torch.utils.data._utils.signal_handling._remove_worker_pids(id(it))  # SIGCHLD handler raises "DataLoader
         it._worker_pids_set = False  # worker ... is killed by signal" in the main thread, wherever it is
+    _stop_pin_memory_thread(it)
     workers = [w for w in getattr(it, "_workers", []) if w.is_alive()]
     for w in workers:
         w.terminate()
@@ -65,3 +66,17 @@ class WorkerLoaders:
                 warnings.warn(f"could not stop the data loader's workers early ({error!r}); torch will at exit")
         self._loaders = weakref.WeakSet()
         return stopped
+
+
+def _stop_pin_memory_thread(it, timeout: float = 5.0) -> None:
+    """Stop the iterator's pin-memory thread (GPU runs) before its workers, as torch's own shutdown does: a worker
+    terminated while that thread is receiving its batch's shared-memory handle leaves a `ConnectionResetError`
+    traceback from the thread (seen at the end of stage 1 on the H200 machine, session 25). ``timeout``: a thread
+    that does not finish its batch by then is left to `_shutdown_workers`."""
+    thread = getattr(it, "_pin_memory_thread", None)
+    if thread is None or not thread.is_alive():
+        return
+    it._pin_memory_thread_done_event.set()
+    it._worker_result_queue.put((None, None))  # wakes a thread waiting on an empty queue
+    thread.join(timeout=timeout)
+
