@@ -79,4 +79,3 @@ def _stop_pin_memory_thread(it, timeout: float = 5.0) -> None:
     it._pin_memory_thread_done_event.set()
     it._worker_result_queue.put((None, None))  # wakes a thread waiting on an empty queue
     thread.join(timeout=timeout)
-

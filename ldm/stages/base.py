@@ -35,7 +35,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from ldm.training.compile import compile_in_place, eager_stance
-from ldm.training.optim import is_fused
+from ldm.training.optim import clipping_grad_scale, is_fused
 
 
 def batch_size(batch) -> int:
@@ -124,8 +124,7 @@ class Stage(pl.LightningModule):
         if optimizer is None or not is_fused(optimizer) or getattr(optimizer, "grad_scale", None) is not None:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
             return
-        coef = torch.clamp(max_norm / (norm.float() + 1e-6), max=1.0)  # clip_grads_with_norm_'s factor
-        optimizer.grad_scale = 1.0 / coef
+        optimizer.grad_scale = clipping_grad_scale(norm, max_norm)
         self._grad_scaled = optimizer
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:

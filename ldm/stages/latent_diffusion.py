@@ -68,7 +68,7 @@ from ldm.stages.base import Stage
 from ldm.training.compile import allow_recompiles, compile_options, makes_cuda_graphs
 from ldm.training.ema import EMA
 from ldm.training.fsdp import FSDP, full_params
-from ldm.training.optim import configure_optimizers, is_fused, nonfinite_kind
+from ldm.training.optim import clipping_grad_scale, configure_optimizers, is_fused, nonfinite_kind
 from ldm.training.step_graph import StepGraph, capturing, detached, fill_lr, lr_tensors
 
 FROZEN_PREFIXES = ("vae.", "text_encoder.")
@@ -572,7 +572,7 @@ class LatentDiffusion(Stage):
         if clip and by_value:
             torch.nn.utils.clip_grad_value_(params, clip)
         elif clip and fused:
-            optimizer.grad_scale = 1.0 / torch.clamp(clip / (norm.float() + 1e-6), max=1.0)
+            optimizer.grad_scale = clipping_grad_scale(norm, clip)
         elif clip:
             torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
         if keep is not None and fused:

@@ -47,6 +47,11 @@ def is_fused(optimizer: torch.optim.Optimizer) -> bool:
     return bool(optimizer.param_groups) and all(g.get("fused") for g in optimizer.param_groups)
 
 
+def clipping_grad_scale(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The fused optimizer's `grad_scale` that clips gradients of global norm ``norm`` to ``max_norm``: 1 / c with
+    c = min(1, max_norm / (norm + 1e-6)), `torch.nn.utils.clip_grads_with_norm_`'s factor, on the device."""
+    return 1.0 / torch.clamp(max_norm / (norm.float() + 1e-6), max=1.0)
+
 
 def nonfinite_kind(loss_bad: torch.Tensor, grad_bad: torch.Tensor) -> torch.Tensor:
     """The non-finite guard's verdict on a step, from two 0-dim bools on the device: 0.0 finite, 1.0 a non-finite
