@@ -30,26 +30,11 @@ from pathlib import Path
 
 import torch
 
+from ldm.callbacks.profile import kind_of
 from ldm.utils.cli import ArgumentParser, run_command
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import PEAK_BF16_TFLOPS, unet_config, unet_flops  # noqa: E402
-
-KERNEL_KINDS = [  # (kind, substrings of the CUDA kernel name), first match wins
-    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn::fusion")),
-    ("layout transposes (cuDNN NCHW<->NHWC)", ("nchwtonhwc", "nhwctonchw")),
-    ("convolution", ("conv", "implicit_gemm", "dgrad", "wgrad", "fprop", "xmma_fprop", "sm90_xmma")),
-    ("optimizer", ("adam", "multi_tensor", "foreach", "norm_kernel", "lpnorm")),
-    ("matmul", ("gemm", "cutlass", "nvjet", "sm90_", "cublas")),
-    ("triton (fused elementwise, norms)", ("triton",)),
-    ("copies / casts", ("copy", "cast", "convert")),
-]
-
-
-def kind_of(name: str) -> str:
-    low = name.lower()
-    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
-
 
 def parse_variant(spec: str, batch: int) -> dict:
     opts = {"compile": None, "fuse_qkv": False, "channels_last": False, "batch": batch, "fwdbwd": False,

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ldm.callbacks.profile import busy_time, call_site, is_sync, summarise
+from ldm.callbacks.profile import KERNEL_KINDS, busy_time, call_site, is_sync, kind_of, summarise
 from ldm.run.fit import train
 
 
@@ -46,6 +46,21 @@ def test_the_busy_time_counts_kernels_not_annotations():
     assert out["step_ms"] == 10 and out["kernels_per_step"] == 1.5
     assert out["gpu_busy_ms"] == 1.25 and out["gpu_busy_fraction"] == 0.125  # (2,000 + 500) us over 2 steps
     assert out["host_syncs_per_step"] == 0.5 and out["host_sync_ms"] == 0.05 and out["loader_wait_ms"] == 0.2
+    assert out["gpu_ms_by_kind"] == {"convolution": 0.75, "matmul": 0.5, "other": 0.25}  # the annotation left out
+
+
+def test_kernels_are_told_by_kind_from_their_names():
+    """Names as one H200's profiles gave them (session 26, the LoRA step)."""
+    kinds = {
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64_1x4x1_cga1x1x1_kernel0_0": "attention",
+        "void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>": "layout transposes (cuDNN NCHW<->NHWC)",
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64": "convolution",
+        "void cutlass::Kernel2<cutlass_80_tensorop_s16816gemm_bf16_64x64_32x6_nt_align2>": KERNEL_KINDS[4][0],
+        "nvjet_sm90_tst_320x128_64x3_1x2_h_bz_coopB_NNT": "matmul",
+        "triton_poi_fused_cat_gelu_gelu_backward_mul_split_view_6": "triton (fused elementwise, norms)",
+        "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::direct_copy_kernel_": "copies / casts",
+    }  # fmt: skip
+    assert {name: kind_of(name) for name in kinds} == kinds
 
 
 def _read_back(x: torch.Tensor) -> float:

@@ -6,7 +6,8 @@ torch.profiler (host and, on a GPU, device activity) and writes what decides a s
 - `profile/summary.json`: per step, the wall time, the GPU's busy time (the union of its kernels' intervals) and
   its share of the wall time (a GPU busy 30 % of the time waits on the host the rest), the host's waits for the
   device (synchronising CUDA calls: their count and time) and for the data loader;
-- `profile/summary.txt`: the same, then the ops with the most device time and the most host time;
+- `profile/summary.txt`: the same, the GPU's kernel time by kind (attention, convolutions, matrix products, cuDNN's
+  layout transposes, ...: `kind_of`), then the ops with the most device time and the most host time;
 - with `stacks=true` (Python stacks recorded: slower steps in the window, so not the default), `host_syncs_where`:
   each synchronising call's Python call site (the first frame outside torch and the two that called it), counted;
 - `profile/trace.json.gz`: the timeline, for Perfetto (ui.perfetto.dev) or chrome://tracing;
@@ -51,6 +52,24 @@ def busy_time(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+KERNEL_KINDS = [  # (kind, substrings of the lower-cased CUDA kernel name), first match wins
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn::fusion")),
+    ("layout transposes (cuDNN NCHW<->NHWC)", ("nchwtonhwc", "nhwctonchw")),
+    ("convolution", ("conv", "implicit_gemm", "dgrad", "wgrad", "fprop", "xmma_fprop", "sm90_xmma")),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "norm_kernel", "lpnorm")),
+    ("matmul on narrow operands (Ampere kernels, align1/align2)", ("_align1", "_align2")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "sm90_", "cublas")),
+    ("triton (fused elementwise, norms)", ("triton",)),
+    ("copies / casts", ("copy", "cast", "convert")),
+]
+
+
+def kind_of(name: str) -> str:
+    """The kind of a CUDA kernel by its name (KERNEL_KINDS), "other" for none."""
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
 def is_sync(name: str) -> bool:
     """A CUDA runtime call that makes the host wait: synchronisations and blocking (non-async) copies."""
     return name.startswith(("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")) or name in (
@@ -77,7 +96,8 @@ def call_site(event, frames: int = 3) -> str | None:
 
 def summarise(events, steps: int, wall_s: float) -> dict:
     """Per-step figures from a profiler's events (`profile.events()`) over `steps` steps lasting `wall_s`."""
-    kernels = [(e.time_range.start, e.time_range.end) for e in events if is_kernel(e)]
+    device = [e for e in events if is_kernel(e)]
+    kernels = [(e.time_range.start, e.time_range.end) for e in device]
     syncs = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and is_sync(e.name)]
     loader = [e for e in events if e.name.startswith(LOADER_NEXT)]
     step_ms = 1000 * wall_s / steps
@@ -94,6 +114,10 @@ def summarise(events, steps: int, wall_s: float) -> dict:
     if kernels:
         busy_ms = busy_time(kernels) / 1000 / steps
         out.update(gpu_busy_ms=busy_ms, gpu_busy_fraction=busy_ms / step_ms, kernels_per_step=len(kernels) / steps)
+        kinds = Counter()
+        for e in device:
+            kinds[kind_of(e.name)] += (e.time_range.end - e.time_range.start) / 1000 / steps
+        out["gpu_ms_by_kind"] = dict(kinds.most_common())  # kernel time, overlaps counted twice
     sites = Counter(site for site in map(call_site, syncs) if site)
     if sites:
         out["host_syncs_where"] = dict(sites.most_common(10))
@@ -193,8 +217,11 @@ class StepProfile(pl.Callback):
         device_sort = "self_device_time_total" if pl_module.device.type == "cuda" else "self_cpu_time_total"
         sites = summary.get("host_syncs_where", {})
         lines = [f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in summary.items()
-                 if k != "host_syncs_where"]  # fmt: skip
+                 if k not in ("host_syncs_where", "gpu_ms_by_kind")]  # fmt: skip
         text = "\n".join(lines)
+        if summary.get("gpu_ms_by_kind"):
+            text += "\n\n# GPU kernel time by kind, ms a step\n"
+            text += "\n".join(f"{ms:9.3f}  {kind}" for kind, ms in summary["gpu_ms_by_kind"].items())
         if sites:
             text += "\n\n# host syncs by call site (count in the window)\n"
             text += "\n".join(f"{count:6d}  {site}" for site, count in sites.items())
