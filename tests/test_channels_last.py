@@ -85,3 +85,26 @@ def test_no_copy_inside_the_transformer_blocks(config):
         counts.append(clones.count)
     blocks = sum(isinstance(m, Transformer2DModel) for m in plain.modules())
     assert counts[0] >= blocks > 0 and counts[1] == 0, counts
+
+
+def test_compiled_channels_last_forces_inductor_layout_optimization(monkeypatch):
+    """Inductor's heuristic keeps an SD U-Net's convolutions NCHW (some have out_channels * 2 <= in_channels, "as in
+    pytorch_unet"); with `model.channels_last` the stage compiles with its layout optimization forced, a `mode` turned
+    into the Inductor options it stands for (torch.compile takes no mode beside options)."""
+    from ldm.stages.latent_diffusion import LatentDiffusion
+    from ldm.training.compile import makes_cuda_graphs, with_inductor_options
+
+    options = with_inductor_options({"mode": "reduce-overhead", "dynamic": False}, force_layout_optimization=True)
+    assert options == {"dynamic": False, "options": {"triton.cudagraphs": True, "force_layout_optimization": True}}
+    assert makes_cuda_graphs(options)
+    torch.compile(torch.nn.Linear(2, 2), **options)  # torch.compile checks each option against Inductor's config
+    with pytest.raises(RuntimeError, match="no_such_option"):
+        torch.compile(torch.nn.Linear(2, 2), **with_inductor_options({}, no_such_option=True))
+    assert with_inductor_options({"backend": "cudagraphs"}, force_layout_optimization=True) == {"backend": "cudagraphs"}
+    compiled = []
+    for channels_last, expected in ((True, {"options": {"force_layout_optimization": True}}), (False, {})):
+        module = LatentDiffusion(build_unet(**SD_UNET), vae=lambda: None, text_encoder=lambda: None,
+                                 compile=True, channels_last=channels_last)  # fmt: skip
+        monkeypatch.setattr(module, "compile_parts", lambda modules, options: compiled.append(options))
+        module.configure_model()
+        assert compiled.pop() == expected

@@ -22,7 +22,8 @@ CLIP models: SD's one, SDXL's two), which then runs on every step with gradients
 encodings).
 
 Speed options (all off by default, harmless on CPU): `channels_last` (NHWC weights and activations, transformer
-blocks included: `ldm.models.unet.to_channels_last`), `compile` (torch.compile of the
+blocks included: `ldm.models.unet.to_channels_last`; compiled, with Inductor's layout optimization forced, which its
+heuristic declines for U-Nets, so that the compiled kernels keep NHWC too), `compile` (torch.compile of the
 U-Net in place, and of the VAE encoder when it encodes on the fly; True or a dict of torch.compile options
 such as {"mode": "max-autotune-no-cudagraphs"}), `gradient_checkpointing`. `vae_bf16` (on): under bf16 mixed
 precision the frozen VAE runs in plain bf16. Attention goes through PyTorch's scaled_dot_product_attention (diffusers'
@@ -65,7 +66,7 @@ from ldm.models.sdxl import time_ids
 from ldm.models.unet import base_model_version, to_channels_last
 from ldm.models.vae import downsample_factor
 from ldm.stages.base import Stage
-from ldm.training.compile import allow_recompiles, compile_options, makes_cuda_graphs
+from ldm.training.compile import allow_recompiles, compile_options, makes_cuda_graphs, with_inductor_options
 from ldm.training.ema import EMA
 from ldm.training.fsdp import FSDP, full_params
 from ldm.training.optim import clipping_grad_scale, configure_optimizers, is_fused, nonfinite_kind
@@ -235,6 +236,8 @@ class LatentDiffusion(Stage):
                                "nest in it, so the U-Net and the VAE encoder run their eager kernels in it")  # fmt: skip
                 # (a run it cannot capture, `auto` under DDP say, keeps model.compile: its step stays Lightning's)
                 options = None
+            if self.channels_last:  # Inductor's own heuristic keeps the SD U-Nets' convolutions NCHW (see to_channels_last)
+                options = with_inductor_options(options, force_layout_optimization=True)
             self.compile_parts([self.unet, *encoder], options)
         if "vae" in self._modules and self._vae_in_bf16():
             self.vae.to(torch.bfloat16)

@@ -2,6 +2,7 @@
 
     options = compile_options(True)                    # model.compile: false -> None, true -> {}, a mapping -> itself
     compile_in_place([unet, vae.encoder], options, "cuda")
+    options = with_inductor_options(options, force_layout_optimization=True)   # model.channels_last: NHWC convs
     allow_recompiles(n_shapes)     # before training on n differently shaped batches
     with eager_stance(): ...       # a short evaluation: compiled modules run their eager code
 
@@ -41,6 +42,20 @@ def compile_options(value: bool | Mapping[str, Any] | None) -> dict[str, Any] | 
     options = {} if value is True else dict(value)
     if options.get("backend") == "cudagraphs":
         options.setdefault("dynamic", False)
+    return options
+
+
+def with_inductor_options(options: Mapping[str, Any] | None, **inductor: Any) -> dict[str, Any] | None:
+    """``options`` (torch.compile's keyword arguments) with Inductor config entries added (`options=`); torch.compile
+    takes no `mode` beside `options`, so a mode becomes the entries it stands for. Other backends: unchanged."""
+    if options is None or options.get("backend", "inductor") != "inductor":
+        return None if options is None else dict(options)
+    options = dict(options)
+    from torch._inductor import list_mode_options
+
+    mode = options.pop("mode", None)
+    options["options"] = {**(list_mode_options(mode, options.get("dynamic")) if mode else {}),
+                          **(options.get("options") or {}), **inductor}  # fmt: skip
     return options
 
 
