@@ -30,6 +30,7 @@ from torch import nn
 from ldm.models.formats.lora import LoraFileError, LoraModule
 from ldm.models.formats.lora_file import read_lora
 from ldm.models.formats.single_file import unet_module_names_to_ldm
+from ldm.models.lora_align import align_ranks
 
 ADAPTER = "default"  # the peft adapter name (diffusers' and transformers' add_adapter default)
 BASE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -63,9 +64,11 @@ class LoRA:
     """What to adapt and how: `rank` and `alpha` (scale alpha / rank) for `target_modules` (module names or name
     suffixes in the U-Net, peft's matching); `conv_rank` / `conv_alpha` add LoCon adapters to
     `conv_target_modules` (the ResNet 3x3 convolutions by default); `text_encoder` adapts the text encoders'
-    `text_encoder_target_modules` too (same rank and alpha; SDXL: both encoders). `base_dtype`: the frozen base's dtype in training
-    ("auto": bf16 under bf16 mixed precision on a GPU, else as loaded). `init_from`: a LoRA file to continue
-    (diffusers `pytorch_lora_weights.safetensors` or kohya `.safetensors`); it must match these settings."""
+    `text_encoder_target_modules` too (same rank and alpha; SDXL: both encoders). `base_dtype`: the frozen base's
+    dtype in training ("auto": bf16 under bf16 mixed precision on a GPU, else as loaded). `init_from`: a LoRA file to
+    continue (diffusers `pytorch_lora_weights.safetensors` or kohya `.safetensors`); it must match these settings.
+    `align_rank`: linear adapters compute as if their rank were a multiple of it (zero padding: the same result; 1:
+    off), which puts their matrix products on aligned GPU kernels."""
 
     rank: int = 4
     alpha: float | None = None  # None: rank (scale 1)
@@ -79,12 +82,14 @@ class LoRA:
     base_dtype: str = "auto"
     init_from: str | None = None
     init_lora_weights: str | bool = "gaussian"  # peft's initialisation of lora_A (lora_B starts at zero)
+    align_rank: int = 8  # linear adapters compute at their rank rounded up to this multiple (ldm/models/lora_align.py)
 
     def __post_init__(self) -> None:
-        for key in ("rank", "conv_rank"):
+        for key in ("rank", "conv_rank", "align_rank"):
             value = getattr(self, key)
-            if (value is not None or key == "rank") and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise AdapterError(f"model.adapter.{key}={value} must be a positive integer (the LoRA rank)")
+            if (value is not None or key != "conv_rank") and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                what = "" if key == "align_rank" else " (the LoRA rank)"
+                raise AdapterError(f"model.adapter.{key}={value} must be a positive integer{what}")
         for key in ("alpha", "conv_alpha"):
             value = getattr(self, key)
             if value is not None and not value > 0:
@@ -168,6 +173,7 @@ class LoRA:
         model.requires_grad_(False)
         if targets:
             model.add_adapter(self._peft_config(targets))
+            align_ranks(model, self.align_rank)
         return model
 
 

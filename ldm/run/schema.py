@@ -273,6 +273,7 @@ KEYS = {
     "model.adapter.base_dtype": Choice("auto", "float32", "bfloat16", "float16"),
     "model.adapter.init_from": Path(exists="any", none=True),
     "model.adapter.init_lora_weights": Choice("gaussian", True, "true"),
+    "model.adapter.align_rank": COUNT,
     # --- conf/model/discriminator (vae_stage) ---------------------------------------------------------------
     "model.discriminator": Section(none=True),
     "model.discriminator._target_": TARGET,
