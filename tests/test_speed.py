@@ -88,6 +88,26 @@ def test_channels_last_gives_the_same_loss(root, tmp_path):
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
+def test_channels_last_encodes_on_the_fly_in_nhwc_with_the_same_latents(root, tmp_path):
+    """With channels_last the VAE is built with NHWC weights and encodes NHWC images (what a step encoding on the
+    fly runs): the same latents as the default layout, and the same decoded images."""
+    cfg = compose_config(root, tmp_path)
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    results, layouts = [], []
+    for channels_last in (False, True):
+        module = instantiate(cfg.model, _convert_="all", compile=False, channels_last=channels_last)
+        module.vae.encoder.conv_in.register_forward_pre_hook(
+            lambda m, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+        torch.manual_seed(0)
+        latents = module.encode_images(pixels)
+        results.append((latents, module.decode_latents(latents)))
+    assert layouts == [False, True]
+    assert module.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert module.vae.decoder.conv_out.weight.is_contiguous(memory_format=torch.channels_last)
+    for nchw, nhwc in zip(*results, strict=True):
+        torch.testing.assert_close(nhwc, nchw, rtol=1e-4, atol=1e-4 * nchw.abs().max().item())
+
+
 def test_under_bf16_the_frozen_vae_runs_in_bf16_and_encodes_like_fp32(root, tmp_path):
     cfg = compose_config(root, tmp_path)
     module = instantiate(cfg.model, _convert_="all", compile=False)  # the stand-in trainer below has no strategy

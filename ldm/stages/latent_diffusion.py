@@ -22,8 +22,9 @@ CLIP models: SD's one, SDXL's two), which then runs on every step with gradients
 encodings).
 
 Speed options (all off by default, harmless on CPU): `channels_last` (NHWC weights and activations, transformer
-blocks included: `ldm.models.unet.to_channels_last`; compiled, with Inductor's layout optimization forced, which its
-heuristic declines for U-Nets, so that the compiled kernels keep NHWC too), `compile` (torch.compile of the
+blocks included: `ldm.models.unet.to_channels_last`, and the VAE's weights and the images it encodes; compiled,
+with Inductor's layout optimization forced, which its heuristic declines for U-Nets, so that the compiled kernels
+keep NHWC too), `compile` (torch.compile of the
 U-Net in place, and of the VAE encoder when it encodes on the fly; True or a dict of torch.compile options
 such as {"mode": "max-autotune-no-cudagraphs"}), `gradient_checkpointing`. `vae_bf16` (on): under bf16 mixed
 precision the frozen VAE runs in plain bf16. Attention goes through PyTorch's scaled_dot_product_attention (diffusers'
@@ -195,6 +196,8 @@ class LatentDiffusion(Stage):
             part = factories.pop(name)().to(self.device)
             if name == "vae" and self._vae_in_bf16():
                 part.to(torch.bfloat16)
+            if name == "vae" and self.channels_last:  # NHWC convolutions when encoding on the fly and decoding
+                part.to(memory_format=torch.channels_last)
             if name == "text_encoder":
                 self._check_text_width(part.hidden_size, "the text encoder's hidden size")
                 self._adapt_text_encoder(part)
@@ -298,8 +301,11 @@ class LatentDiffusion(Stage):
     def encode_images(self, pixel_values: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """(B, 3, H, W) in [-1, 1] (or uint8) -> scaled latents (B, C, H/f, W/f), sampled from the posterior
         (with ``generator`` when given)."""
+        pixels = to_model_range(pixel_values).to(self.vae.dtype)
+        if self.channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
         with self._vae_precision():
-            posterior = self.vae.encode(to_model_range(pixel_values).to(self.vae.dtype)).latent_dist
+            posterior = self.vae.encode(pixels).latent_dist
             latents = posterior.sample(generator)
         shift = self.vae.config.shift_factor or 0.0
         return ((latents - shift) * self.vae.config.scaling_factor).float()
