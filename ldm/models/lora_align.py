@@ -1,5 +1,6 @@
 """LoRA matrix products on aligned shapes: a rank-r adapter computed as if its rank were r rounded up to a multiple
-of 8, the extra rows of `down` and columns of `up` zeros (the same result: each added term is 0 * 0).
+of `multiple` (`model.adapter.align_rank`, 8 by default), the extra rows of `down` and columns of `up` zeros (the
+same result: each added term is 0 * 0).
 
     align_ranks(unet, multiple=8)     # after peft added the adapters; parameters, names and state dicts unchanged
 
@@ -9,9 +10,9 @@ kernels (`cutlass_80_..._align2`) and split-K reductions. On one H200, SD-1.5-sh
 (session 26 profile) those took ~10 ms of the step's ~101 ms of kernels. Padded to 8 the same products are aligned.
 
 Only the adapters' forward changes: `down` (peft's lora_A, an nn.Linear (rank, in)) returns `multiple`-padded
-columns, `up` (lora_B, (out, rank)) takes them (or the unpadded width, as a plain Linear). The padding is made from
-the parameters in each forward (a copy of a few KB), so gradients, optimizer state, EMA, checkpoints and exports see
-the parameters' own shapes. Convolution adapters (LoCon) are left as they are.
+columns, `up` (lora_B, (out, rank)) takes them (peft's LoRA forward is `lora_B(lora_A(dropout(x)))`). The padding
+is made from the parameters in each forward (a copy of a few KB), so gradients, optimizer state, EMA, checkpoints
+and exports see the parameters' own shapes. Convolution adapters (LoCon) are left as they are.
 """
 
 from __future__ import annotations
@@ -32,13 +33,11 @@ class PaddedDown(nn.Linear):
 
 
 class PaddedUp(nn.Linear):
-    """peft's lora_B (out, rank) that also takes an input zero-padded to `padded` features."""
+    """peft's lora_B (out, rank) taking PaddedDown's output, zero-padded to `padded` features."""
 
     padded: int
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if h.shape[-1] == self.in_features:
-            return F.linear(h, self.weight, self.bias)
         return F.linear(h, F.pad(self.weight, (0, self.padded - self.in_features)), self.bias)
 
 
