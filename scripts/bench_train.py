@@ -51,7 +51,8 @@ buckets of resolution^2 pixels (data.buckets={max_aspect: 2.0, step: 64}; images
 one epoch long enough for the whole timed window (planned epochs are exact passes). Their buckets hold up to
 resolution^2 pixels (a bit fewer off the square), so throughput is compared in pixels per second: each line
 prints Mpx/s, and a bucketed line its ratio to the square run of the same kind (onthefly, cached) measured in
-the same call. `recompiles` counts torch.compile's recompilations in the run's log (TORCH_LOGS=recompiles).
+the same call. `recompiles` and `graph breaks` count torch.compile's recompilations and graph breaks in the run's
+log (TORCH_LOGS=recompiles,graph_breaks): each is 0 in a run whose compiled step is whole and warm.
 
 The baseline is what diffusers' examples/text_to_image/train_text_to_image.py does per step with
 --mixed_precision bf16: VAE and CLIP in bf16 every step, fp32 U-Net under bf16 autocast, eager, foreach
@@ -67,6 +68,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -340,7 +342,7 @@ def ldm_train(work: Path, model: str, resolution: int, batch: int, mode: str, st
     log = (Path(log_dir) if log_dir else out.parent) / f"{out.stem}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    env = {**os.environ, "TORCH_LOGS": os.environ.get("TORCH_LOGS", "recompiles"),
+    env = {**os.environ, "TORCH_LOGS": os.environ.get("TORCH_LOGS", "recompiles,graph_breaks"),
            "LDM_EXIT_STACKS": os.environ.get("LDM_EXIT_STACKS", "10")}  # a slow exit's stacks in the run's log
     with open(log, "w") as f:  # streamed, so a run cut off by a time limit still shows how far it got
         proc = subprocess.Popen([sys.executable, "-m", "ldm.train", *overrides], cwd=ROOT, stdout=f,
@@ -351,9 +353,19 @@ def ldm_train(work: Path, model: str, resolution: int, batch: int, mode: str, st
         return {"error": f"exit {code}:\n{tail}"}
     print(f"# {out.stem}: {time.perf_counter() - t0:.0f} s in all (start-up, compilation, warm-up, timed steps)")
     result = json.loads(out.read_text())
-    result["recompiles"] = sum("Recompiling function" in line for line in log.read_text().splitlines())
+    result.update(compile_events(log.read_text()))
     result["pixels_per_image"] = mean_bucket_pixels(resolution) if mode.startswith("bucketed") else resolution**2
     return result
+
+
+def compile_events(log: str) -> dict[str, int]:
+    """torch.compile's recompilations and graph breaks in a run's log, as TORCH_LOGS=recompiles,graph_breaks writes
+    them: "Graph break in user code at f.py:12", or "Graph break (user stack suppressed due to duplicate graph break)
+    in user code at ..." for a break met again. A break counts once per compilation that meets it."""
+    lines = log.splitlines()
+    graph_break = re.compile(r"Graph break( \(.*\))? in user code at")
+    return {"recompiles": sum("Recompiling function" in line for line in lines),
+            "graph_breaks": sum(graph_break.search(line) is not None for line in lines)}
 
 
 def wait_or_stop_after_timing(proc: subprocess.Popen, timing: Path, grace: float, log) -> int:
@@ -506,7 +518,7 @@ def line(name: str, r: dict, flops: float, peak: float | None, base: float | Non
             f"{r['batch_size']:>3}x{r['world_size']}  peak {mem}  MFU {mfu}  vs baseline {ratio}")  # fmt: skip
     if "pixels_per_image" in r:  # our runs: pixels per second, and a bucketed run against its square counterpart
         mpx = ips * r["pixels_per_image"] / 1e6
-        text += f"  {mpx:8.2f} Mpx/s  recompiles {r['recompiles']}"
+        text += f"  {mpx:8.2f} Mpx/s  recompiles {r['recompiles']}  graph breaks {r.get('graph_breaks', '-')}"
         if r.get("allocator"):  # cudaMalloc/cudaFree calls and retries in the timed window: 0 once shapes are warm
             a = r["allocator"]
             text += f"  cudaMalloc/free/retries {a['num_device_alloc']}/{a['num_device_free']}/{a['num_alloc_retries']}"

@@ -206,3 +206,37 @@ def test_cudagraphs_replays_read_the_parameters_in_place():
     # the input batch and the gradients' seeds, not the weights (torch 2.11's own backend copied none either in this
     # model, on one H200 in session 24; in session 23's stage-2 profile of the real U-Net it copied ~300 a step)
     assert copies["graphed"] < n_params
+
+
+def test_the_bench_counts_recompilations_and_graph_breaks_in_a_real_log():
+    """scripts/bench_train.py reads both from the run's TORCH_LOGS output: a function that breaks its graph and
+    meets a second shape, and one that does neither, each compiled in a process of its own. A break counts once per
+    compilation that meets it."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "bench_train.py"
+    spec = importlib.util.spec_from_file_location("bench_train", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    code = (
+        "import torch\n"
+        "@torch.compile(backend='eager')\n"
+        "def f(x):\n"
+        "    y = x * 2\n"
+        "    if BREAK:\n"
+        "        torch._dynamo.graph_break()\n"
+        "    return y + 1\n"
+        "f(torch.randn(3)); f(torch.randn(3)); f(torch.randn(4, 2) if BREAK else torch.randn(3))\n"
+    )
+    env = {**os.environ, "TORCH_LOGS": "recompiles,graph_breaks"}
+    logs = {flag: subprocess.run([sys.executable, "-c", f"BREAK = {flag}\n" + code], capture_output=True, text=True,
+                                 env=env, check=True).stderr
+            for flag in (True, False)}  # fmt: skip
+    broken = bench.compile_events(logs[True])
+    assert broken["recompiles"] >= 1
+    assert broken["graph_breaks"] == 2  # one break, logged again when f is compiled for the second shape
+    assert bench.compile_events(logs[False]) == {"recompiles": 0, "graph_breaks": 0}
