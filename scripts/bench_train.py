@@ -518,7 +518,7 @@ def line(name: str, r: dict, flops: float, peak: float | None, base: float | Non
             f"{r['batch_size']:>3}x{r['world_size']}  peak {mem}  MFU {mfu}  vs baseline {ratio}")  # fmt: skip
     if "pixels_per_image" in r:  # our runs: pixels per second, and a bucketed run against its square counterpart
         mpx = ips * r["pixels_per_image"] / 1e6
-        text += f"  {mpx:8.2f} Mpx/s  recompiles {r['recompiles']}  graph breaks {r.get('graph_breaks', '-')}"
+        text += f"  {mpx:8.2f} Mpx/s  recompiles {r['recompiles']}  graph breaks {r['graph_breaks']}"
         if r.get("allocator"):  # cudaMalloc/cudaFree calls and retries in the timed window: 0 once shapes are warm
             a = r["allocator"]
             text += f"  cudaMalloc/free/retries {a['num_device_alloc']}/{a['num_device_free']}/{a['num_alloc_retries']}"

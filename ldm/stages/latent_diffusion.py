@@ -301,9 +301,8 @@ class LatentDiffusion(Stage):
     def encode_images(self, pixel_values: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """(B, 3, H, W) in [-1, 1] (or uint8) -> scaled latents (B, C, H/f, W/f), sampled from the posterior
         (with ``generator`` when given)."""
-        pixels = to_model_range(pixel_values).to(self.vae.dtype)
-        if self.channels_last:
-            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if self.channels_last else torch.preserve_format
+        pixels = to_model_range(pixel_values).to(self.vae.dtype, memory_format=layout)  # one copy a step, not two
         with self._vae_precision():
             posterior = self.vae.encode(pixels).latent_dist
             latents = posterior.sample(generator)
